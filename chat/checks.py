@@ -1,0 +1,1 @@
+"""System checks that warn about settings unsafe in production."""

@@ -1,0 +1,212 @@
+"""The chat WebSocket: ``ws/conversations/<uuid>/`` (protocol in README.md).
+
+Thin on purpose: frames are validated here and handed to ``chat.generation``, which
+runs the generation and publishes its frames to the conversation's group.
+"""
+
+import asyncio
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from . import generation as gen
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+# A snapshot request to another process that is not answered in this time falls back to
+# the text of the last database checkpoint.
+SNAPSHOT_TIMEOUT_S = 1.0
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    """One browser tab on one conversation.
+
+    Frames from the group are held back until this socket's ``state`` frame is sent, and
+    deltas already included in that state (seq <= state seq) are dropped, so a tab that
+    joins mid-stream sees every character exactly once.
+    """
+
+    generation: gen.Generation | None = None
+    group: str | None = None
+
+    async def __call__(self, scope, receive, send):
+        # The server may tear the application down (shutdown, crash of the connection)
+        # without a clean websocket.disconnect: the run this socket started still stops.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cancel_own_generation("teardown")
+
+    # -- connection ---------------------------------------------------------------
+    async def connect(self):
+        user = self.scope.get("user")
+        self.conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        # Accept first: a close before accept is an HTTP 403 and the client never sees
+        # the close code that says why.
+        if user is None or not user.is_authenticated:
+            await self.accept()
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.user = user
+        self._state_sent = False
+        self._held: list[dict] = []
+        self._last_seq: dict[str, int] = {}
+        self.group = gen.group_name(self.conversation_id)
+        # Join before reading the state so no frame published meanwhile is missed.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        try:
+            state = await database_sync_to_async(gen.load_state)(user, self.conversation_id)
+        except gen.Forbidden:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            self.group = None
+            await self.accept()
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        await self.accept()
+        self._state = state
+        if state["streaming"] is None:
+            await self._send_state(None)
+            return
+        snapshot = await gen.request_snapshot(self.conversation_id, self.channel_name)
+        if snapshot is not None:
+            await self._send_state(snapshot)
+        else:
+            self._fallback = asyncio.ensure_future(self._snapshot_fallback())
+
+    async def _snapshot_fallback(self):
+        await asyncio.sleep(SNAPSHOT_TIMEOUT_S)
+        if not self._state_sent:
+            streaming = self._state["streaming"]
+            await self._send_state(
+                {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
+            )
+
+    async def generation_snapshot(self, event):
+        if not self._state_sent:
+            await self._send_state(event["generation"])
+
+    async def _send_state(self, generation):
+        state = self._state
+        if generation is not None:
+            self._last_seq[generation["message_id"]] = generation["seq"] or 0
+            for message in state["messages"]:
+                if message["id"] == generation["message_id"]:
+                    message["content"] = generation["content"]
+        await self.send_json(
+            {
+                "type": "state",
+                "conversation": state["conversation"],
+                "messages": state["messages"],
+                "generation": generation,
+            }
+        )
+        self._state_sent = True
+        held, self._held = self._held, []
+        for frame in held:
+            await self._forward(frame)
+
+    async def disconnect(self, code):
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        self._cancel_own_generation("disconnect")
+
+    def _cancel_own_generation(self, reason):
+        if self.generation is not None:
+            self.generation.cancel(reason)
+
+    # -- client frames ------------------------------------------------------------
+    async def receive(self, text_data=None, bytes_data=None):
+        if text_data is None:
+            return await self.send_error("bad_frame", "Frames must be JSON text.")
+        if len(text_data) > settings.CHAT_MAX_MESSAGE_CHARS * 4 + 1024:
+            return await self.send_error("too_large", "The frame is too large.")
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            return await self.send_error("bad_json", "The frame is not valid JSON.")
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            return await self.send_error("bad_frame", 'A frame is an object with a "type".')
+        handler = {
+            "message": self.on_message,
+            "stop": self.on_stop,
+            "regenerate": self.on_regenerate,
+            "edit": self.on_edit,
+            "sync": self.on_sync,
+        }.get(frame["type"])
+        if handler is None:
+            return await self.send_error("unknown_type", f"Unknown frame type {frame['type']!r}.")
+        await handler(frame)
+
+    async def on_message(self, frame):
+        content = frame.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return await self.send_error("empty", 'A message needs a non-empty "content".')
+        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
+            return await self.send_error(
+                "too_large",
+                f"A message is at most {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
+            )
+        await self._start(content, "message")
+
+    async def on_regenerate(self, frame):
+        await self._start(None, "regenerate")
+
+    async def on_edit(self, frame):
+        content = frame.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return await self.send_error("empty", 'An edit needs a non-empty "content".')
+        await self._start(content, "edit")
+
+    async def _start(self, content, mode):
+        try:
+            self.generation = await gen.start_generation(
+                self.user, self.conversation_id, content, mode=mode, layer=self.channel_layer
+            )
+        except gen.GenerationError as exc:
+            await self.send_json(exc.to_frame())
+
+    async def on_stop(self, frame):
+        await gen.request_stop(self.conversation_id, reason="stop", layer=self.channel_layer)
+
+    async def on_sync(self, frame):
+        """Resend the ``state`` frame (a client that detected a gap in seq asks this)."""
+        self._state_sent = False
+        self._state = await database_sync_to_async(gen.load_state)(
+            self.user, self.conversation_id
+        )
+        if self._state["streaming"] is None:
+            return await self._send_state(None)
+        self._last_seq.clear()
+        snapshot = await gen.request_snapshot(self.conversation_id, self.channel_name)
+        if snapshot is not None:
+            await self._send_state(snapshot)
+        else:
+            self._fallback = asyncio.ensure_future(self._snapshot_fallback())
+
+    # -- group frames -------------------------------------------------------------
+    async def chat_frame(self, event):
+        frame = event["frame"]
+        if not self._state_sent:
+            self._held.append(frame)
+            return
+        await self._forward(frame)
+
+    async def _forward(self, frame):
+        if frame["type"] == "delta":
+            last = self._last_seq.get(frame["message_id"], 0)
+            if frame["seq"] <= last:
+                return
+            self._last_seq[frame["message_id"]] = frame["seq"]
+        await self.send_json(frame)
+
+    # -- helpers ------------------------------------------------------------------
+    async def send_json(self, payload):
+        await self.send(text_data=json.dumps(payload))
+
+    async def send_error(self, code, detail):
+        await self.send_json({"type": "error", "code": code, "detail": detail})

@@ -1,0 +1,359 @@
+"""A small OpenAI-compatible Chat Completions server: the built-in demo model.
+
+It speaks enough HTTP/1.1 for the ``openai`` SDK (keep-alive, chunked transfer) and
+streams server-sent events in the Chat Completions chunk format, including the final
+usage chunk when the request asks for ``stream_options.include_usage`` (OpenAI API
+reference, "Create chat completion", streaming). The app reaches it through the same
+SDK path as a real provider, so the demo exercises the real streaming and cancel code.
+
+It stops generating as soon as the client closes the connection, and it records every
+request (chunks written, when the client closed), which makes it the loopback upstream
+of the tests and of ``bench.load`` as well. Failure modes for those: ``fail_status``
+(answer an HTTP error) and ``drop_after`` (cut the connection after N content chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TOKEN_RE = re.compile(r"\s*\S+|\s+")
+_ids = itertools.count(1)
+
+
+@dataclass
+class UpstreamRequest:
+    """What the server saw of one ``/v1/chat/completions`` request (times: monotonic s)."""
+
+    id: int
+    body: dict
+    started_at: float
+    chunks_written: int = 0
+    first_chunk_at: float | None = None
+    client_closed_at: float | None = None
+    finished_at: float | None = None
+    completed: bool = False
+    status: int = 200
+    text_written: list[str] = field(default_factory=list)
+
+    @property
+    def open(self) -> bool:
+        """True while the server still streams this response to a connected client."""
+        return self.finished_at is None and self.client_closed_at is None
+
+
+def split_tokens(text: str) -> list[str]:
+    """Split text into token-like pieces (a word with its leading white space)."""
+    return TOKEN_RE.findall(text)
+
+
+def demo_answer(messages: list[dict]) -> str:
+    """A markdown answer of a few hundred tokens that reflects the last user message."""
+    question = ""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            question = str(message.get("content") or "")
+            break
+    words = re.findall(r"[A-Za-z][A-Za-z'-]{3,}", question)
+    keywords = sorted(dict.fromkeys(w.lower() for w in words), key=len, reverse=True)[:4]
+    while len(keywords) < 3:
+        keywords.append(["streaming", "cancellation", "accounting"][len(keywords)])
+    topic = " ".join(question.split())[:80] or "your question"
+    k1, k2, k3 = keywords[:3]
+    rows = "\n".join(f"| {k} | {len(k)} | {k[::-1]} |" for k in keywords)
+    return (
+        f"## About: {topic}\n\n"
+        f"This answer comes from the built-in **demo model**. It does not understand "
+        f"questions, but it streams a realistic answer at a steady rate so you can try "
+        f"streaming, the **Stop** button and usage accounting without an API key.\n\n"
+        f"### What a real model would cover\n\n"
+        f"- **{k1.capitalize()}**: what it means here, why it matters, and the usual "
+        f"pitfalls people run into when they first meet it.\n"
+        f"- **{k2.capitalize()}**: how it relates to {k1}, with a short worked example "
+        f"and the trade-offs between the common approaches.\n"
+        f"- **{k3.capitalize()}**: where to read more, and which questions to ask next.\n\n"
+        f"### Your keywords at a glance\n\n"
+        f"| Keyword | Letters | Backwards |\n|---|---|---|\n{rows}\n\n"
+        f"### A code sample\n\n"
+        f"```python\n"
+        f"def summarize(text: str, limit: int = 3) -> list[str]:\n"
+        f'    """Return the {k1!r}-related sentences, at most `limit` of them."""\n'
+        f"    sentences = [s.strip() for s in text.split('.') if s.strip()]\n"
+        f"    hits = [s for s in sentences if {k1!r} in s.lower()]\n"
+        f"    return hits[:limit]\n"
+        f"```\n\n"
+        f"### Next steps\n\n"
+        f"1. Set `OPENAI_API_KEY` (and `OPENAI_BASE_URL` for vLLM, Ollama or llama.cpp) "
+        f"to talk to a real model.\n"
+        f"2. Press **Stop** while an answer streams: the connection to the model is "
+        f"closed at once, generation stops upstream, and you pay only for the tokens "
+        f"that were produced.\n"
+        f"3. Open this conversation in a second tab: both tabs show the same stream, "
+        f"and either can stop it.\n\n"
+        f"That is all the demo model has to say about *{k1}*, *{k2}* and *{k3}*. "
+        f"Thank you for trying it, and have a good day."
+    )
+
+
+class UpstreamServer:
+    """OpenAI-compatible streaming server on a loopback port.
+
+    ``tokens_per_second`` paces content chunks; ``answer`` maps the request's messages
+    to the answer text; ``fail_status`` answers every completion request with that HTTP
+    status and an OpenAI-style error body; ``drop_after`` aborts the TCP connection after
+    that many content chunks. All four may be changed between requests.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tokens_per_second: float = 25.0,
+        answer: Callable[[list[dict]], str] | str = demo_answer,
+        fail_status: int | None = None,
+        drop_after: int | None = None,
+        model: str = "demo",
+    ):
+        self.host = host
+        self.port = port
+        self.tokens_per_second = tokens_per_second
+        self.answer = answer
+        self.fail_status = fail_status
+        self.drop_after = drop_after
+        self.model = model
+        self.requests: list[UpstreamRequest] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>/v1``: what ``AsyncOpenAI(base_url=...)`` takes."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def start(self) -> UpstreamServer:
+        """Bind and serve on the running event loop (port 0 picks a free port)."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def start_in_thread(self) -> UpstreamServer:
+        """Serve from a daemon thread with its own event loop; returns once bound."""
+        ready = threading.Event()
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="upstream-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("upstream server did not start")
+        return self
+
+    def stop_thread(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    # -- inspection -------------------------------------------------------------------
+    @property
+    def open_streams(self) -> int:
+        """Responses still being streamed to a connected client."""
+        return sum(1 for r in self.requests if r.open)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        """Poll ``predicate`` (from any thread) until true or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.005)
+        return predicate()
+
+    # -- HTTP -------------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                headers = {}
+                for line in header_lines:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                body = await reader.readexactly(length) if length else b""
+                keep_going = await self._route(method, path.split("?")[0], body, reader, writer)
+                if not keep_going:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _send_json(self, writer, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}.get(status, "Error")
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        )
+        await writer.drain()
+
+    async def _route(self, method, path, body, reader, writer) -> bool:
+        if method == "GET" and path.endswith("/models"):
+            await self._send_json(
+                writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+            )
+            return True
+        if method != "POST" or not path.endswith("/chat/completions"):
+            await self._send_json(writer, 404, {"error": {"message": f"no route {path}"}})
+            return True
+        try:
+            request_body = json.loads(body or b"{}")
+        except ValueError:
+            await self._send_json(writer, 400, {"error": {"message": "body is not JSON"}})
+            return True
+        record = UpstreamRequest(id=next(_ids), body=request_body, started_at=time.monotonic())
+        self.requests.append(record)
+        if self.fail_status:
+            record.status = self.fail_status
+            record.finished_at = time.monotonic()
+            await self._send_json(
+                writer,
+                self.fail_status,
+                {"error": {"message": "upstream failure (test)", "type": "server_error"}},
+            )
+            return True
+        if not request_body.get("stream"):
+            await self._send_json(writer, 400, {"error": {"message": "only stream=true"}})
+            return True
+        return await self._stream(record, reader, writer)
+
+    async def _stream(self, record: UpstreamRequest, reader, writer) -> bool:
+        body = record.body
+        messages = body.get("messages") or []
+        text = self.answer(messages) if callable(self.answer) else str(self.answer)
+        tokens = split_tokens(text)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        finish_reason = "stop"
+        if max_tokens and len(tokens) > int(max_tokens):
+            tokens, finish_reason = tokens[: int(max_tokens)], "length"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        model = body.get("model") or self.model
+        created = int(time.time())
+        chunk_id = f"chatcmpl-demo{record.id}"
+
+        def chunk(choices, usage=None, with_usage_key=include_usage):
+            payload = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if with_usage_key:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def send(event: str):
+            data = event.encode()
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            await writer.drain()
+
+        # A client that goes away is seen at once: reading the socket returns EOF.
+        watcher = asyncio.ensure_future(reader.read(65536))
+        streamer = asyncio.ensure_future(
+            self._write_tokens(record, tokens, chunk, send, finish_reason, messages, include_usage)
+        )
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        done, _ = await asyncio.wait({watcher, streamer}, return_when=asyncio.FIRST_COMPLETED)
+        if streamer in done and not streamer.cancelled() and streamer.exception() is None:
+            watcher.cancel()
+            record.finished_at = time.monotonic()
+            if streamer.result() == "dropped":
+                writer.transport.abort()
+                return False
+            record.completed = True
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            return True
+        # The client closed (EOF or error) or writing failed: stop generating now.
+        record.client_closed_at = time.monotonic()
+        streamer.cancel()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await streamer
+        return False
+
+    async def _write_tokens(self, record, tokens, chunk, send, finish_reason, messages, usage):
+        from .accounting import count_prompt_tokens
+
+        delay = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0
+        await send(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                           "finish_reason": None}]))
+        for token in tokens:
+            if delay:
+                await asyncio.sleep(delay)
+            if self.drop_after is not None and record.chunks_written >= self.drop_after:
+                return "dropped"
+            await send(chunk([{"index": 0, "delta": {"content": token}, "finish_reason": None}]))
+            record.chunks_written += 1
+            record.text_written.append(token)
+            if record.first_chunk_at is None:
+                record.first_chunk_at = time.monotonic()
+        await send(chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason}]))
+        if usage:
+            prompt_tokens = count_prompt_tokens(messages)
+            await send(chunk([], {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens),
+                "total_tokens": prompt_tokens + len(tokens),
+            }))
+        await send("data: [DONE]\n\n")
+        return "done"
+
+
+_demo_servers: dict[asyncio.AbstractEventLoop, UpstreamServer] = {}
+_demo_lock = threading.Lock()
+
+
+async def ensure_demo_server(tokens_per_second: float) -> UpstreamServer:
+    """The demo model server of the running event loop, started on first use."""
+    loop = asyncio.get_running_loop()
+    server = _demo_servers.get(loop)
+    if server is None:
+        server = UpstreamServer(tokens_per_second=tokens_per_second)
+        await server.start()
+        with _demo_lock:
+            _demo_servers[loop] = server
+    # Keep the record list small in a long-running process.
+    if len(server.requests) > 1000:
+        server.requests = [r for r in server.requests if r.open]
+    return server

@@ -1,0 +1,736 @@
+"""Generations: stream a chat completion, publish its deltas, and really stop it.
+
+This module knows nothing of WebSockets or HTTP. A caller (the WebSocket consumer, the
+SSE view) calls :func:`start_generation` and gets a :class:`Generation` whose frames go
+to the conversation's channel-layer group (every open tab) and to local subscribers.
+
+Frames published (the WebSocket protocol in README.md is their contract)::
+
+    {"type": "message", "message": {...}, "conversation": {...}}      the user message
+    {"type": "generation.start", "message": {...}}                     assistant row
+    {"type": "delta", "message_id": str, "seq": int, "content": str}   seq = 1, 2, ...
+    {"type": "generation.end", "message_id": str, "status": str, "finish_reason": str,
+     "usage": {...}, "error": str | None}
+
+Stopping: :meth:`Generation.cancel` (same process) or :func:`request_stop` (any process,
+through the conversation's control group) cancels the task. The upstream stream is
+opened with ``async with stream:`` so the HTTP response is closed whatever await the
+task was at when cancelled; the provider sees the connection close and stops
+generating. Every run, whatever its end, finishes with exactly one ``generation.end``
+frame and one ``UsageRecord``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import openai
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from . import accounting
+from .models import Conversation, Message, UsageRecord
+
+logger = logging.getLogger(__name__)
+
+# Identifies this process in Message.worker (host:pid:random, unique across restarts).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+# Generations running in this process, by conversation id.
+_running: dict[uuid.UUID, Generation] = {}
+
+
+# --- errors ---------------------------------------------------------------------------
+class GenerationError(Exception):
+    """A generation could not start. ``code`` is the ``error`` frame code (README)."""
+
+    code = "error"
+
+    def __init__(self, detail: str, **extra):
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def to_frame(self) -> dict:
+        return {"type": "error", "code": self.code, "detail": self.detail, **self.extra}
+
+
+class Busy(GenerationError):
+    code = "busy"
+
+
+class Forbidden(GenerationError):
+    code = "forbidden"
+
+
+class InvalidRequest(GenerationError):
+    code = "invalid"
+
+
+class QuotaExceeded(GenerationError):
+    code = "quota_exceeded"
+
+
+# --- names ----------------------------------------------------------------------------
+def group_name(conversation_id) -> str:
+    """Channel-layer group of every socket watching the conversation."""
+    return f"chat.{uuid.UUID(str(conversation_id)).hex}"
+
+
+def control_group_name(conversation_id) -> str:
+    """Channel-layer group of the generation task itself (stop and snapshot requests)."""
+    return f"chatctl.{uuid.UUID(str(conversation_id)).hex}"
+
+
+def running_generation(conversation_id) -> Generation | None:
+    """The generation of the conversation running in this process, if any."""
+    return _running.get(uuid.UUID(str(conversation_id)))
+
+
+# --- upstream client --------------------------------------------------------------------
+def uses_demo_model() -> bool:
+    """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set."""
+    return not settings.OPENAI_API_KEY and not settings.OPENAI_BASE_URL
+
+
+_clients: dict[tuple, openai.AsyncOpenAI] = {}
+
+
+async def get_client() -> openai.AsyncOpenAI:
+    """An ``AsyncOpenAI`` client for the running event loop (its connection pool is
+    bound to the loop), pointed at the configured provider or the demo model."""
+    if uses_demo_model():
+        from .demo_model import ensure_demo_server
+
+        server = await ensure_demo_server(settings.DEMO_TOKENS_PER_SECOND)
+        base_url, api_key = server.base_url, "demo"
+    else:
+        # Local servers (vLLM, Ollama, llama.cpp) accept any key but the SDK wants one.
+        base_url, api_key = settings.OPENAI_BASE_URL or None, settings.OPENAI_API_KEY or "none"
+    key = (id(asyncio.get_running_loop()), base_url, hash(api_key))
+    client = _clients.get(key)
+    if client is None:
+        client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=settings.OPENAI_TIMEOUT_S,
+            max_retries=settings.OPENAI_MAX_RETRIES,
+        )
+        _clients[key] = client
+    return client
+
+
+# --- preparing a run (database, synchronous) ------------------------------------------
+@dataclass
+class PreparedRun:
+    user_id: int
+    conversation: dict
+    user_message: dict | None
+    assistant_message: dict
+    model: str
+    prompt: list[dict]
+    max_tokens: int
+
+
+def build_prompt(conversation: Conversation) -> list[dict]:
+    """System prompt plus the visible history, trimmed from the oldest message so the
+    prompt fits ``CHAT_CONTEXT_TOKENS - CHAT_MAX_TOKENS`` tokens.
+
+    Partial answers of stopped runs are kept (the user saw them); failed answers with no
+    text and streaming rows are left out. Raises InvalidRequest when even the newest
+    user message alone does not fit.
+    """
+    system = conversation.system_prompt or settings.CHAT_SYSTEM_PROMPT
+    budget = settings.CHAT_CONTEXT_TOKENS - settings.CHAT_MAX_TOKENS
+    budget -= accounting.count_prompt_tokens([{"role": "system", "content": system}])
+    history = (
+        conversation.messages.visible()
+        .exclude(status=Message.Status.STREAMING)
+        .exclude(content="")
+        .filter(role__in=[Message.Role.USER, Message.Role.ASSISTANT])
+        .order_by("-created_at")
+        .values_list("role", "content")
+    )
+    kept: list[dict] = []
+    for role, content in history:
+        cost = accounting.TOKENS_PER_MESSAGE + accounting.count_tokens(content)
+        if cost > budget:
+            break
+        budget -= cost
+        kept.append({"role": role, "content": content})
+    if not kept:
+        raise InvalidRequest("The message is too long for the model's context window.")
+    return [{"role": "system", "content": system}, *reversed(kept)]
+
+
+def _lock_conversation(user, conversation_id, *, create: bool) -> Conversation | None:
+    """The conversation row, locked for this transaction (PostgreSQL row lock; SQLite's
+    IMMEDIATE transactions already serialise writers). Creates it when ``create``."""
+    conversation = Conversation.objects.select_for_update().filter(id=conversation_id).first()
+    if conversation is None and create:
+        conversation = Conversation.objects.create(
+            id=conversation_id,
+            owner=user,
+            model=settings.CHAT_MODEL,
+            system_prompt="",
+        )
+    if conversation is not None and conversation.owner_id != user.id:
+        raise Forbidden("This conversation belongs to someone else.")
+    return conversation
+
+
+def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int) -> None:
+    """Hook for per-user budgets (see chat.budgets): raises QuotaExceeded or Busy."""
+    from . import budgets
+
+    budgets.check(user, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+
+
+def prepare_run(user, conversation_id, content: str | None, mode: str = "message") -> PreparedRun:
+    """Save what the user asked and create the streaming assistant row, atomically.
+
+    ``mode``: ``message`` (append ``content`` as a user message), ``regenerate`` (answer
+    the last user message again; the old answer is kept but superseded) or ``edit``
+    (replace the last user message by ``content``; it and its answer are superseded).
+    Raises Forbidden, Busy, InvalidRequest or QuotaExceeded; then nothing is saved.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        conversation = _lock_conversation(user, conversation_id, create=(mode == "message"))
+        if conversation is None:
+            raise InvalidRequest("This conversation has no messages yet.")
+        finish_stale(conversation_id=conversation.id)
+        if conversation.messages.streaming().exists():
+            raise Busy("A generation is already running in this conversation.")
+        visible = conversation.messages.visible()
+        last_user = visible.filter(role=Message.Role.USER).order_by("-created_at").first()
+        user_message = None
+        if mode in ("regenerate", "edit"):
+            if last_user is None:
+                raise InvalidRequest("There is no user message to answer again.")
+            visible.filter(created_at__gt=last_user.created_at).update(superseded=True)
+        if mode == "edit":
+            last_user.superseded = True
+            last_user.save(update_fields=["superseded"])
+        if mode in ("message", "edit"):
+            user_message = Message.objects.create(
+                conversation=conversation, role=Message.Role.USER, content=content,
+                status=Message.Status.COMPLETED, created_at=now, completed_at=now,
+            )
+        if not conversation.title:
+            conversation.title = Conversation.title_from(content or last_user.content)
+        conversation.updated_at = now
+        conversation.save(update_fields=["title", "updated_at"])
+        prompt = build_prompt(conversation)
+        model = conversation.model or settings.CHAT_MODEL
+        check_budget(
+            user, conversation, accounting.count_prompt_tokens(prompt), settings.CHAT_MAX_TOKENS
+        )
+        assistant = Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, content="",
+            status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
+            heartbeat_at=now, worker=WORKER_ID,
+        )
+    return PreparedRun(
+        user_id=user.id,
+        conversation=conversation.to_dict(),
+        user_message=user_message.to_dict() if user_message else None,
+        assistant_message=assistant.to_dict(usage=None),
+        model=model,
+        prompt=prompt,
+        max_tokens=settings.CHAT_MAX_TOKENS,
+    )
+
+
+# --- finishing a run (database, synchronous) ------------------------------------------
+def finalize_message(
+    message_id,
+    *,
+    user_id,
+    conversation_id,
+    model: str,
+    content: str,
+    status: str,
+    finish_reason: str,
+    error: str,
+    prompt: list[dict] | None,
+    usage: dict | None,
+    ttft_ms: int | None,
+    duration_ms: int,
+) -> UsageRecord:
+    """Write the final state of an assistant message and its one UsageRecord.
+
+    ``usage`` is the API's report ({"prompt_tokens", "completion_tokens"}) or None, in
+    which case the tokens are estimated from ``prompt`` and ``content`` and the record is
+    marked ``estimated``. Idempotent: a message that already has its record keeps it.
+    """
+    with transaction.atomic():
+        message = Message.objects.select_for_update().get(id=message_id)
+        existing = UsageRecord.objects.filter(message_id=message_id).first()
+        if existing is not None:
+            return existing
+        now = timezone.now()
+        message.content = content
+        message.status = status
+        message.finish_reason = finish_reason
+        message.error = error
+        message.completed_at = now
+        message.heartbeat_at = now
+        message.save(
+            update_fields=[
+                "content", "status", "finish_reason", "error", "completed_at", "heartbeat_at"
+            ]
+        )
+        if usage is not None:
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            estimated = False
+        else:
+            prompt_tokens = accounting.count_prompt_tokens(prompt or [])
+            completion_tokens = accounting.count_tokens(content)
+            estimated = True
+        prices = accounting.unit_prices(model)
+        record = UsageRecord.objects.create(
+            user_id=user_id,
+            conversation_id=conversation_id,
+            message=message,
+            model=model,
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            estimated=estimated,
+            input_price_per_mtok=prices[0],
+            output_price_per_mtok=prices[1],
+            cost_usd=accounting.cost_usd(prompt_tokens, completion_tokens, prices),
+            ttft_ms=ttft_ms,
+            duration_ms=duration_ms,
+        )
+        Conversation.objects.filter(id=conversation_id).update(updated_at=now)
+    return record
+
+
+def finish_stale(conversation_id=None) -> list[dict]:
+    """Mark streaming messages whose process stopped heartbeating as ``interrupted``
+    (keeping their last checkpointed text) and give each its estimated UsageRecord.
+
+    Returns the ``generation.end`` frames to publish, one per message finished.
+    """
+    stale = Message.objects.stale().select_related("conversation")
+    if conversation_id is not None:
+        stale = stale.filter(conversation_id=conversation_id)
+    frames = []
+    for message in stale:
+        conversation = message.conversation
+        duration_ms = int((timezone.now() - message.created_at).total_seconds() * 1000)
+        record = finalize_message(
+            message.id,
+            user_id=conversation.owner_id,
+            conversation_id=conversation.id,
+            model=message.model,
+            content=message.content,
+            status=Message.Status.INTERRUPTED,
+            finish_reason="error",
+            error="The server process running this generation stopped.",
+            prompt=build_prompt_safe(conversation, before=message.created_at),
+            usage=None,
+            ttft_ms=None,
+            duration_ms=duration_ms,
+        )
+        frames.append(_end_frame(message.id, Message.Status.INTERRUPTED, "error",
+                                 record.to_dict(), "The server process running this "
+                                 "generation stopped."))
+        logger.warning("generation %s interrupted (worker %s gone)", message.id, message.worker)
+    return frames
+
+
+def build_prompt_safe(conversation: Conversation, before) -> list[dict]:
+    """The prompt a message was (probably) generated from, for usage estimates."""
+    system = conversation.system_prompt or settings.CHAT_SYSTEM_PROMPT
+    history = (
+        conversation.messages.visible()
+        .filter(created_at__lt=before)
+        .exclude(content="")
+        .values_list("role", "content")
+    )
+    return [{"role": "system", "content": system}] + [
+        {"role": role, "content": content} for role, content in history
+    ]
+
+
+def _end_frame(message_id, status, finish_reason, usage: dict, error: str | None) -> dict:
+    return {
+        "type": "generation.end",
+        "message_id": str(message_id),
+        "status": status,
+        "finish_reason": finish_reason,
+        "usage": usage,
+        "error": error or None,
+    }
+
+
+def _checkpoint(message_id, content: str) -> None:
+    """Save the text so far and refresh the lease; never touches a finalised row."""
+    Message.objects.filter(id=message_id, status=Message.Status.STREAMING).update(
+        content=content, heartbeat_at=timezone.now()
+    )
+
+
+# --- the running generation -----------------------------------------------------------
+@dataclass
+class Generation:
+    """One streaming assistant answer, running as an asyncio task in this process.
+
+    ``text`` is all content received from upstream; ``published_text``/``seq`` what has
+    been sent as deltas (so a late joiner's snapshot is consistent with later deltas).
+    """
+
+    run: PreparedRun
+    layer: object
+    started_at: float = field(default_factory=time.monotonic)
+    text: list[str] = field(default_factory=list)
+    published_text: list[str] = field(default_factory=list)
+    seq: int = 0
+    status: str = Message.Status.STREAMING
+    end_frame: dict | None = None
+    task: asyncio.Task | None = None
+    cancel_reason: str | None = None
+    _pending: list[str] = field(default_factory=list)
+    _flush_handle: asyncio.TimerHandle | None = None
+    _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _subscribers: list[asyncio.Queue] = field(default_factory=list)
+    _finishing: bool = False
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+    _helpers: list[asyncio.Task] = field(default_factory=list)
+    _control_channel: str | None = None
+
+    @property
+    def message_id(self) -> str:
+        return self.run.assistant_message["id"]
+
+    @property
+    def conversation_id(self) -> str:
+        return self.run.conversation["id"]
+
+    # -- public API ---------------------------------------------------------------
+    def cancel(self, reason: str = "stop") -> bool:
+        """Cancel the task (idempotent). Returns False when it was already ending."""
+        if self._finishing or self.task is None or self.task.done() or self.cancel_reason:
+            return False
+        self.cancel_reason = reason
+        self.task.cancel()
+        return True
+
+    def snapshot(self) -> dict:
+        """``{"message_id", "content", "seq"}``: text of every delta up to ``seq``."""
+        return {
+            "message_id": self.message_id,
+            "content": "".join(self.published_text),
+            "seq": self.seq,
+        }
+
+    def subscribe(self) -> asyncio.Queue:
+        """A queue that receives every frame published from now on, in order, ending
+        with ``generation.end``."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.append(queue)
+        return queue
+
+    async def wait(self) -> dict:
+        """Wait until the run has ended and its frames are published; returns the
+        ``generation.end`` frame. Cancelling the waiter does not cancel the run."""
+        await self._done.wait()
+        return self.end_frame
+
+    # -- publishing ---------------------------------------------------------------
+    def publish(self, frame: dict) -> None:
+        """Queue a frame for the group and the local subscribers, keeping order."""
+        self._outbox.put_nowait(frame)
+
+    async def _publisher(self) -> None:
+        group = group_name(self.conversation_id)
+        while True:
+            frame = await self._outbox.get()
+            try:
+                if frame is None:
+                    return
+                for queue in self._subscribers:
+                    queue.put_nowait(frame)
+                try:
+                    await self.layer.group_send(group, {"type": "chat.frame", "frame": frame})
+                except Exception:  # noqa: BLE001 - a layer hiccup must not kill the run
+                    logger.exception("group_send failed for %s", self.message_id)
+            finally:
+                self._outbox.task_done()
+
+    def _append(self, content: str) -> None:
+        self.text.append(content)
+        self._pending.append(content)
+        if self._flush_handle is None:
+            window = settings.CHAT_DELTA_COALESCE_MS / 1000
+            self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
+
+    def _flush(self) -> None:
+        """Publish pending text as one delta. Synchronous, so seq order is queue order."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._pending:
+            return
+        content = "".join(self._pending)
+        self._pending.clear()
+        self.seq += 1
+        self.published_text.append(content)
+        self.publish(
+            {"type": "delta", "message_id": self.message_id, "seq": self.seq, "content": content}
+        )
+
+    # -- background helpers --------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        # Also runs while upstream is silent: the lease must stay fresh (finish_stale).
+        interval = settings.CHAT_CHECKPOINT_MS / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await database_sync_to_async(_checkpoint)(self.message_id, "".join(self.text))
+
+    async def _control(self) -> None:
+        channel = self._control_channel
+        while True:
+            message = await self.layer.receive(channel)
+            kind = message.get("type")
+            if kind == "generation.stop":
+                if message.get("message_id") in (None, self.message_id):
+                    self.cancel(message.get("reason") or "stop")
+            elif kind == "generation.sync" and message.get("reply_channel"):
+                await self.layer.send(
+                    message["reply_channel"],
+                    {"type": "generation.snapshot", "generation": self.snapshot()},
+                )
+
+    # -- the task -----------------------------------------------------------------
+    async def _run(self) -> None:
+        usage = None
+        finish_reason = ""
+        error = ""
+        ttft_ms = None
+        status = Message.Status.COMPLETED
+        cancelled = False
+        try:
+            client = await get_client()
+            stream = await client.chat.completions.create(
+                model=self.run.model,
+                messages=self.run.prompt,
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=self.run.max_tokens,
+            )
+            # `async with` closes the HTTP response on every exit, including a
+            # CancelledError raised at any await inside the block.
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = {
+                            "prompt_tokens": chunk.usage.prompt_tokens,
+                            "completion_tokens": chunk.usage.completion_tokens,
+                        }
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            if ttft_ms is None:
+                                ttft_ms = int((time.monotonic() - self.started_at) * 1000)
+                            self._append(choice.delta.content)
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+        except asyncio.CancelledError:
+            cancelled = True
+            status, finish_reason, usage = Message.Status.CANCELLED, "cancelled", None
+        except openai.APIStatusError as exc:
+            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            error = f"The model provider answered HTTP {exc.status_code}: {_api_message(exc)}"
+        except openai.APITimeoutError:
+            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            error = "The model provider did not answer in time."
+        except openai.APIConnectionError:
+            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            error = "The connection to the model provider was lost."
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run as failed
+            logger.exception("generation %s failed", self.message_id)
+            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            error = f"The generation failed ({type(exc).__name__})."
+        await self._finish(status, finish_reason or "stop", error, usage, ttft_ms)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _finish(self, status, finish_reason, error, usage, ttft_ms) -> None:
+        self._finishing = True
+        try:
+            for helper in self._helpers:
+                helper.cancel()
+            await asyncio.gather(*self._helpers, return_exceptions=True)
+            self._flush()
+            self.status = status
+            duration_ms = int((time.monotonic() - self.started_at) * 1000)
+            content = "".join(self.text)
+            try:
+                record = await database_sync_to_async(finalize_message)(
+                    self.message_id,
+                    user_id=self.run.user_id,
+                    conversation_id=self.conversation_id,
+                    model=self.run.model,
+                    content=content,
+                    status=status,
+                    finish_reason=finish_reason,
+                    error=error,
+                    prompt=self.run.prompt,
+                    usage=usage,
+                    ttft_ms=ttft_ms,
+                    duration_ms=duration_ms,
+                )
+                usage_dict = record.to_dict()
+            except Exception:  # noqa: BLE001
+                logger.exception("could not save the end of generation %s", self.message_id)
+                usage_dict = None
+                error = error or "The answer could not be saved."
+            self.end_frame = _end_frame(self.message_id, status, finish_reason, usage_dict, error)
+            self.publish(self.end_frame)
+            self.publish(None)
+            await self._publisher_task
+        finally:
+            _running.pop(uuid.UUID(self.conversation_id), None)
+            if self._control_channel:
+                try:
+                    await self.layer.group_discard(
+                        control_group_name(self.conversation_id), self._control_channel
+                    )
+                except Exception:  # noqa: BLE001
+                    logger.exception("group_discard failed")
+            self._done.set()
+            logger.info(
+                "generation %s %s after %d ms (%s)",
+                self.message_id, status, int((time.monotonic() - self.started_at) * 1000),
+                self.cancel_reason or finish_reason,
+            )
+
+    async def _launch(self) -> None:
+        """Start the publisher, control listener, heartbeat and the run task."""
+        self._publisher_task = asyncio.create_task(self._publisher())
+        self._control_channel = await self.layer.new_channel("genctl.")
+        await self.layer.group_add(control_group_name(self.conversation_id), self._control_channel)
+        self._helpers = [
+            asyncio.create_task(self._control()),
+            asyncio.create_task(self._heartbeat()),
+        ]
+        self.task = asyncio.create_task(self._run(), name=f"generation-{self.message_id}")
+        self.task.add_done_callback(_log_task_end)
+
+
+def _api_message(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    message = body.get("message") or (body.get("error") or {}).get("message") if body else None
+    return str(message or exc.message)[:300]
+
+
+def _log_task_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("generation task crashed", exc_info=task.exception())
+
+
+# --- entry points ---------------------------------------------------------------------
+async def start_generation(
+    user, conversation_id, content: str | None = None, *, mode: str = "message", layer=None
+) -> Generation:
+    """Save the user's message, create the assistant row and start streaming.
+
+    Returns the running :class:`Generation` (its frames already queued: ``message``
+    unless regenerating, then ``generation.start``). Raises :class:`GenerationError`
+    subclasses (Forbidden, Busy, InvalidRequest, QuotaExceeded) before anything is sent
+    upstream; nothing is saved then.
+    """
+    if mode not in ("message", "regenerate", "edit"):
+        raise InvalidRequest(f"Unknown mode {mode!r}.")
+    if mode != "regenerate":
+        content = (content or "").strip()
+        if not content:
+            raise InvalidRequest("The message is empty.")
+        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
+            raise InvalidRequest(
+                f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters."
+            )
+    run = await database_sync_to_async(prepare_run)(user, conversation_id, content, mode)
+    generation = Generation(run=run, layer=layer or get_channel_layer())
+    _running[uuid.UUID(run.conversation["id"])] = generation
+    if run.user_message is not None:
+        generation.publish(
+            {"type": "message", "message": run.user_message, "conversation": run.conversation}
+        )
+    generation.publish({"type": "generation.start", "message": run.assistant_message})
+    try:
+        await generation._launch()
+    except BaseException:
+        _running.pop(uuid.UUID(run.conversation["id"]), None)
+        raise
+    return generation
+
+
+async def request_stop(conversation_id, *, reason: str = "stop", layer=None) -> bool:
+    """Stop the running generation of a conversation, in whichever process it runs.
+
+    Cancels it directly when it runs here (returns True), and otherwise sends
+    ``generation.stop`` to the conversation's control group (returns False: whether a
+    generation was running elsewhere is not known here).
+    """
+    generation = running_generation(conversation_id)
+    if generation is not None:
+        generation.cancel(reason)
+        return True
+    layer = layer or get_channel_layer()
+    await layer.group_send(
+        control_group_name(conversation_id), {"type": "generation.stop", "reason": reason}
+    )
+    return False
+
+
+async def request_snapshot(conversation_id, reply_channel: str, *, layer=None) -> dict | None:
+    """The text so far of the conversation's running generation.
+
+    Answers at once (returns the snapshot) when it runs in this process; otherwise asks
+    the owning process to send ``{"type": "generation.snapshot", "generation": {...}}``
+    to ``reply_channel`` and returns None.
+    """
+    generation = running_generation(conversation_id)
+    if generation is not None and not generation._finishing:
+        return generation.snapshot()
+    layer = layer or get_channel_layer()
+    await layer.group_send(
+        control_group_name(conversation_id),
+        {"type": "generation.sync", "reply_channel": reply_channel},
+    )
+    return None
+
+
+def load_state(user, conversation_id) -> dict:
+    """What a newly connected socket needs: the conversation (or None if not created),
+    its visible messages, and the streaming assistant message if any (as saved at the
+    last checkpoint). Raises Forbidden for another user's conversation."""
+    conversation = Conversation.objects.filter(id=conversation_id).first()
+    if conversation is None:
+        return {"conversation": None, "messages": [], "streaming": None}
+    if conversation.owner_id != user.id:
+        raise Forbidden("This conversation belongs to someone else.")
+    messages = list(
+        conversation.messages.visible().select_related("usage").order_by("created_at")
+    )
+    streaming = next((m for m in messages if m.status == Message.Status.STREAMING), None)
+    return {
+        "conversation": conversation.to_dict(),
+        "messages": [m.to_dict() for m in messages],
+        "streaming": streaming.to_dict() if streaming else None,
+    }

@@ -1,0 +1,274 @@
+"""Conversations, messages and the usage audit trail.
+
+Vocabulary follows the OpenAI Chat Completions API: a *conversation* holds *messages*
+with a *role*; one assistant message is produced by one *generation*, which streams
+*deltas* and ends with a *finish_reason* and a *usage* (prompt_tokens, completion_tokens).
+"""
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class ConversationQuerySet(models.QuerySet):
+    def for_user(self, user):
+        """Conversations owned by ``user``; empty for anonymous users."""
+        if not getattr(user, "is_authenticated", False):
+            return self.none()
+        return self.filter(owner=user)
+
+
+class Conversation(models.Model):
+    """A chat thread owned by one user. Its id is chosen by the client (a UUID in the URL),
+    so a tab can open ``ws/conversations/<uuid>/`` before the row exists; the row is made
+    on the first message."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model = models.CharField(max_length=100, blank=True)
+    system_prompt = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = ConversationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["owner", "-updated_at"])]
+
+    def __str__(self):
+        return self.title or f"Conversation {self.id}"
+
+    TITLE_CHARS = 60
+
+    @classmethod
+    def title_from(cls, content: str) -> str:
+        """A title from the first user message: its first line, at most 60 characters."""
+        line = " ".join(content.strip().split())
+        if len(line) <= cls.TITLE_CHARS:
+            return line
+        return line[: cls.TITLE_CHARS - 1].rstrip() + "…"
+
+    def to_dict(self) -> dict:
+        """JSON-ready shape used by the WebSocket ``state`` frame and the UI."""
+        return {
+            "id": str(self.id),
+            "title": self.title,
+            "model": self.model,
+            "system_prompt": self.system_prompt,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+class MessageQuerySet(models.QuerySet):
+    def visible(self):
+        """Messages the user sees: not replaced by a regenerate or an edit."""
+        return self.filter(superseded=False)
+
+    def streaming(self):
+        return self.filter(status=Message.Status.STREAMING)
+
+    def stale(self, now=None):
+        """Streaming messages whose heartbeat is older than ``CHAT_LEASE_S``: the process
+        that ran them is gone."""
+        now = now or timezone.now()
+        cutoff = now - timezone.timedelta(seconds=settings.CHAT_LEASE_S)
+        return self.streaming().filter(Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True))
+
+
+class Message(models.Model):
+    """One message of a conversation. Assistant messages are created with status
+    ``streaming`` when their generation starts and finalised with one of the end states."""
+
+    class Role(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        COMPLETED = "completed"
+        CANCELLED = "cancelled"
+        FAILED = "failed"
+        # The process running the generation died; content is the last checkpoint.
+        INTERRUPTED = "interrupted"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.COMPLETED, db_index=True
+    )
+    # As the API gives it ("stop", "length", "content_filter", ...) or "cancelled"/"error".
+    finish_reason = models.CharField(max_length=32, blank=True)
+    model = models.CharField(max_length=100, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    # Liveness of a streaming generation: refreshed at every checkpoint by the process
+    # (``worker``) that runs it; see MessageQuerySet.stale().
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=100, blank=True)
+    # Set when a regenerate or an edit replaced this message; kept for the record.
+    superseded = models.BooleanField(default=False)
+
+    objects = MessageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["conversation", "created_at"])]
+
+    def __str__(self):
+        text = " ".join(self.content.split())[:50]
+        return f"{self.role} ({self.status}): {text}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status != self.Status.STREAMING
+
+    def to_dict(self, usage: "UsageRecord | None" = None) -> dict:
+        """JSON-ready shape of the message (the ``message`` field of WebSocket frames).
+
+        ``usage`` is the generation's UsageRecord when the caller has it at hand;
+        otherwise the prefetched/related one is used if present.
+        """
+        if usage is None and self.role == self.Role.ASSISTANT:
+            try:
+                usage = self.usage
+            except UsageRecord.DoesNotExist:
+                usage = None
+        return {
+            "id": str(self.id),
+            "conversation_id": str(self.conversation_id),
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "finish_reason": self.finish_reason or None,
+            "model": self.model,
+            "error": self.error or None,
+            "created_at": self.created_at.isoformat(),
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "usage": usage.to_dict() if usage else None,
+        }
+
+
+class UsageRecordQuerySet(models.QuerySet):
+    def for_user(self, user):
+        if not getattr(user, "is_authenticated", False):
+            return self.none()
+        return self.filter(user=user)
+
+
+class UsageRecord(models.Model):
+    """Exactly one per generation, whatever its end (completed, cancelled, failed,
+    interrupted): the audit trail of what was asked of the provider and what it cost.
+
+    Token counts are those the API reported in its final usage chunk
+    (``stream_options.include_usage``); when it could not report them (a stopped or
+    broken stream) they are estimated with a tokenizer and ``estimated`` is true.
+    Unit prices (USD per 1M tokens) are stored so a later price change never rewrites
+    history. Deleting the conversation or message keeps the record (references cleared).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="usage_records",
+    )
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.SET_NULL, null=True, blank=True,
+        related_name="usage_records",
+    )
+    message = models.OneToOneField(
+        Message, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    model = models.CharField(max_length=100, db_index=True)
+    status = models.CharField(max_length=16, choices=Message.Status.choices, db_index=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    estimated = models.BooleanField(default=False)
+    input_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    output_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
+    # Milliseconds from the upstream request to the first content delta; null if none.
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = UsageRecordQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return (
+            f"{self.model} {self.status}: {self.total_tokens} tokens, "
+            f"${self.cost_usd:.6f}{' (estimated)' if self.estimated else ''}"
+        )
+
+    def to_dict(self) -> dict:
+        """The ``usage`` payload of ``generation.end`` frames and API responses."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+            "cost_usd": f"{self.cost_usd:.8f}",
+        }
+
+
+class ModelPrice(models.Model):
+    """USD per 1M input and output tokens for a model name or prefix, from a date on.
+
+    The price of a generation is the row whose ``model`` is the longest prefix of the
+    generation's model among rows already valid (``valid_from`` <= now), newest first.
+    Seeded from ``settings.CHAT_MODEL_PRICES``.
+    """
+
+    model = models.CharField(max_length=100, help_text="Model name or prefix")
+    input_per_mtok = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("0"),
+        help_text="USD per 1M input (prompt) tokens",
+    )
+    output_per_mtok = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("0"),
+        help_text="USD per 1M output (completion) tokens",
+    )
+    valid_from = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["model", "-valid_from"]
+
+    def __str__(self):
+        return f"{self.model}: ${self.input_per_mtok}/${self.output_per_mtok} per 1M tokens"
+
+
+class UserBudget(models.Model):
+    """Per-user limits, checked before a generation starts. Empty limits mean unlimited.
+    ``max_concurrent`` counts generations across all tabs and processes."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="budget"
+    )
+    tokens_per_day = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_month = models.PositiveIntegerField(null=True, blank=True)
+    usd_per_day = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
+    usd_per_month = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
+    max_concurrent = models.PositiveSmallIntegerField(default=1)
+
+    def __str__(self):
+        return f"Budget of {self.user}"

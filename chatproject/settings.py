@@ -1,0 +1,283 @@
+"""Settings for chatproject, driven by environment variables.
+
+Every value has a default that runs as-is on a fresh machine: SQLite, the in-memory
+channel layer and the built-in demo model. A deployment sets ``SECRET_KEY``,
+``DEBUG=0``, ``ALLOWED_HOSTS``, ``DATABASE_URL``, ``REDIS_URL`` and the ``OPENAI_*``
+variables; ``chat.checks`` warns when a combination is unsafe for production.
+"""
+
+import json
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    """Return the environment variable ``name`` stripped, or ``default`` when unset/empty."""
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    """Read a boolean: 1/true/yes/on are true, 0/false/no/off are false (case-insensitive).
+
+    Raises ValueError for anything else, so a typo fails at start-up instead of silently
+    meaning "false".
+    """
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (use 1/0, true/false)")
+
+
+def env_int(name: str, default: int) -> int:
+    """Read an integer; raises ValueError naming the variable when it does not parse."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    """Read a float; raises ValueError naming the variable when it does not parse."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number") from None
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """Read a comma-separated list, dropping empty items."""
+    value = os.environ.get(name, "")
+    if not value.strip():
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# The development key is only used while SECRET_KEY is unset; chat.checks flags it
+# when DEBUG is off.
+INSECURE_DEV_SECRET_KEY = "django-insecure-dev-only-change-me"
+SECRET_KEY = env_str("SECRET_KEY", INSECURE_DEV_SECRET_KEY)
+DEBUG = env_bool("DEBUG", True)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    # daphne first so that `manage.py runserver` serves the ASGI application.
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatproject.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "chatproject.asgi.application"
+
+# --- Database -------------------------------------------------------------------------
+# SQLite in WAL mode with IMMEDIATE transactions: writers take the lock at BEGIN, so two
+# concurrent "start a generation" transactions serialise instead of failing with
+# "database is locked" on upgrade (Django 5.1+ `transaction_mode`, SQLite docs on WAL).
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 20),
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": env_str("SQLITE_TEST_PATH") or None},
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer --------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                # Deltas are coalesced (CHAT_DELTA_COALESCE_MS), so a channel sees tens of
+                # frames a second per stream, not hundreds; the default capacity of 100
+                # still drops silently under bursts, hence the larger value.
+                "capacity": env_int("CHANNEL_CAPACITY", 1000),
+                "expiry": 60,
+                "group_expiry": 86400,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": env_int("CHANNEL_CAPACITY", 1000)},
+        }
+    }
+
+# --- Auth -----------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat:index"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Static files (whitenoise) --------------------------------------------------------
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "django.contrib.staticfiles.storage.StaticFilesStorage"
+            if DEBUG
+            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        )
+    },
+}
+
+# --- REST framework -------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Chat API",
+    "DESCRIPTION": "History, usage and streaming generations of the chat application.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Chat / LLM -----------------------------------------------------------------------
+# With no OPENAI_API_KEY and no OPENAI_BASE_URL the built-in demo model is used: an
+# OpenAI-compatible streaming server started on a loopback port inside the process, and
+# reached through the same `openai` SDK path as a real provider.
+OPENAI_API_KEY = env_str("OPENAI_API_KEY")
+OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")
+OPENAI_TIMEOUT_S = env_float("OPENAI_TIMEOUT_S", 60.0)
+OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
+CHAT_DEMO_MODE = not OPENAI_API_KEY and not OPENAI_BASE_URL
+DEMO_MODEL_NAME = "demo"
+CHAT_MODEL = env_str("CHAT_MODEL", DEMO_MODEL_NAME if CHAT_DEMO_MODE else "gpt-4o-mini")
+# Models a conversation may pick; the default model is always allowed.
+CHAT_MODELS = env_list("CHAT_MODELS", [CHAT_MODEL])
+if CHAT_MODEL not in CHAT_MODELS:
+    CHAT_MODELS.insert(0, CHAT_MODEL)
+CHAT_SYSTEM_PROMPT = env_str("CHAT_SYSTEM_PROMPT", "You are a helpful assistant.")
+# Tokens the model may read (prompt) plus write (max_tokens); history is trimmed from the
+# oldest message to fit CHAT_CONTEXT_TOKENS - CHAT_MAX_TOKENS.
+CHAT_CONTEXT_TOKENS = env_int("CHAT_CONTEXT_TOKENS", 16384)
+CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
+CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
+# Deltas are coalesced over this window (ms) instead of one frame per token.
+CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
+# The streaming assistant message is written to the database at least this often (ms).
+CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
+# A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.
+CHAT_LEASE_S = env_int("CHAT_LEASE_S", 15)
+# Tokens per second of the built-in demo model.
+DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
+
+# USD per 1M input / output tokens, by model name or prefix (longest prefix wins).
+# Override with CHAT_MODEL_PRICES='{"my-model": [0.5, 1.5]}'.
+_DEFAULT_PRICES = {
+    "demo": ["0", "0"],
+    "gpt-4o-mini": ["0.15", "0.60"],
+    "gpt-4o": ["2.50", "10.00"],
+    "gpt-4.1-mini": ["0.40", "1.60"],
+    "gpt-4.1": ["2.00", "8.00"],
+}
+_prices_json = env_str("CHAT_MODEL_PRICES")
+CHAT_MODEL_PRICES = {
+    name: (Decimal(str(prices[0])), Decimal(str(prices[1])))
+    for name, prices in (json.loads(_prices_json) if _prices_json else _DEFAULT_PRICES).items()
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # httpx logs full request lines; keep them out unless asked for.
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,169 @@
+"""Shared fixtures: named users (alice owns, bob must be refused), a real loopback
+upstream server speaking the OpenAI streaming format, and WebSocket clients that
+authenticate with a real Django session cookie.
+
+No test may reach the network: every socket connect to a non-loopback address fails.
+"""
+
+import asyncio
+import ipaddress
+import json
+import socket
+import uuid
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from chat.demo_model import UpstreamServer
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", ""}
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _is_local(address) -> bool:
+    if isinstance(address, (str, bytes)):  # AF_UNIX path (PostgreSQL socket)
+        return True
+    host = address[0]
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _guarded_connect(self, address):
+    if not _is_local(address):
+        raise RuntimeError(f"test tried to reach the network: {address!r}")
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if not _is_local(address):
+        raise RuntimeError(f"test tried to reach the network: {address!r}")
+    return _real_connect_ex(self, address)
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host not in LOOPBACK_NAMES and host is not None:
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise RuntimeError(f"test tried to reach the network: {host!r}")
+        except ValueError:
+            raise RuntimeError(f"test tried to resolve a network name: {host!r}") from None
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+def pytest_configure(config):
+    socket.socket.connect = _guarded_connect
+    socket.socket.connect_ex = _guarded_connect_ex
+    socket.getaddrinfo = _guarded_getaddrinfo
+
+
+# --- users ----------------------------------------------------------------------------
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-password-1")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-password-1")
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+# --- upstream ---------------------------------------------------------------------------
+@pytest.fixture
+def upstream(settings):
+    """A real OpenAI-compatible server on a loopback port, in its own thread and event
+    loop, that the app reaches through the openai SDK (no mocks)."""
+    server = UpstreamServer(tokens_per_second=50).start_in_thread()
+    settings.OPENAI_BASE_URL = server.base_url
+    settings.OPENAI_API_KEY = "test-key-not-secret"
+    settings.OPENAI_MAX_RETRIES = 0
+    settings.CHAT_MODEL = "test-model"
+    settings.CHAT_CHECKPOINT_MS = 200
+    yield server
+    server.stop_thread()
+
+
+# --- WebSocket clients ------------------------------------------------------------------
+class ChatSocket:
+    """A WebSocket client of the real ASGI application (auth, origin check, routing)."""
+
+    def __init__(self, communicator: WebsocketCommunicator):
+        self.comm = communicator
+        self.frames: list[dict] = []
+
+    async def send(self, frame) -> None:
+        await self.comm.send_to(text_data=frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def receive(self, timeout: float = 5) -> dict:
+        frame = json.loads(await self.comm.receive_from(timeout=timeout))
+        self.frames.append(frame)
+        return frame
+
+    async def receive_until(self, predicate, timeout: float = 10) -> dict:
+        """Receive frames until one satisfies ``predicate``; returns it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching frame; got {[f['type'] for f in self.frames]}")
+            frame = await self.receive(timeout=remaining)
+            if predicate(frame):
+                return frame
+
+    async def receive_type(self, kind: str, timeout: float = 10) -> dict:
+        return await self.receive_until(lambda f: f["type"] == kind, timeout)
+
+    def deltas(self, message_id=None) -> list[dict]:
+        return [
+            f for f in self.frames
+            if f["type"] == "delta" and (message_id is None or f["message_id"] == message_id)
+        ]
+
+    def text(self, message_id) -> str:
+        return "".join(f["content"] for f in self.deltas(message_id))
+
+    async def close(self) -> None:
+        await self.comm.disconnect()
+
+
+@pytest.fixture
+def connect():
+    """``await connect(user, conversation_id)`` -> (connected, close_code, ChatSocket)."""
+    from chatproject.asgi import application
+
+    sockets: list[ChatSocket] = []
+
+    async def _connect(user=None, conversation_id=None, *, cookie=None):
+        conversation_id = conversation_id or uuid.uuid4()
+        headers = [(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")]
+        if user is not None:
+            from asgiref.sync import sync_to_async
+
+            cookie = cookie or await sync_to_async(session_cookie)(user)
+        if cookie:
+            headers.append((b"cookie", cookie.encode()))
+        communicator = WebsocketCommunicator(
+            application, f"/ws/conversations/{conversation_id}/", headers=headers
+        )
+        connected, code = await communicator.connect(timeout=5)
+        sock = ChatSocket(communicator)
+        sockets.append(sock)
+        return connected, code, sock
+
+    yield _connect

@@ -132,6 +132,8 @@ ASGI_APPLICATION = "chatproject.asgi.application"
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    # Lets parallel test runs (and developers' worktrees) use distinct test databases.
+    DATABASES["default"]["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME") or None}
 else:
     DATABASES = {
         "default": {
@@ -156,6 +158,7 @@ if REDIS_URL:
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
                 "hosts": [REDIS_URL],
+                "prefix": env_str("CHANNEL_PREFIX", "asgi"),
                 # Deltas are coalesced (CHAT_DELTA_COALESCE_MS), so a channel sees tens of
                 # frames a second per stream, not hundreds; the default capacity of 100
                 # still drops silently under bursts, hence the larger value.

@@ -144,7 +144,8 @@ else:
                 "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 20),
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            "TEST": {"NAME": env_str("SQLITE_TEST_PATH") or None},
+            # A file, not :memory:, so live server processes in tests share it.
+            "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(BASE_DIR / ".test-db.sqlite3"))},
         }
     }
 

@@ -16,6 +16,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from chat.demo_model import UpstreamServer
+from tests.live import LiveServer
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", ""}
 
@@ -64,6 +65,22 @@ def pytest_configure(config):
     socket.socket.connect = _guarded_connect
     socket.socket.connect_ex = _guarded_connect_ex
     socket.getaddrinfo = _guarded_getaddrinfo
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """After the session, end the connections that worker threads (database_sync_to_async)
+    left open, so PostgreSQL lets pytest-django drop the test database."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
 
 
 # --- users ----------------------------------------------------------------------------
@@ -167,3 +184,35 @@ def connect():
         return connected, code, sock
 
     yield _connect
+
+
+# --- live servers -------------------------------------------------------------------------
+@pytest.fixture
+def asgi_servers(transactional_db, upstream):
+    """``asgi_servers(**env)`` starts a daphne process on the test database, pointed at
+    the test upstream; all are stopped at the end of the test."""
+    servers: list[LiveServer] = []
+
+    def start(name: str = "live", **env) -> LiveServer:
+        server = LiveServer(
+            {
+                "OPENAI_BASE_URL": upstream.base_url,
+                "OPENAI_API_KEY": "test-key-not-secret",
+                "OPENAI_MAX_RETRIES": "0",
+                "CHAT_MODEL": "test-model",
+                **env,
+            },
+            name=name,
+        ).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def asgi_server(asgi_servers):
+    """One live daphne server process."""
+    return asgi_servers()

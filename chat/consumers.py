@@ -151,7 +151,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 "too_large",
                 f"A message is at most {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
             )
-        await self._start(content, "message")
+        create = {}
+        for key in ("model", "system_prompt"):
+            if frame.get(key) is not None and not isinstance(frame[key], str):
+                return await self.send_error("bad_frame", f'"{key}" must be a string.')
+            create[key] = frame.get(key)
+        await self._start(content, "message", create)
 
     async def on_regenerate(self, frame):
         await self._start(None, "regenerate")
@@ -162,10 +167,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self.send_error("empty", 'An edit needs a non-empty "content".')
         await self._start(content, "edit")
 
-    async def _start(self, content, mode):
+    async def _start(self, content, mode, create=None):
         try:
             self.generation = await gen.start_generation(
-                self.user, self.conversation_id, content, mode=mode, layer=self.channel_layer
+                self.user, self.conversation_id, content, mode=mode, create=create,
+                layer=self.channel_layer,
             )
         except gen.GenerationError as exc:
             await self.send_json(exc.to_frame())

@@ -172,16 +172,27 @@ def build_prompt(conversation: Conversation) -> list[dict]:
     return [{"role": "system", "content": system}, *reversed(kept)]
 
 
-def _lock_conversation(user, conversation_id, *, create: bool) -> Conversation | None:
+def validate_model(model: str | None) -> str:
+    """The model to use: ``model`` if allowed (``settings.CHAT_MODELS``), the default
+    when empty. Raises InvalidRequest for a model the server does not allow."""
+    if not model:
+        return settings.CHAT_MODEL
+    if model not in settings.CHAT_MODELS:
+        raise InvalidRequest(f"Model {model!r} is not available here.")
+    return model
+
+
+def _lock_conversation(user, conversation_id, *, create: dict | None) -> Conversation | None:
     """The conversation row, locked for this transaction (PostgreSQL row lock; SQLite's
-    IMMEDIATE transactions already serialise writers). Creates it when ``create``."""
+    IMMEDIATE transactions already serialise writers). When it does not exist and
+    ``create`` is given (``{"model", "system_prompt"}``), it is created for ``user``."""
     conversation = Conversation.objects.select_for_update().filter(id=conversation_id).first()
-    if conversation is None and create:
+    if conversation is None and create is not None:
         conversation = Conversation.objects.create(
             id=conversation_id,
             owner=user,
-            model=settings.CHAT_MODEL,
-            system_prompt="",
+            model=validate_model(create.get("model")),
+            system_prompt=(create.get("system_prompt") or "").strip(),
         )
     if conversation is not None and conversation.owner_id != user.id:
         raise Forbidden("This conversation belongs to someone else.")
@@ -195,17 +206,23 @@ def check_budget(user, conversation: Conversation, prompt_tokens: int, max_token
     budgets.check(user, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
 
 
-def prepare_run(user, conversation_id, content: str | None, mode: str = "message") -> PreparedRun:
+def prepare_run(
+    user, conversation_id, content: str | None, mode: str = "message", create: dict | None = None
+) -> PreparedRun:
     """Save what the user asked and create the streaming assistant row, atomically.
 
     ``mode``: ``message`` (append ``content`` as a user message), ``regenerate`` (answer
     the last user message again; the old answer is kept but superseded) or ``edit``
     (replace the last user message by ``content``; it and its answer are superseded).
+    ``create`` (``{"model", "system_prompt"}``, both optional) is used only when the
+    message creates the conversation.
     Raises Forbidden, Busy, InvalidRequest or QuotaExceeded; then nothing is saved.
     """
     now = timezone.now()
     with transaction.atomic():
-        conversation = _lock_conversation(user, conversation_id, create=(mode == "message"))
+        conversation = _lock_conversation(
+            user, conversation_id, create=(create or {}) if mode == "message" else None
+        )
         if conversation is None:
             raise InvalidRequest("This conversation has no messages yet.")
         finish_stale(conversation_id=conversation.id)
@@ -645,10 +662,17 @@ def _log_task_end(task: asyncio.Task) -> None:
 
 # --- entry points ---------------------------------------------------------------------
 async def start_generation(
-    user, conversation_id, content: str | None = None, *, mode: str = "message", layer=None
+    user,
+    conversation_id,
+    content: str | None = None,
+    *,
+    mode: str = "message",
+    create: dict | None = None,
+    layer=None,
 ) -> Generation:
     """Save the user's message, create the assistant row and start streaming.
 
+    ``create``: ``{"model", "system_prompt"}`` for a conversation this message creates.
     Returns the running :class:`Generation` (its frames already queued: ``message``
     unless regenerating, then ``generation.start``). Raises :class:`GenerationError`
     subclasses (Forbidden, Busy, InvalidRequest, QuotaExceeded) before anything is sent
@@ -664,7 +688,7 @@ async def start_generation(
             raise InvalidRequest(
                 f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters."
             )
-    run = await database_sync_to_async(prepare_run)(user, conversation_id, content, mode)
+    run = await database_sync_to_async(prepare_run)(user, conversation_id, content, mode, create)
     generation = Generation(run=run, layer=layer or get_channel_layer())
     _running[uuid.UUID(run.conversation["id"])] = generation
     if run.user_message is not None:

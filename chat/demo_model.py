@@ -108,7 +108,8 @@ class UpstreamServer:
     ``tokens_per_second`` paces content chunks; ``answer`` maps the request's messages
     to the answer text; ``fail_status`` answers every completion request with that HTTP
     status and an OpenAI-style error body; ``drop_after`` aborts the TCP connection after
-    that many content chunks. All four may be changed between requests.
+    that many content chunks; ``response_delay`` (s) waits before the response headers
+    (a slow provider). All may be changed between requests.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class UpstreamServer:
         answer: Callable[[list[dict]], str] | str = demo_answer,
         fail_status: int | None = None,
         drop_after: int | None = None,
+        response_delay: float = 0.0,
         model: str = "demo",
     ):
         self.host = host
@@ -128,6 +130,7 @@ class UpstreamServer:
         self.answer = answer
         self.fail_status = fail_status
         self.drop_after = drop_after
+        self.response_delay = response_delay
         self.model = model
         self.requests: list[UpstreamRequest] = []
         self._server: asyncio.base_events.Server | None = None
@@ -188,6 +191,15 @@ class UpstreamServer:
             if predicate():
                 return True
             time.sleep(0.005)
+        return predicate()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        """Like :meth:`wait_for`, without blocking the calling event loop."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            await asyncio.sleep(0.005)
         return predicate()
 
     # -- HTTP -------------------------------------------------------------------------
@@ -279,18 +291,22 @@ class UpstreamServer:
             return f"data: {json.dumps(payload)}\n\n"
 
         async def send(event: str):
+            if not headers_sent:
+                headers_sent.append(True)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
             data = event.encode()
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             await writer.drain()
+
+        headers_sent: list[bool] = []
 
         # A client that goes away is seen at once: reading the socket returns EOF.
         watcher = asyncio.ensure_future(reader.read(65536))
         streamer = asyncio.ensure_future(
             self._write_tokens(record, tokens, chunk, send, finish_reason, messages, include_usage)
-        )
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         done, _ = await asyncio.wait({watcher, streamer}, return_when=asyncio.FIRST_COMPLETED)
         if streamer in done and not streamer.cancelled() and streamer.exception() is None:
@@ -316,6 +332,8 @@ class UpstreamServer:
         from .accounting import count_prompt_tokens
 
         delay = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0
+        if self.response_delay:
+            await asyncio.sleep(self.response_delay)
         await send(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                            "finish_reason": None}]))
         for token in tokens:

@@ -566,6 +566,10 @@ class Generation:
                             self._append(choice.delta.content)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
+                    if self._outbox.qsize() >= settings.CHAT_OUTBOX_LIMIT:
+                        # Back-pressure: a slow channel layer slows our reading (and so
+                        # the provider, through TCP) instead of growing memory.
+                        await self._outbox.join()
         except asyncio.CancelledError:
             cancelled = True
             status, finish_reason, usage = Message.Status.CANCELLED, "cancelled", None

@@ -250,6 +250,8 @@ CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
 # Deltas are coalesced over this window (ms) instead of one frame per token.
 CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
+# Frames a generation may queue for the channel layer before it waits for them to be sent.
+CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
 # The streaming assistant message is written to the database at least this often (ms).
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.

@@ -82,7 +82,9 @@ def _warn_unpriced(model: str) -> None:
     logger.warning("no price for model %r: its usage is recorded at $0", model)
 
 
-def cost_usd(prompt_tokens: int, completion_tokens: int, prices: tuple[Decimal, Decimal]) -> Decimal:
+def cost_usd(
+    prompt_tokens: int, completion_tokens: int, prices: tuple[Decimal, Decimal]
+) -> Decimal:
     """Cost in USD of a generation at (input, output) USD per 1M tokens, 8 decimals."""
     cost = (Decimal(prompt_tokens) * prices[0] + Decimal(completion_tokens) * prices[1]) / MILLION
     return cost.quantize(Decimal("0.00000001"))

@@ -11,6 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
+from .generation import uses_demo_model
 from .models import Conversation
 
 
@@ -42,9 +43,8 @@ def conversation(request, conversation_id):
     existing = Conversation.objects.filter(id=conversation_id).first()
     if existing is not None and existing.owner_id != request.user.id:
         get_object_or_404(Conversation.objects.for_user(request.user), id=conversation_id)
-    conversations = [
-        c.to_dict() for c in Conversation.objects.for_user(request.user).order_by("-updated_at")[:200]
-    ]
+    recent = Conversation.objects.for_user(request.user).order_by("-updated_at")[:200]
+    conversations = [c.to_dict() for c in recent]
     config = {
         "conversation_id": str(conversation_id),
         "ws_path": f"/ws/conversations/{conversation_id}/",
@@ -52,7 +52,7 @@ def conversation(request, conversation_id):
         "conversation_url_template": reverse(
             "chat:conversation", kwargs={"conversation_id": uuid.UUID(int=0)}
         ).replace(str(uuid.UUID(int=0)), "{id}"),
-        "demo_mode": settings.CHAT_DEMO_MODE,
+        "demo_mode": uses_demo_model(),
         "default_model": settings.CHAT_MODEL,
         "models": settings.CHAT_MODELS,
         "default_system_prompt": settings.CHAT_SYSTEM_PROMPT,

@@ -134,6 +134,7 @@ class UpstreamServer:
         self.model = model
         self.requests: list[UpstreamRequest] = []
         self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -152,6 +153,10 @@ class UpstreamServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Python 3.11's Server.close() leaves accepted keep-alive connections open.
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
@@ -204,6 +209,8 @@ class UpstreamServer:
 
     # -- HTTP -------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        task = asyncio.current_task()
+        self._handlers.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -222,6 +229,7 @@ class UpstreamServer:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
+            self._handlers.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -311,6 +319,9 @@ class UpstreamServer:
         done, _ = await asyncio.wait({watcher, streamer}, return_when=asyncio.FIRST_COMPLETED)
         if streamer in done and not streamer.cancelled() and streamer.exception() is None:
             watcher.cancel()
+            # The next request on this keep-alive connection reads the same stream.
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             record.finished_at = time.monotonic()
             if streamer.result() == "dropped":
                 writer.transport.abort()

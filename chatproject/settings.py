@@ -154,18 +154,17 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Channel layer --------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
+    # RedisPubSubChannelLayer, not channels-redis' default RedisChannelLayer: with the
+    # default layer, when two coroutines of one process receive at once (every consumer
+    # does, and so does each generation's control channel), deliveries stalled until its
+    # 5 s BZPOPMIN timeout in our measurements (channels-redis 4.3.0). Pub/sub delivers
+    # at most once with no capacity limit; lost deltas are detected by seq and repaired.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
                 "hosts": [REDIS_URL],
                 "prefix": env_str("CHANNEL_PREFIX", "asgi"),
-                # Deltas are coalesced (CHAT_DELTA_COALESCE_MS), so a channel sees tens of
-                # frames a second per stream, not hundreds; the default capacity of 100
-                # still drops silently under bursts, hence the larger value.
-                "capacity": env_int("CHANNEL_CAPACITY", 1000),
-                "expiry": 60,
-                "group_expiry": 86400,
             },
         }
     }

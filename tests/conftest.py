@@ -83,6 +83,17 @@ def django_db_setup(django_db_setup, django_db_blocker):
                 )
 
 
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    """A new channel layer instance per test: each test has its own event loop, and
+    channels-redis binds its locks and connections to the loop that first used them."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
 # --- users ----------------------------------------------------------------------------
 @pytest.fixture
 def alice(django_user_model):

@@ -267,7 +267,7 @@ async def test_two_sockets_receive_every_delta_in_seq_order(alice, upstream, con
 
 
 async def test_tab_opened_mid_stream_catches_up_from_state(alice, upstream, connect):
-    upstream.answer = " ".join(f"word{i}" for i in range(60))
+    upstream.answer = " ".join(f"word{i}" for i in range(1000))
     conversation_id = uuid.uuid4()
     _, _, first = await connect(alice, conversation_id)
     await first.receive_type("state")
@@ -282,14 +282,19 @@ async def test_tab_opened_mid_stream_catches_up_from_state(alice, upstream, conn
     assert generation["content"]
     streaming = [m for m in state["messages"] if m["id"] == message_id][0]
     assert streaming["status"] == "streaming"
+    assert streaming["content"] == generation["content"]
 
+    await receive_deltas(late, 5)
+    await late.send({"type": "stop"})
     await late.receive_type("generation.end")
     later = late.deltas(message_id)
-    assert all(d["seq"] > generation["seq"] for d in later)
     assert [d["seq"] for d in later] == list(
         range(generation["seq"] + 1, generation["seq"] + 1 + len(later))
     )
-    assert generation["content"] + late.text(message_id) == upstream.answer
+    message = await saved(message_id)
+    assert generation["content"] + late.text(message_id) == message.content
+    await first.receive_type("generation.end")
+    assert first.text(message_id) == message.content
 
 
 async def test_streaming_answer_is_checkpointed_before_it_ends(alice, upstream, connect):

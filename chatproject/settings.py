@@ -284,5 +284,7 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        # daphne's runserver prints its own access log line; don't log each twice.
+        "django.channels.server": {"propagate": False},
     },
 }

@@ -34,7 +34,7 @@ import openai
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import accounting
@@ -188,12 +188,17 @@ def _lock_conversation(user, conversation_id, *, create: dict | None) -> Convers
     ``create`` is given (``{"model", "system_prompt"}``), it is created for ``user``."""
     conversation = Conversation.objects.select_for_update().filter(id=conversation_id).first()
     if conversation is None and create is not None:
-        conversation = Conversation.objects.create(
-            id=conversation_id,
-            owner=user,
-            model=validate_model(create.get("model")),
-            system_prompt=(create.get("system_prompt") or "").strip(),
-        )
+        try:
+            with transaction.atomic():  # a savepoint: the insert may lose a race
+                conversation = Conversation.objects.create(
+                    id=conversation_id,
+                    owner=user,
+                    model=validate_model(create.get("model")),
+                    system_prompt=(create.get("system_prompt") or "").strip(),
+                )
+        except IntegrityError:
+            # Another tab created it first; wait for its transaction and use its row.
+            conversation = Conversation.objects.select_for_update().get(id=conversation_id)
     if conversation is not None and conversation.owner_id != user.id:
         raise Forbidden("This conversation belongs to someone else.")
     return conversation

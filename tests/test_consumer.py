@@ -510,3 +510,27 @@ async def test_edit_replaces_the_last_user_message(alice, upstream, connect):
     state = await again.receive_type("state")
     assert [m["content"] for m in state["messages"]] == ["question fixed", "answer"]
     assert await Message.objects.filter(superseded=True).acount() == 2
+
+
+async def test_two_tabs_sending_first_message_at_once_start_one_run(alice, upstream, connect):
+    conversation_id = uuid.uuid4()
+    _, _, first = await connect(alice, conversation_id)
+    _, _, second = await connect(alice, conversation_id)
+    await first.receive_type("state")
+    await second.receive_type("state")
+    await asyncio.gather(
+        first.send({"type": "message", "content": "from tab one"}),
+        second.send({"type": "message", "content": "from tab two"}),
+    )
+    frames = [await first.receive_until(lambda f: f["type"] in ("generation.start", "error")),
+              await second.receive_until(lambda f: f["type"] in ("generation.start", "error"))]
+    errors = [f for f in frames if f["type"] == "error"]
+    # Either both frames are the one generation.start (the winner's broadcast reached
+    # both tabs first) or one tab got busy; never two runs.
+    assert all(e["code"] == "busy" for e in errors)
+    await first.send({"type": "stop"})
+    await first.receive_type("generation.end")
+    assert await Message.objects.filter(role="assistant").acount() == 1
+    assert await Conversation.objects.acount() == 1
+    # The stop may even beat the request to the provider; there is never a second one.
+    assert len(upstream.requests) <= 1

@@ -27,6 +27,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -145,7 +146,7 @@ def check(
     (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's IMMEDIATE transactions already
     serialise writers), so two starts of the same user in different conversations or
     processes are checked one after the other and the second sees the first's
-    ``streaming`` row.
+    ``streaming`` row. Raises RuntimeError when called outside a transaction.
 
     Raises:
         ConcurrencyLimit: ``max_concurrent`` generations are already streaming. The
@@ -155,6 +156,9 @@ def check(
             tokens as int, USD as a decimal string), ``requested`` (``tokens``, ``usd``)
             and ``resets_at`` (ISO 8601 UTC: when the exceeded quotas all reset).
     """
+    if not transaction.get_connection().in_atomic_block:
+        # Outside the transaction the lock would be released at once and the count race.
+        raise RuntimeError("budgets.check must run inside the transaction of prepare_run")
     now = now or timezone.now()
     # The lock is taken for every user, budget or not: max_concurrent applies to all.
     get_user_model().objects.select_for_update().only("pk").get(pk=user.pk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
@@ -252,7 +253,8 @@ class ConversationAdmin(admin.ModelAdmin):
     list_select_related = ("owner",)
     search_fields = ("title", "owner__username")
     search_help_text = "Search by title or owner's username."
-    readonly_fields = ("id", "owner", "created_at", "updated_at")
+    # Only the title may be edited: the rest is what the user chose, kept as it was.
+    readonly_fields = ("id", "owner", "model", "system_prompt", "created_at", "updated_at")
     fields = ("id", "owner", "title", "model", "system_prompt", "created_at", "updated_at")
     inlines = (TranscriptInline,)
     date_hierarchy = "updated_at"
@@ -357,6 +359,26 @@ class ModelPriceAdmin(admin.ModelAdmin):
         return price.is_current
 
 
+class UserBudgetForm(forms.ModelForm):
+    class Meta:
+        model = UserBudget
+        fields = (
+            "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
+            "max_concurrent",
+        )
+        labels = {
+            "usd_per_day": "USD per day", "usd_per_month": "USD per month",
+            "max_concurrent": "Concurrent generations",
+        }
+        unlimited = "Empty: unlimited. A request counts its prompt plus max_tokens."
+        help_texts = {
+            "tokens_per_day": unlimited, "usd_per_day": unlimited,
+            "tokens_per_month": unlimited, "usd_per_month": unlimited,
+            "max_concurrent": "Answers streaming at once across all tabs and servers; "
+                              "0 suspends the user.",
+        }
+
+
 @admin.register(UserBudget)
 class UserBudgetAdmin(admin.ModelAdmin):
     """Per-user limits: tokens and USD per UTC day and month (empty = unlimited) and the
@@ -367,6 +389,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
         "max_concurrent",
     )
     list_select_related = ("user",)
+    form = UserBudgetForm
     search_fields = ("user__username",)
     autocomplete_fields = ("user",)
     readonly_fields = ("used_now",)

@@ -40,8 +40,9 @@ def stacked_daily_svg(
         x_label_rotation=0,
         show_minor_x_labels=False,
         truncate_legend=40,
+        truncate_label=-1,
         no_data_text="No usage in this period",
-        value_formatter=value_formatter or (lambda v: f"{v:,}"),
+        value_formatter=value_formatter or (lambda v: f"{v:,.0f}"),
     )
     chart.x_labels = [day.strftime("%m-%d") for day in days]
     chart.x_labels_major = [day.strftime("%m-%d") for day in days if day.weekday() == 0]

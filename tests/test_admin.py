@@ -235,7 +235,6 @@ def test_the_csv_is_streamed_in_bounded_chunks(admin_client, alice, monkeypatch)
     conversation = Conversation.objects.create(owner=alice, title="many")
     for _ in range(50):
         make_record(alice, conversation=conversation)
-    monkeypatch.setattr(usage, "CSV_CHUNK_ROWS", 7)
     monkeypatch.setattr(usage.csv_chunk, "__defaults__", (7,))
     response = admin_client.get(reverse(EXPORT))
     chunks = list(response.streaming_content)
@@ -478,3 +477,73 @@ def test_staff_set_a_budget_in_the_admin_and_see_what_was_used(admin_client, ali
     assert budget.usd_per_day is None
     page = admin_client.get(reverse("admin:chat_userbudget_change", args=[budget.pk]))
     assert "Today: 1,000 tokens, $0.2500" in page.content.decode()
+
+
+# --- streaming from the real ASGI server ----------------------------------------------------------
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.django_db(transaction=True)
+def test_the_asgi_server_streams_a_large_export_in_chunks(admin_user, alice, asgi_server):
+    import urllib.request
+
+    from tests.conftest import session_cookie
+
+    rows = int(__import__("os").environ.get("CSV_BENCH_ROWS", "20000"))
+    conversation = Conversation.objects.create(owner=alice, title="bulk")
+    now = timezone.now()
+    UsageRecord.objects.bulk_create(
+        (UsageRecord(user=alice, conversation=conversation, model="gpt-4o-mini",
+                     status="completed", prompt_tokens=n % 1000, completion_tokens=7,
+                     total_tokens=n % 1000 + 7, cost_usd=Decimal("0.00000100"),
+                     created_at=now - dt.timedelta(seconds=n)) for n in range(rows)),
+        batch_size=5000,
+    )
+    request = urllib.request.Request(
+        asgi_server.url + reverse(EXPORT), headers={"Cookie": session_cookie(admin_user)}
+    )
+    pid = asgi_server.process.pid
+    before = _peak_rss_mb(pid)
+    reads, lines, size = 0, 0, 0
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/csv")
+        assert response.headers.get("Content-Length") is None  # streamed, not buffered
+        while chunk := response.read1(65536):
+            reads += 1
+            lines += chunk.count(b"\n")
+            size += len(chunk)
+    after = _peak_rss_mb(pid)
+    print(f"CSV export of {rows} rows over ASGI: {size / 1e6:.1f} MB in {reads} reads; "
+          f"server peak RSS {before:.0f} -> {after:.0f} MB")
+    assert lines == rows + 1
+    assert reads > 1
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_under_asgi_the_export_is_an_asynchronous_stream(admin_user, alice, monkeypatch):
+    """Django reads a synchronous iterator whole into memory before sending it under
+    ASGI; the export must hand it an asynchronous one, fetched chunk by chunk."""
+    from django.test import AsyncClient
+
+    conversation = await Conversation.objects.acreate(owner=alice, title="async")
+    await UsageRecord.objects.abulk_create(
+        UsageRecord(user=alice, conversation=conversation, model="m", status="completed",
+                    total_tokens=n) for n in range(20)
+    )
+    monkeypatch.setattr(usage.csv_chunk, "__defaults__", (6,))
+    client = AsyncClient()
+    await client.aforce_login(admin_user)
+    response = await client.get(reverse(EXPORT))
+    assert response.status_code == 200
+    assert response.is_async
+    chunks = [chunk async for chunk in response.streaming_content]
+    assert len(chunks) == 1 + 4  # header, then ceil(20 / 6) chunks
+    rows = list(csv.DictReader(io.StringIO(b"".join(chunks).decode())))
+    assert sorted(int(r["total_tokens"]) for r in rows) == list(range(20))

@@ -466,6 +466,7 @@ def test_the_seed_migration_fills_prices_from_settings_once(settings):
 # --- budgets in the admin -------------------------------------------------------------------
 def test_staff_set_a_budget_in_the_admin_and_see_what_was_used(admin_client, alice):
     make_record(alice, prompt=700, completion=300, cost="0.25")
+    assert admin_client.get(reverse("admin:chat_userbudget_add")).status_code == 200
     response = admin_client.post(reverse("admin:chat_userbudget_add"), {
         "user": alice.pk, "tokens_per_day": "5000", "usd_per_day": "",
         "tokens_per_month": "", "usd_per_month": "2.50", "max_concurrent": "2",

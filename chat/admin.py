@@ -334,11 +334,25 @@ class MessageAdmin(admin.ModelAdmin):
 
 
 # --- prices and budgets ------------------------------------------------------------------------
+class ModelPriceForm(forms.ModelForm):
+    input_per_mtok = forms.DecimalField(
+        min_value=0, max_digits=12, decimal_places=6, label="USD per 1M input tokens"
+    )
+    output_per_mtok = forms.DecimalField(
+        min_value=0, max_digits=12, decimal_places=6, label="USD per 1M output tokens"
+    )
+
+    class Meta:
+        model = ModelPrice
+        fields = ("model", "input_per_mtok", "output_per_mtok", "valid_from")
+
+
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
     """USD per 1M tokens by model name or prefix. To change a price from a date on, add a
     row with that ``valid_from``: usage records keep the unit prices they were charged."""
 
+    form = ModelPriceForm
     list_display = ("model", "input_per_mtok", "output_per_mtok", "valid_from", "in_effect")
     list_filter = ("model",)
     search_fields = ("model",)
@@ -359,21 +373,28 @@ class ModelPriceAdmin(admin.ModelAdmin):
         return price.is_current
 
 
+UNLIMITED = "Empty: unlimited. A request counts its prompt plus max_tokens."
+
+
 class UserBudgetForm(forms.ModelForm):
+    usd_per_day = forms.DecimalField(
+        required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per day",
+        help_text=UNLIMITED,
+    )
+    usd_per_month = forms.DecimalField(
+        required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per month",
+        help_text=UNLIMITED,
+    )
+
     class Meta:
         model = UserBudget
         fields = (
             "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
             "max_concurrent",
         )
-        labels = {
-            "usd_per_day": "USD per day", "usd_per_month": "USD per month",
-            "max_concurrent": "Concurrent generations",
-        }
-        unlimited = "Empty: unlimited. A request counts its prompt plus max_tokens."
+        labels = {"max_concurrent": "Concurrent generations"}
         help_texts = {
-            "tokens_per_day": unlimited, "usd_per_day": unlimited,
-            "tokens_per_month": unlimited, "usd_per_month": unlimited,
+            "tokens_per_day": UNLIMITED, "tokens_per_month": UNLIMITED,
             "max_concurrent": "Answers streaming at once across all tabs and servers; "
                               "0 suspends the user.",
         }

@@ -548,3 +548,17 @@ async def test_under_asgi_the_export_is_an_asynchronous_stream(admin_user, alice
     assert len(chunks) == 1 + 4  # header, then ceil(20 / 6) chunks
     rows = list(csv.DictReader(io.StringIO(b"".join(chunks).decode())))
     assert sorted(int(r["total_tokens"]) for r in rows) == list(range(20))
+
+
+def test_negative_prices_and_budgets_are_refused_with_a_form_error(admin_client, alice):
+    response = admin_client.post(reverse("admin:chat_modelprice_add"), {
+        "model": "m", "input_per_mtok": "-1", "output_per_mtok": "1",
+        "valid_from_0": "2026-01-01", "valid_from_1": "00:00:00",
+    })
+    assert response.status_code == 200 and response.context["adminform"].form.errors
+    response = admin_client.post(reverse("admin:chat_userbudget_add"), {
+        "user": alice.pk, "usd_per_day": "-5", "max_concurrent": "1",
+    })
+    assert response.status_code == 200 and response.context["adminform"].form.errors
+    assert not ModelPrice.objects.filter(model="m").exists()
+    assert not UserBudget.objects.exists()

@@ -143,7 +143,7 @@ def check(
     ``prompt_tokens`` and ``max_tokens`` are tokens; ``model`` prices them (USD limits;
     default ``settings.CHAT_MODEL``); ``now`` is for tests. Must run inside the
     transaction that creates the assistant row: it first locks the user's row
-    (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's IMMEDIATE transactions already
+    (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite's IMMEDIATE transactions already
     serialise writers), so two starts of the same user in different conversations or
     processes are checked one after the other and the second sees the first's
     ``streaming`` row. Raises RuntimeError when called outside a transaction.
@@ -161,7 +161,10 @@ def check(
         raise RuntimeError("budgets.check must run inside the transaction of prepare_run")
     now = now or timezone.now()
     # The lock is taken for every user, budget or not: max_concurrent applies to all.
-    get_user_model().objects.select_for_update().only("pk").get(pk=user.pk)
+    # FOR NO KEY UPDATE: it serialises checks of the same user but, unlike FOR UPDATE,
+    # does not block inserts that merely reference the user (a UsageRecord written
+    # by a run ending meanwhile takes FOR KEY SHARE on the user row).
+    get_user_model().objects.select_for_update(no_key=True).only("pk").get(pk=user.pk)
     budget = UserBudget.objects.filter(user=user).first()
     limit = budget.max_concurrent if budget is not None else DEFAULT_MAX_CONCURRENT
     in_flight = running(user, now)

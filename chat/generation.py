@@ -205,10 +205,14 @@ def _lock_conversation(user, conversation_id, *, create: dict | None) -> Convers
 
 
 def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int) -> None:
-    """Hook for per-user budgets (see chat.budgets): raises QuotaExceeded or Busy."""
+    """Per-user budgets (see chat.budgets): raises QuotaExceeded or
+    budgets.ConcurrencyLimit (a Busy)."""
     from . import budgets
 
-    budgets.check(user, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    budgets.check(
+        user, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        model=conversation.model or settings.CHAT_MODEL,
+    )
 
 
 def prepare_run(

@@ -1,0 +1,437 @@
+"""Django admin: usage review (read-only audit trail, totals, CSV, report), conversations
+with their transcript, model prices and per-user budgets.
+
+Staff need the ``view`` permission of a model to see its pages (superusers have all);
+the usage export and report need ``chat.view_usagerecord``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
+from django.db.models import (
+    CharField,
+    Count,
+    DecimalField,
+    Exists,
+    IntegerField,
+    OuterRef,
+    Q,
+    Subquery,
+    Sum,
+)
+from django.db.models.functions import Coalesce
+from django.http import HttpResponseRedirect, StreamingHttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from . import budgets, charts, usage
+from .models import Conversation, Message, ModelPrice, UsageRecord, UserBudget
+
+REPORT_DAYS = 30
+
+
+def _money(value) -> str:
+    return f"${value:,.4f}" if value is not None else "—"
+
+
+def csv_response(request, queryset, filename: str) -> StreamingHttpResponse:
+    """Stream ``queryset`` as CSV (``chat.usage.CSV_HEADER`` columns) in chunks of
+    ``usage.CSV_CHUNK_ROWS`` records, so memory stays flat whatever its size. Under ASGI
+    the chunks come from an asynchronous iterator, which Django sends as produced."""
+    if isinstance(request, ASGIRequest):
+        content = usage.acsv_lines(queryset)
+    else:
+        content = usage.csv_lines(queryset)
+    return StreamingHttpResponse(
+        content,
+        content_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _export_name() -> str:
+    return f"usage-{timezone.now():%Y%m%d-%H%M%S}.csv"
+
+
+# --- usage records ------------------------------------------------------------------------
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The audit trail of generations: nobody adds, changes or deletes records here.
+
+    Above the list: totals of the filtered records. The "Export CSV" button exports the
+    filtered list, the action the selected rows; "Usage report" opens a 30-day chart.
+    """
+
+    list_display = (
+        "created_at", "user", "conversation", "model", "prompt_tokens", "completion_tokens",
+        "total_tokens", "cost", "status", "estimated", "ttft_ms", "duration_ms",
+    )
+    list_filter = (
+        "model", "status", "estimated", ("user", admin.RelatedOnlyFieldListFilter),
+    )
+    date_hierarchy = "created_at"
+    search_fields = ("user__username", "conversation__title")
+    search_help_text = "Search by username or conversation title."
+    list_select_related = ("user", "conversation")
+    actions = ("export_csv",)
+    ordering = ("-created_at",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="Cost (USD)", ordering="cost_usd")
+    def cost(self, record):
+        return f"{record.cost_usd:.6f}"
+
+    # -- totals above the list ---------------------------------------------------------
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context and "cl" in context:
+            context["usage_totals"] = usage.totals(context["cl"].queryset)
+        return response
+
+    # -- CSV ---------------------------------------------------------------------------------
+    @admin.action(description="Export selected usage records as CSV", permissions=["view"])
+    def export_csv(self, request, queryset):
+        return csv_response(request, queryset, _export_name())
+
+    def export_view(self, request):
+        """The records the changelist shows for the same query string (filters, search,
+        date drill-down), all pages, as streamed CSV."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            changelist = self.get_changelist_instance(request)
+        except IncorrectLookupParameters:
+            self.message_user(request, "These filters are not valid.", messages.ERROR)
+            return HttpResponseRedirect(reverse("admin:chat_usagerecord_changelist"))
+        return csv_response(request, changelist.queryset, _export_name())
+
+    # -- report ------------------------------------------------------------------------------
+    def report_view(self, request):
+        """Tokens and cost per UTC day for the last 30 days, stacked by model, and the
+        top users and models by cost over those days."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        days = usage.last_days(REPORT_DAYS)
+        records = UsageRecord.objects.filter(
+            created_at__gte=dt.datetime.combine(days[0], dt.time.min, tzinfo=dt.UTC)
+        )
+        series = usage.daily_by_model(UsageRecord.objects.all(), days)
+        daily = [
+            {
+                "day": day,
+                "tokens": sum(s.get(day, {}).get("tokens", 0) for s in series.values()),
+                "cost_usd": sum(s.get(day, {}).get("cost_usd", 0) for s in series.values()),
+            }
+            for day in reversed(days)
+        ]
+        changelist_url = reverse("admin:chat_usagerecord_changelist")
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Usage report: last {REPORT_DAYS} days",
+            "days": days,
+            "totals": usage.totals(records),
+            "tokens_chart": charts.stacked_daily_svg(
+                "Tokens per day (UTC), by model", days, series, "tokens"
+            ),
+            "cost_chart": charts.stacked_daily_svg(
+                "Cost per day (USD, UTC), by model", days, series, "cost_usd",
+                value_formatter=lambda v: f"${v:,.4f}",
+            ),
+            "daily": daily,
+            "top_users": usage.top(records, "user_id", "user__username"),
+            "top_models": usage.top(records, "model"),
+            "changelist_url": changelist_url,
+        }
+        return TemplateResponse(request, "admin/chat/usagerecord/report.html", context)
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("export/", wrap(self.export_view), name="chat_usagerecord_export"),
+            path("report/", wrap(self.report_view), name="chat_usagerecord_report"),
+            *super().get_urls(),
+        ]
+
+
+# --- conversations --------------------------------------------------------------------------
+def _last_run(field: str):
+    """Subquery: ``field`` of the conversation's newest assistant message."""
+    return Subquery(
+        Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.ASSISTANT)
+        .order_by("-created_at")
+        .values(field)[:1],
+        output_field=CharField(),
+    )
+
+
+class LastRunStatusFilter(admin.SimpleListFilter):
+    """Conversations whose newest assistant answer has the chosen status."""
+
+    title = "status of the last run"
+    parameter_name = "last_run"
+
+    def lookups(self, request, model_admin):
+        return [*Message.Status.choices, ("none", "No run yet")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "none":
+            return queryset.filter(last_run_status__isnull=True)
+        if value in Message.Status.values:
+            return queryset.filter(last_run_status=value)
+        return queryset
+
+
+class TranscriptInline(admin.TabularInline):
+    """The conversation's messages in order, read-only (superseded ones included and
+    marked, since the audit needs them)."""
+
+    model = Message
+    verbose_name = "message"
+    verbose_name_plural = "transcript"
+    fields = (
+        "created_at", "role", "status", "superseded", "content", "model", "finish_reason",
+        "tokens", "cost", "error",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    ordering = ("created_at",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("usage")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="tokens")
+    def tokens(self, message):
+        record = getattr(message, "usage", None) if message.role == "assistant" else None
+        return record.total_tokens if record else ""
+
+    @admin.display(description="cost (USD)")
+    def cost(self, message):
+        record = getattr(message, "usage", None) if message.role == "assistant" else None
+        return f"{record.cost_usd:.6f}" if record else ""
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    """Conversations with their size, cost and last run; the transcript is read-only.
+    Conversations are created by chatting, not here."""
+
+    list_display = (
+        "__str__", "owner", "model", "message_count", "total_cost", "last_run_status",
+        "last_activity",
+    )
+    list_filter = (LastRunStatusFilter, "model")
+    list_select_related = ("owner",)
+    search_fields = ("title", "owner__username")
+    search_help_text = "Search by title or owner's username."
+    # Only the title may be edited: the rest is what the user chose, kept as it was.
+    readonly_fields = ("id", "owner", "model", "system_prompt", "created_at", "updated_at")
+    fields = ("id", "owner", "title", "model", "system_prompt", "created_at", "updated_at")
+    inlines = (TranscriptInline,)
+    date_hierarchy = "updated_at"
+
+    def get_queryset(self, request):
+        # Subqueries rather than joins: counting messages and summing costs over two
+        # joins would multiply each other's rows.
+        messages_count = (
+            Message.objects.filter(conversation=OuterRef("pk"))
+            .order_by()
+            .values("conversation")
+            .annotate(n=Count("pk"))
+            .values("n")
+        )
+        cost = (
+            UsageRecord.objects.filter(conversation=OuterRef("pk"))
+            .order_by()
+            .values("conversation")
+            .annotate(total=Sum("cost_usd"))
+            .values("total")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                message_count=Coalesce(Subquery(messages_count, output_field=IntegerField()), 0),
+                total_cost=Subquery(
+                    cost, output_field=DecimalField(max_digits=20, decimal_places=8)
+                ),
+                last_run_status=_last_run("status"),
+            )
+        )
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="messages", ordering="message_count")
+    def message_count(self, conversation):
+        return conversation.message_count
+
+    @admin.display(description="total cost (USD)", ordering="total_cost")
+    def total_cost(self, conversation):
+        return f"{conversation.total_cost or 0:.6f}"
+
+    @admin.display(description="last run", ordering="last_run_status")
+    def last_run_status(self, conversation):
+        return conversation.last_run_status or "—"
+
+    @admin.display(description="last activity", ordering="updated_at")
+    def last_activity(self, conversation):
+        return conversation.updated_at
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    """Every message, read-only: they are written by generations only."""
+
+    list_display = ("short", "conversation", "role", "status", "model", "superseded", "created_at")
+    list_filter = ("role", "status", "model", "superseded")
+    list_select_related = ("conversation",)
+    search_fields = ("content", "conversation__title", "conversation__owner__username")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="content")
+    def short(self, message):
+        text = " ".join(message.content.split())
+        return text[:80] + ("…" if len(text) > 80 else "") or "(empty)"
+
+
+# --- prices and budgets ------------------------------------------------------------------------
+class ModelPriceForm(forms.ModelForm):
+    input_per_mtok = forms.DecimalField(
+        min_value=0, max_digits=12, decimal_places=6, label="USD per 1M input tokens"
+    )
+    output_per_mtok = forms.DecimalField(
+        min_value=0, max_digits=12, decimal_places=6, label="USD per 1M output tokens"
+    )
+
+    class Meta:
+        model = ModelPrice
+        fields = ("model", "input_per_mtok", "output_per_mtok", "valid_from")
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """USD per 1M tokens by model name or prefix. To change a price from a date on, add a
+    row with that ``valid_from``: usage records keep the unit prices they were charged."""
+
+    form = ModelPriceForm
+    list_display = ("model", "input_per_mtok", "output_per_mtok", "valid_from", "in_effect")
+    list_filter = ("model",)
+    search_fields = ("model",)
+    ordering = ("model", "-valid_from")
+
+    def get_queryset(self, request):
+        now = timezone.now()
+        newer = ModelPrice.objects.filter(
+            model=OuterRef("model"), valid_from__gt=OuterRef("valid_from"), valid_from__lte=now
+        )
+        return super().get_queryset(request).annotate(
+            is_current=Q(valid_from__lte=now) & ~Exists(newer)
+        )
+
+    @admin.display(boolean=True, description="in effect now", ordering="is_current")
+    def in_effect(self, price):
+        """The row used now for its model name: the newest one already valid."""
+        return price.is_current
+
+
+UNLIMITED = "Empty: unlimited. A request counts its prompt plus max_tokens."
+
+
+class UserBudgetForm(forms.ModelForm):
+    usd_per_day = forms.DecimalField(
+        required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per day",
+        help_text=UNLIMITED,
+    )
+    usd_per_month = forms.DecimalField(
+        required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per month",
+        help_text=UNLIMITED,
+    )
+
+    class Meta:
+        model = UserBudget
+        fields = (
+            "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
+            "max_concurrent",
+        )
+        labels = {"max_concurrent": "Concurrent generations"}
+        help_texts = {
+            "tokens_per_day": UNLIMITED, "tokens_per_month": UNLIMITED,
+            "max_concurrent": "Answers streaming at once across all tabs and servers; "
+                              "0 suspends the user.",
+        }
+
+
+@admin.register(UserBudget)
+class UserBudgetAdmin(admin.ModelAdmin):
+    """Per-user limits: tokens and USD per UTC day and month (empty = unlimited) and the
+    number of generations allowed at once (users without a row get 1)."""
+
+    list_display = (
+        "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
+        "max_concurrent",
+    )
+    list_select_related = ("user",)
+    form = UserBudgetForm
+    search_fields = ("user__username",)
+    autocomplete_fields = ("user",)
+    readonly_fields = ("used_now",)
+    fieldsets = (
+        (None, {"fields": ("user",)}),
+        ("Per UTC day", {"fields": ("tokens_per_day", "usd_per_day")}),
+        ("Per UTC month", {"fields": ("tokens_per_month", "usd_per_month")}),
+        ("Concurrency", {"fields": ("max_concurrent",)}),
+        ("Usage", {"fields": ("used_now",)}),
+    )
+
+    @admin.display(description="used so far")
+    def used_now(self, budget):
+        if budget is None or budget.user_id is None:
+            return "—"
+        periods = budgets.Periods.at(timezone.now())
+        used = budgets.used(budget.user, periods)
+        return format_html(
+            "Today: {} tokens, {}. This month: {} tokens, {}. "
+            '<a href="{}?user__id__exact={}">Usage records</a>',
+            f"{used.tokens_day:,}", _money(used.usd_day),
+            f"{used.tokens_month:,}", _money(used.usd_month),
+            reverse("admin:chat_usagerecord_changelist"), budget.user_id,
+        )

@@ -42,9 +42,8 @@ def conversation(request, conversation_id):
     existing = Conversation.objects.filter(id=conversation_id).first()
     if existing is not None and existing.owner_id != request.user.id:
         get_object_or_404(Conversation.objects.for_user(request.user), id=conversation_id)
-    conversations = [
-        c.to_dict() for c in Conversation.objects.for_user(request.user).order_by("-updated_at")[:200]
-    ]
+    recent = Conversation.objects.for_user(request.user).order_by("-updated_at")[:200]
+    conversations = [c.to_dict() for c in recent]
     config = {
         "conversation_id": str(conversation_id),
         "ws_path": f"/ws/conversations/{conversation_id}/",

@@ -44,6 +44,8 @@ const state = {
   renderQueued: new Set(),
   conversations: JSON.parse(document.getElementById("chat-conversations").textContent),
   searchResults: null,           // null: show state.conversations
+  stateFrames: 0,                // state frames received (tests check resyncs)
+  debugLoseDeltas: 0,
 };
 
 // --- markdown -------------------------------------------------------------------------
@@ -212,7 +214,9 @@ function updateMessageElement(article, message) {
       const caret = document.createElement("span");
       caret.className = "caret";
       caret.setAttribute("aria-hidden", "true");
-      (body.lastElementChild || body).append(caret);
+      let tail = body.lastElementChild || body;
+      if (tail.tagName === "PRE") tail = tail.querySelector("code") || tail;
+      tail.append(caret);
     }
     // Screen readers wait for the whole answer instead of reading every delta.
     article.setAttribute("aria-busy", message.status === "streaming" ? "true" : "false");
@@ -387,6 +391,10 @@ function connect() {
       console.warn("ignored a frame that is not JSON");
       return;
     }
+    if (frame.type === "delta" && state.debugLoseDeltas > 0) {
+      state.debugLoseDeltas -= 1;  // a test simulates a frame lost on the way
+      return;
+    }
     handleFrame(frame);
   });
   socket.addEventListener("close", (event) => {
@@ -418,10 +426,7 @@ function scheduleReconnect() {
     * (0.75 + Math.random() * 0.5);
   setConnection("offline", `Offline · reconnecting in ${Math.ceil(delay / 1000)} s`);
   clearTimeout(state.reconnectTimer);
-  state.reconnectTimer = setTimeout(() => {
-    if (state.holdReconnect) scheduleReconnect();
-    else connect();
-  }, delay);
+  state.reconnectTimer = setTimeout(connect, delay);
 }
 
 function reconnectNow() {
@@ -459,6 +464,7 @@ function handleFrame(frame) {
 }
 
 function onState(frame) {
+  state.stateFrames += 1;
   state.ready = true;
   state.syncing = false;
   state.reconnectAttempts = 0;
@@ -1038,13 +1044,13 @@ window.chatDebug = {
   messages: () => state.messages.map((m) => ({ ...m })),
   connected: () => state.ready,
   send: (frame) => sendFrame(frame),
+  /** Discard the next ``n`` delta frames as if lost in transit (tests the resync). */
+  loseDeltas: (n) => { state.debugLoseDeltas = n; },
+  stateFrames: () => state.stateFrames,
+  /** Handle a frame as if the server had sent it (error frames). */
+  inject: (frame) => handleFrame(frame),
   /** Record a send as this tab's own, as submitMessage does (to test refusals). */
   setPending: (content) => { state.pending = { type: "message", content }; },
-  /** While held, reconnect attempts wait (an outage that lasts); releasing reconnects. */
-  holdReconnect(hold) {
-    state.holdReconnect = hold;
-    if (!hold) reconnectNow();
-  },
 };
 
 bindEvents();

@@ -569,7 +569,9 @@ def test_narrow_screen_hides_the_sidebar_in_a_drawer_and_keeps_the_composer_usab
     expect(page.locator("#sidebar")).not_to_be_in_viewport()
 
 
-def test_the_page_marks_the_demo_model_and_links_the_token_page(alice_context, upstream):
+def test_the_page_links_the_token_page_and_keeps_the_streaming_answer_aria_busy(
+    alice_context, upstream
+):
     page = open_chat(alice_context)
     expect(page.locator("#tokens-link")).to_have_attribute("href", "/settings/tokens/")
     expect(page.locator("#model option")).to_have_count(1)

@@ -177,7 +177,9 @@ function renderTranscript() {
     transcript.append(buildMessage(message));
   }
   refreshChrome();
-  scrollToEndIfFollowing(true);
+  // The first state jumps to the end; a later one (reconnect, resync) leaves a reader
+  // who scrolled up where they are.
+  scrollToEndIfFollowing(state.stateFrames <= 1);
 }
 
 function buildMessage(message) {

@@ -21,6 +21,7 @@ const RECONNECT_MAX_MS = 10000;
 // Within this many pixels of the bottom the view counts as "at the end" and follows
 // the stream; further up, the user is reading and is left alone.
 const FOLLOW_SLACK_PX = 48;
+const SEQ_UNKNOWN = -1;
 const STATUS_LABELS = {
   cancelled: "Stopped",
   failed: "Failed",
@@ -496,7 +497,11 @@ function onState(frame) {
     if (m.status === "streaming") state.streamingId = m.id;
   }
   if (frame.generation) {
-    state.lastSeq.set(frame.generation.message_id, frame.generation.seq || 0);
+    // seq null: the server could only give the last saved checkpoint, so which deltas
+    // it includes is unknown; deltas are then not applied (they could repeat or skip
+    // text) and the final text is fetched when the run ends.
+    const seq = frame.generation.seq;
+    state.lastSeq.set(frame.generation.message_id, seq === null || seq === undefined ? SEQ_UNKNOWN : seq);
   }
   renderTranscript();
   applyConversation(frame.conversation);
@@ -550,6 +555,7 @@ function onDelta(frame) {
     requestSync();
     return;
   }
+  if (last === SEQ_UNKNOWN) return;
   if (frame.seq <= last) return;       // already applied (e.g. included in a state frame)
   if (frame.seq !== last + 1) {        // a gap: never show text with a hole in it
     requestSync();
@@ -576,6 +582,7 @@ function onGenerationEnd(frame) {
   });
   renderMessage(message.id);
   refreshChrome();
+  if (state.lastSeq.get(message.id) === SEQ_UNKNOWN) requestSync();
   if (frame.status === "failed") {
     showNotice(`The model failed: ${frame.error || "unknown error"}`);
   }

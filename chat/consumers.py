@@ -13,6 +13,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import generation as gen
+from . import leases
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     Frames from the group are held back until this socket's ``state`` frame is sent, and
     deltas already included in that state (seq <= state seq) are dropped, so a tab that
-    joins mid-stream sees every character exactly once.
+    joins mid-stream sees every character exactly once. A delta whose seq skips one (a
+    group message was lost, e.g. a Redis channel over capacity) is never forwarded with
+    its gap: the socket is resynchronised with a fresh ``state`` frame instead.
     """
 
     generation: gen.Generation | None = None
@@ -53,9 +56,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
+        leases.ensure_sweeper(self.channel_layer)
         self._state_sent = False
         self._held: list[dict] = []
-        self._last_seq: dict[str, int] = {}
+        # Last seq forwarded per message; None: unknown (state taken from a checkpoint).
+        self._last_seq: dict[str, int | None] = {}
+        # Messages final in the last state sent: late deltas of them are dropped.
+        self._closed: set[str] = set()
+        self._fallback = None
+        self.repairs = 0
         self.group = gen.group_name(self.conversation_id)
         # Join before reading the state so no frame published meanwhile is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -80,11 +89,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _snapshot_fallback(self):
         await asyncio.sleep(SNAPSHOT_TIMEOUT_S)
-        if not self._state_sent:
-            streaming = self._state["streaming"]
-            await self._send_state(
-                {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
-            )
+        if self._state_sent:
+            return
+        # The owning process did not answer: it died, or the run ended meanwhile. The
+        # database has the final text then, or at least the last checkpoint.
+        self._state = await database_sync_to_async(gen.load_state)(
+            self.user, self.conversation_id
+        )
+        if self._state_sent:
+            return
+        streaming = self._state["streaming"]
+        await self._send_state(
+            None if streaming is None
+            else {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
+        )
 
     async def generation_snapshot(self, event):
         if not self._state_sent:
@@ -92,8 +110,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _send_state(self, generation):
         state = self._state
+        self._closed = {m["id"] for m in state["messages"] if m["status"] != "streaming"}
         if generation is not None:
-            self._last_seq[generation["message_id"]] = generation["seq"] or 0
+            self._last_seq[generation["message_id"]] = generation["seq"]
             for message in state["messages"]:
                 if message["id"] == generation["message_id"]:
                     message["content"] = generation["content"]
@@ -107,7 +126,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         self._state_sent = True
         held, self._held = self._held, []
-        for frame in held:
+        for index, frame in enumerate(held):
+            if not self._state_sent:
+                # A gap among the held frames started another resync: keep the rest.
+                self._held.extend(held[index:])
+                break
             await self._forward(frame)
 
     async def disconnect(self, code):
@@ -181,7 +204,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_sync(self, frame):
         """Resend the ``state`` frame (a client that detected a gap in seq asks this)."""
+        await self._resync()
+
+    async def _resync(self):
+        """Send a fresh ``state`` frame: group frames are held from now until it is sent,
+        then forwarded after it (those it already includes dropped)."""
         self._state_sent = False
+        if self._fallback is not None:
+            self._fallback.cancel()
         self._state = await database_sync_to_async(gen.load_state)(
             self.user, self.conversation_id
         )
@@ -204,10 +234,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _forward(self, frame):
         if frame["type"] == "delta":
-            last = self._last_seq.get(frame["message_id"], 0)
-            if frame["seq"] <= last:
+            message_id = frame["message_id"]
+            if message_id in self._closed:
                 return
-            self._last_seq[frame["message_id"]] = frame["seq"]
+            last = self._last_seq.get(message_id, 0)
+            if last is not None:
+                if frame["seq"] <= last:
+                    return
+                if frame["seq"] > last + 1:
+                    # A group message was lost between the generation and this socket:
+                    # repair from the source instead of showing text with a hole.
+                    self.repairs += 1
+                    logger.warning(
+                        "seq gap on %s (%s after %s): resynchronising %s",
+                        message_id, frame["seq"], last, self.channel_name,
+                    )
+                    self._held.append(frame)
+                    return await self._resync()
+            self._last_seq[message_id] = frame["seq"]
         await self.send_json(frame)
 
     # -- helpers ------------------------------------------------------------------

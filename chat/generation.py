@@ -688,6 +688,9 @@ async def start_generation(
             raise InvalidRequest(
                 f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters."
             )
+    from .leases import ensure_sweeper
+
+    ensure_sweeper(layer)
     run = await database_sync_to_async(prepare_run)(user, conversation_id, content, mode, create)
     generation = Generation(run=run, layer=layer or get_channel_layer())
     _running[uuid.UUID(run.conversation["id"])] = generation

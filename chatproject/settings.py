@@ -254,6 +254,8 @@ CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.
 CHAT_LEASE_S = env_int("CHAT_LEASE_S", 15)
+# Every worker process looks for expired leases this often (s, jittered +-50%; 0 = off).
+CHAT_SWEEP_S = env_float("CHAT_SWEEP_S", 5.0)
 # Tokens per second of the built-in demo model.
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
 

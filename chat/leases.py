@@ -1,0 +1,160 @@
+"""Leases of streaming generations, checked by every worker process.
+
+A process running a generation refreshes ``Message.heartbeat_at`` every
+``CHAT_CHECKPOINT_MS`` (``Generation._heartbeat``). When a process dies (SIGKILL, OOM,
+a lost machine) its ``streaming`` messages stop being refreshed. Every worker process
+runs a *sweeper* that, every ``CHAT_SWEEP_S`` seconds (jittered by +-50% so N workers do
+not sweep in lockstep), finishes messages whose lease (``CHAT_LEASE_S``) has expired:
+status ``interrupted``, the last checkpointed text kept, an estimated UsageRecord, and a
+``generation.end`` frame published to the conversation's group so open tabs (on any
+process) see the end. A message is thus finished at most
+``CHAT_LEASE_S + 1.5 * CHAT_SWEEP_S`` (+ one checkpoint) after its process died: 23.5 s
+with the defaults, well inside the 60 s the scale-out issue requires.
+
+daphne does not speak the ASGI lifespan protocol, so there is no start-up hook: the
+sweeper is started lazily, once per event loop, by :func:`ensure_sweeper`, called from
+the WebSocket consumer's ``connect`` and from ``start_generation``.
+
+The same per-loop task also answers ``worker.stats`` requests on the channel-layer
+group ``chat.workers`` (used by ``bench.load`` to count tasks left in each worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+import weakref
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+
+from . import generation as gen
+from .models import Conversation, Message
+
+logger = logging.getLogger(__name__)
+
+# Channel-layer group every worker process listens on for ``worker.stats`` requests.
+WORKERS_GROUP = "chat.workers"
+
+# One sweeper task per event loop (tests run one loop per test; daphne one per process).
+_sweepers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def finish_expired() -> list[tuple[str, dict]]:
+    """Finish every streaming message whose lease expired, in any conversation.
+
+    Each conversation is handled in its own transaction holding the conversation row
+    lock (the lock ``prepare_run`` takes), so two processes sweeping at once, or a sweep
+    racing a new message in that conversation, finish a message exactly once and
+    publish exactly one ``generation.end`` for it.
+
+    Returns ``[(conversation_id, generation.end frame), ...]``.
+    """
+    conversation_ids = set(Message.objects.stale().values_list("conversation_id", flat=True))
+    finished = []
+    for conversation_id in conversation_ids:
+        with transaction.atomic():
+            locked = list(
+                Conversation.objects.select_for_update().filter(id=conversation_id).values("id")
+            )
+            if not locked:
+                continue
+            for frame in gen.finish_stale(conversation_id=conversation_id):
+                finished.append((str(conversation_id), frame))
+    return finished
+
+
+async def sweep_once(layer=None) -> list[dict]:
+    """Run :func:`finish_expired` in a thread and publish its frames to the groups of
+    the conversations concerned. Returns the ``generation.end`` frames published."""
+    finished = await database_sync_to_async(finish_expired)()
+    layer = layer or get_channel_layer()
+    for conversation_id, frame in finished:
+        try:
+            await layer.group_send(
+                gen.group_name(conversation_id), {"type": "chat.frame", "frame": frame}
+            )
+        except Exception:  # noqa: BLE001 - the row is final; a lost frame is repaired by sync
+            logger.exception("could not publish the end of %s", frame["message_id"])
+    return [frame for _, frame in finished]
+
+
+def worker_stats() -> dict:
+    """What this process runs now: ``{"worker", "generations", "generation_tasks",
+    "tasks"}`` (counts of running Generation objects, live ``generation-*`` asyncio
+    tasks, and all asyncio tasks of the loop)."""
+    tasks = asyncio.all_tasks()
+    return {
+        "worker": gen.WORKER_ID,
+        "generations": len(gen._running),
+        "generation_tasks": sum(
+            1 for t in tasks if t.get_name().startswith("generation-") and not t.done()
+        ),
+        "tasks": len(tasks),
+    }
+
+
+async def _sweep_forever(layer) -> None:
+    interval = float(settings.CHAT_SWEEP_S)
+    while True:
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+        try:
+            await sweep_once(layer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a database hiccup must not end the sweeper
+            logger.exception("lease sweep failed")
+
+
+async def _answer_stats(layer) -> None:
+    channel = await layer.new_channel("chatworker.")
+    await layer.group_add(WORKERS_GROUP, channel)
+    try:
+        while True:
+            message = await layer.receive(channel)
+            if message.get("type") == "worker.stats" and message.get("reply_channel"):
+                await layer.send(
+                    message["reply_channel"], {"type": "worker.stats.reply", **worker_stats()}
+                )
+    finally:
+        try:
+            await layer.group_discard(WORKERS_GROUP, channel)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _supervise(layer) -> None:
+    """Run the sweeper and the stats listener; restart a listener that fails (Redis
+    restarting) after a pause, so neither dies for good."""
+
+    async def keep(coro_fn, name):
+        while True:
+            try:
+                await coro_fn(layer)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                logger.exception("%s failed; restarting in 1 s", name)
+                await asyncio.sleep(1)
+
+    await asyncio.gather(keep(_sweep_forever, "lease sweeper"), keep(_answer_stats, "stats"))
+
+
+def ensure_sweeper(layer=None) -> asyncio.Task | None:
+    """Start this event loop's sweeper unless it runs already (cheap; call it freely).
+
+    Returns the task, or None when ``CHAT_SWEEP_S`` is 0 (sweeping disabled).
+    """
+    if not settings.CHAT_SWEEP_S:
+        return None
+    loop = asyncio.get_running_loop()
+    task = _sweepers.get(loop)
+    if task is None or task.done():
+        layer = layer or get_channel_layer()
+        task = loop.create_task(_supervise(layer), name=f"lease-sweeper-{uuid.uuid4().hex[:6]}")
+        _sweepers[loop] = task
+    return task

@@ -253,6 +253,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     return await self._resync()
             self._last_seq[message_id] = frame["seq"]
         await self.send_json(frame)
+        if frame["type"] == "generation.end" and frame["status"] == "interrupted":
+            # Finished by a lease sweep, not by the process that streamed it: the saved
+            # text is the last checkpoint, which this socket may not match exactly.
+            await self._resync()
 
     # -- helpers ------------------------------------------------------------------
     async def send_json(self, payload):

@@ -639,7 +639,9 @@ class Generation:
     async def _launch(self) -> None:
         """Start the publisher, control listener, heartbeat and the run task."""
         self._publisher_task = asyncio.create_task(self._publisher())
-        self._control_channel = await self.layer.new_channel("genctl.")
+        # The default prefix on purpose: channels-redis polls one Redis list per prefix
+        # and process, so a second prefix would starve the consumers' channels.
+        self._control_channel = await self.layer.new_channel()
         await self.layer.group_add(control_group_name(self.conversation_id), self._control_channel)
         self._helpers = [
             asyncio.create_task(self._control()),

@@ -111,7 +111,8 @@ async def _sweep_forever(layer) -> None:
 
 
 async def _answer_stats(layer) -> None:
-    channel = await layer.new_channel("chatworker.")
+    # Default prefix: channels-redis polls one list per prefix (see Generation._launch).
+    channel = await layer.new_channel()
     await layer.group_add(WORKERS_GROUP, channel)
     try:
         while True:

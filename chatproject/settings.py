@@ -158,7 +158,10 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 times reads out after 5 s by default, exactly the time
+                # channels-redis blocks in BZPOPMIN (brpop_timeout): every idle receive
+                # (a consumer, a generation's stop listener) then dies with TimeoutError.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
                 "prefix": env_str("CHANNEL_PREFIX", "asgi"),
                 # Deltas are coalesced (CHAT_DELTA_COALESCE_MS), so a channel sees tens of
                 # frames a second per stream, not hundreds; the default capacity of 100

@@ -145,7 +145,7 @@ async def test_a_stop_sent_to_the_other_process_stops_the_run_and_closes_its_ups
     await close_all(on_a, on_b)
 
 
-async def test_a_tab_joining_on_the_other_process_mid_stream_gets_the_text_so_far_then_each_delta_once(
+async def test_a_tab_joining_the_other_process_mid_stream_gets_text_so_far_then_each_delta_once(
     alice, upstream, two_servers, open_socket
 ):
     upstream.answer = ANSWER

@@ -403,6 +403,10 @@ def _checkpoint(message_id, content: str) -> None:
 
 
 # --- the running generation -----------------------------------------------------------
+# Outbox marker: "a delta of the pending text goes here" (see Generation._flush).
+_DELTA = object()
+
+
 @dataclass
 class Generation:
     """One streaming assistant answer, running as an asyncio task in this process.
@@ -424,6 +428,7 @@ class Generation:
     _pending: list[str] = field(default_factory=list)
     _flush_handle: asyncio.TimerHandle | None = None
     _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _delta_queued: bool = False
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
     _finishing: bool = False
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -480,6 +485,10 @@ class Generation:
             try:
                 if frame is None:
                     return
+                if frame is _DELTA:
+                    frame = self._take_delta()
+                    if frame is None:
+                        continue
                 for queue in self._subscribers:
                     queue.put_nowait(frame)
                 try:
@@ -497,28 +506,32 @@ class Generation:
             self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
 
     def _flush(self) -> None:
-        """Publish pending text as one delta. Synchronous, so seq order is queue order."""
+        """Queue a delta of the pending text (at most one queued at a time).
+
+        The delta's content and seq are taken when the publisher reaches it, not now: if
+        the channel layer is slower than the stream, text piling up meanwhile goes out
+        as one larger delta instead of a growing queue of small ones (coalescing that
+        adapts to load; docs/scale.md has the figures)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if not self._pending:
+        if not self._pending or self._delta_queued:
             return
+        self._delta_queued = True
+        self.publish(_DELTA)
+
+    def _take_delta(self) -> dict | None:
+        """The delta frame of all pending text, numbered now; None when none is left."""
+        self._delta_queued = False
+        if not self._pending:
+            return None
         content = "".join(self._pending)
         self._pending.clear()
         self.seq += 1
         self.published_text.append(content)
-        self.publish(
-            {"type": "delta", "message_id": self.message_id, "seq": self.seq, "content": content}
-        )
+        return {"type": "delta", "message_id": self.message_id, "seq": self.seq, "content": content}
 
     # -- background helpers --------------------------------------------------------
-    async def _heartbeat(self) -> None:
-        # Also runs while upstream is silent: the lease must stay fresh (finish_stale).
-        interval = settings.CHAT_CHECKPOINT_MS / 1000
-        while True:
-            await asyncio.sleep(interval)
-            await database_sync_to_async(_checkpoint)(self.message_id, "".join(self.text))
-
     async def _control(self) -> None:
         channel = self._control_channel
         while True:
@@ -643,10 +656,12 @@ class Generation:
         # and process, so a second prefix would starve the consumers' channels.
         self._control_channel = await self.layer.new_channel()
         await self.layer.group_add(control_group_name(self.conversation_id), self._control_channel)
-        self._helpers = [
-            asyncio.create_task(self._control()),
-            asyncio.create_task(self._heartbeat()),
-        ]
+        # Checkpoints and lease heartbeats of every run of this process are written
+        # together, in one statement per interval (chat.leases.checkpoint_running).
+        from .leases import ensure_checkpointer
+
+        ensure_checkpointer()
+        self._helpers = [asyncio.create_task(self._control())]
         self.task = asyncio.create_task(self._run(), name=f"generation-{self.message_id}")
         self.task.add_done_callback(_log_task_end)
 

@@ -11,6 +11,9 @@ process) see the end. A message is thus finished at most
 ``CHAT_LEASE_S + 1.5 * CHAT_SWEEP_S`` (+ one checkpoint) after its process died: 23.5 s
 with the defaults, well inside the 60 s the scale-out issue requires.
 
+Checkpoints themselves are written here too (:func:`checkpoint_running`): one UPDATE
+per process every ``CHAT_CHECKPOINT_MS`` for all its running generations.
+
 daphne does not speak the ASGI lifespan protocol, so there is no start-up hook: the
 sweeper is started lazily, once per event loop, by :func:`ensure_sweeper`, called from
 the WebSocket consumer's ``connect`` and from ``start_generation``.
@@ -31,6 +34,8 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Case, TextField, Value, When
+from django.utils import timezone
 
 from . import generation as gen
 from .models import Conversation, Message
@@ -40,8 +45,75 @@ logger = logging.getLogger(__name__)
 # Channel-layer group every worker process listens on for ``worker.stats`` requests.
 WORKERS_GROUP = "chat.workers"
 
-# One sweeper task per event loop (tests run one loop per test; daphne one per process).
+# One sweeper and one checkpointer task per event loop (tests run one loop per test;
+# daphne one per process).
 _sweepers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_checkpointers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# --- checkpoints (the lease's heartbeat) -----------------------------------------------
+def checkpoint_many(contents: dict[str, str]) -> int:
+    """Save the text so far of streaming messages and refresh their lease, in ONE
+    UPDATE statement: ``{message_id: content}``. Rows already final are left alone.
+    Returns the number of rows updated.
+
+    One statement per process and interval instead of one per run: with a run per
+    UPDATE (each with its connection and commit), checkpoints took a quarter of a
+    worker's CPU in bench.load profiles at 100 streams per worker (docs/scale.md)."""
+    if not contents:
+        return 0
+    return Message.objects.filter(
+        id__in=list(contents), status=Message.Status.STREAMING
+    ).update(
+        content=Case(
+            *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in contents.items()),
+            output_field=TextField(),
+        ),
+        heartbeat_at=timezone.now(),
+    )
+
+
+def running_here() -> list:
+    """Generations of this process running on the current event loop."""
+    loop = asyncio.get_running_loop()
+    return [
+        g for g in list(gen._running.values())
+        if g.task is not None and not g.task.done() and not g._finishing
+        and g.task.get_loop() is loop
+    ]
+
+
+async def checkpoint_running() -> int:
+    """Checkpoint every generation running on this loop (see :func:`checkpoint_many`)."""
+    contents = {g.message_id: "".join(g.text) for g in running_here()}
+    if not contents:
+        return 0
+    return await database_sync_to_async(checkpoint_many)(contents)
+
+
+async def _checkpoint_forever() -> None:
+    # Runs while upstream is silent too: the lease must stay fresh (finish_stale).
+    while True:
+        await asyncio.sleep(settings.CHAT_CHECKPOINT_MS / 1000)
+        try:
+            await checkpoint_running()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the next interval tries again
+            logger.exception("checkpoint failed")
+
+
+def ensure_checkpointer() -> asyncio.Task:
+    """Start this event loop's checkpointer unless it runs already."""
+    loop = asyncio.get_running_loop()
+    task = _checkpointers.get(loop)
+    if task is None or task.done():
+        task = loop.create_task(_checkpoint_forever(), name="lease-checkpointer")
+        _checkpointers[loop] = task
+    return task
+
+
+# --- the sweeper -------------------------------------------------------------------------
 
 
 def finish_expired() -> list[tuple[str, dict]]:
@@ -83,19 +155,26 @@ async def sweep_once(layer=None) -> list[dict]:
     return [frame for _, frame in finished]
 
 
-def worker_stats() -> dict:
+def worker_stats(stacks: bool = False) -> dict:
     """What this process runs now: ``{"worker", "generations", "generation_tasks",
     "tasks"}`` (counts of running Generation objects, live ``generation-*`` asyncio
-    tasks, and all asyncio tasks of the loop)."""
+    tasks, and all asyncio tasks of the loop); with ``stacks``, also ``"stacks"``: the
+    innermost frames of each live generation task (to diagnose a stuck run)."""
     tasks = asyncio.all_tasks()
-    return {
+    live = [t for t in tasks if t.get_name().startswith("generation-") and not t.done()]
+    stats = {
         "worker": gen.WORKER_ID,
         "generations": len(gen._running),
-        "generation_tasks": sum(
-            1 for t in tasks if t.get_name().startswith("generation-") and not t.done()
-        ),
+        "generation_tasks": len(live),
         "tasks": len(tasks),
     }
+    if stacks:
+        stats["stacks"] = {
+            t.get_name(): [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                           for f in t.get_stack(limit=30)]
+            for t in live
+        }
+    return stats
 
 
 async def _sweep_forever(layer) -> None:
@@ -118,9 +197,8 @@ async def _answer_stats(layer) -> None:
         while True:
             message = await layer.receive(channel)
             if message.get("type") == "worker.stats" and message.get("reply_channel"):
-                await layer.send(
-                    message["reply_channel"], {"type": "worker.stats.reply", **worker_stats()}
-                )
+                stats = worker_stats(bool(message.get("stacks")))
+                await layer.send(message["reply_channel"], {"type": "worker.stats.reply", **stats})
     finally:
         try:
             await layer.group_discard(WORKERS_GROUP, channel)

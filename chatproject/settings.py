@@ -131,7 +131,15 @@ ASGI_APPLICATION = "chatproject.asgi.application"
 # "database is locked" on upgrade (Django 5.1+ `transaction_mode`, SQLite docs on WAL).
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    # Persistent connections (DATABASE_CONN_MAX_AGE s) save a PostgreSQL connection per
+    # query under load (docs/scale.md); 0 closes them after each request.
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL,
+            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+            conn_health_checks=True,
+        )
+    }
     # Lets parallel test runs (and developers' worktrees) use distinct test databases.
     DATABASES["default"]["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME") or None}
 else:

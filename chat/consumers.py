@@ -103,6 +103,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             None if streaming is None
             else {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
         )
+        if streaming is not None:
+            # The run is still streaming somewhere (a busy process) or its process died
+            # (the lease will end it): the tab shows the checkpoint, deltas of unknown
+            # position are dropped, and a real snapshot is asked for again.
+            await self._resync()
 
     async def generation_snapshot(self, event):
         if not self._state_sent:
@@ -134,6 +139,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._forward(frame)
 
     async def disconnect(self, code):
+        if getattr(self, "_fallback", None) is not None:
+            self._fallback.cancel()
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
         self._cancel_own_generation("disconnect")
@@ -210,7 +217,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Send a fresh ``state`` frame: group frames are held from now until it is sent,
         then forwarded after it (those it already includes dropped)."""
         self._state_sent = False
-        if self._fallback is not None:
+        if self._fallback is not None and self._fallback is not asyncio.current_task():
             self._fallback.cancel()
         self._state = await database_sync_to_async(gen.load_state)(
             self.user, self.conversation_id
@@ -238,19 +245,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if message_id in self._closed:
                 return
             last = self._last_seq.get(message_id, 0)
-            if last is not None:
-                if frame["seq"] <= last:
-                    return
-                if frame["seq"] > last + 1:
-                    # A group message was lost between the generation and this socket:
-                    # repair from the source instead of showing text with a hole.
-                    self.repairs += 1
-                    logger.warning(
-                        "seq gap on %s (%s after %s): resynchronising %s",
-                        message_id, frame["seq"], last, self.channel_name,
-                    )
-                    self._held.append(frame)
-                    return await self._resync()
+            if last is None:
+                # Position unknown (state from a checkpoint): a resync is under way and
+                # its state will include this text.
+                return
+            if frame["seq"] <= last:
+                return
+            if frame["seq"] > last + 1:
+                # A group message was lost between the generation and this socket:
+                # repair from the source instead of showing text with a hole.
+                self.repairs += 1
+                logger.warning(
+                    "seq gap on %s (%s after %s): resynchronising %s",
+                    message_id, frame["seq"], last, self.channel_name,
+                )
+                self._held.append(frame)
+                return await self._resync()
             self._last_seq[message_id] = frame["seq"]
         await self.send_json(frame)
         if frame["type"] == "generation.end" and frame["status"] == "interrupted":

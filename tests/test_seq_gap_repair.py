@@ -2,6 +2,8 @@
 channels-redis does silently when a channel is over capacity) is repaired from the
 server: the socket gets a fresh ``state`` frame, never text with a hole."""
 
+from datetime import timedelta
+
 import pytest
 from channels.layers import get_channel_layer
 
@@ -85,3 +87,31 @@ async def test_a_client_sync_frame_gets_a_state_with_the_text_so_far(alice, upst
     assert ANSWER.startswith(state["generation"]["content"])
     await ws.receive_type("generation.end", timeout=20)
     assert text_as_a_client_shows_it(ws.frames, message_id) == ANSWER
+
+
+async def test_a_tab_joining_a_run_whose_process_is_silent_shows_the_checkpoint_then_the_end(
+    alice, connect
+):
+    from asgiref.sync import sync_to_async
+
+    from chat import leases
+    from tests.test_leases import orphan_run
+
+    # Its process died a moment ago: the lease has not expired, nobody answers snapshots.
+    message = await sync_to_async(orphan_run)(alice, heartbeat_age_s=0)
+    _, _, ws = await connect(alice, message.conversation_id)
+    state = await ws.receive_type("state")
+    assert state["generation"] == {
+        "message_id": str(message.id), "content": "half an answer", "seq": None
+    }
+    await Message.objects.filter(id=message.id).aupdate(
+        heartbeat_at=message.heartbeat_at - timedelta(seconds=60)
+    )
+    await leases.sweep_once()
+    end = await ws.receive_type("generation.end")
+    assert end["status"] == "interrupted"
+    final = await ws.receive_until(
+        lambda f: f["type"] == "state" and f["generation"] is None, timeout=10
+    )
+    shown = next(m for m in final["messages"] if m["id"] == str(message.id))
+    assert shown["status"] == "interrupted" and shown["content"] == "half an answer"

@@ -191,6 +191,10 @@ class Client:
         self.first_delta = asyncio.Event()
         self.ended = asyncio.Event()
         self.state = asyncio.Event()
+        # Shown text from a checkpoint (state seq None): the server sends a real state
+        # later, possibly after generation.end.
+        self.unsynced = False
+        self.synced = asyncio.Event()
         self._last_seq = 0
         self._reader: asyncio.Task | None = None
 
@@ -215,6 +219,10 @@ class Client:
                 if kind == "state":
                     record.states += 1
                     generation = frame.get("generation")
+                    ours = generation and generation["message_id"] == record.message_id
+                    self.unsynced = bool(ours and generation["seq"] is None)
+                    if not self.unsynced:
+                        self.synced.set()
                     if record.message_id and record.states > 1:
                         # A repair: the state's text replaces what the tab shows.
                         if generation and generation["message_id"] == record.message_id:
@@ -256,6 +264,7 @@ class Client:
             self.started.set()
             self.ended.set()
             self.state.set()
+            self.synced.set()
 
     async def send(self, frame: dict) -> None:
         await self.ws.send(json.dumps(frame))
@@ -297,6 +306,10 @@ async def run_stream(plan: Plan, end_timeout: float) -> dict:
         await asyncio.wait_for(
             asyncio.gather(*(c.ended.wait() for c in waiting)), end_timeout
         )
+        for client in waiting:
+            if client.unsynced:
+                client.synced.clear()
+                await asyncio.wait_for(client.synced.wait(), 10)
     except Exception as exc:  # noqa: BLE001
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -450,7 +463,7 @@ def parse_args(argv=None):
     parser.add_argument("--watch", type=float, default=0.2)
     parser.add_argument("--stop", type=float, default=0.1)
     parser.add_argument("--disconnect", type=float, default=0.1)
-    parser.add_argument("--layer", choices=["core", "pubsub"], default="core")
+    parser.add_argument("--layer", choices=["core", "pubsub"], default="pubsub")
     parser.add_argument("--coalesce-ms", type=int, default=30)
     parser.add_argument("--capacity", type=int, default=1000)
     parser.add_argument("--conn-max-age", type=int, default=0,
@@ -474,7 +487,7 @@ def main(argv=None) -> int:
     upstream_port = free_port()
     env = {
         **os.environ,
-        "DJANGO_SETTINGS_MODULE": "bench.settings",
+        "DJANGO_SETTINGS_MODULE": "chatproject.settings",
         "PYTHONUNBUFFERED": "1",
         "DEBUG": "0",
         "SECRET_KEY": secrets.token_urlsafe(50),
@@ -484,7 +497,7 @@ def main(argv=None) -> int:
         "REDIS_URL": args.redis,
         "CHANNEL_PREFIX": prefix,
         "CHANNEL_CAPACITY": str(args.capacity),
-        "BENCH_LAYER": args.layer,
+        "CHANNEL_LAYER": args.layer,
         "CHAT_DELTA_COALESCE_MS": str(args.coalesce_ms),
         "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
         "OPENAI_API_KEY": "bench-key-not-secret",

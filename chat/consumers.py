@@ -65,6 +65,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._closed: set[str] = set()
         self._fallback = None
         self.repairs = 0
+        # Accept before the database work: daphne drops a handshake not accepted within
+        # --websocket_connect_timeout (5 s), which a busy worker reached in bench.load.
+        # Frames are held until the state frame anyway.
+        await self.accept()
         self.group = gen.group_name(self.conversation_id)
         # Join before reading the state so no frame published meanwhile is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -73,10 +77,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except gen.Forbidden:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             self.group = None
-            await self.accept()
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        await self.accept()
         self._state = state
         if state["streaming"] is None:
             await self._send_state(None)

@@ -161,19 +161,33 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
-if REDIS_URL:
+# "pubsub" (default): channels-redis RedisPubSubChannelLayer; "core": RedisChannelLayer.
+# Measured in docs/scale.md: the core layer pops one message per Redis round trip per
+# process and drops silently over `capacity`; pubsub lost nothing at the same load.
+CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
+if CHANNEL_LAYER not in {"pubsub", "core"}:
+    raise ValueError(f"CHANNEL_LAYER={CHANNEL_LAYER!r} is not 'pubsub' or 'core'")
+# redis-py 8 times reads out after 5 s by default, exactly the time channels-redis blocks
+# in BZPOPMIN (core layer): every idle receive (a consumer, a generation's stop listener)
+# then died with TimeoutError.
+REDIS_HOST = {"address": REDIS_URL, "socket_timeout": 30}
+if REDIS_URL and CHANNEL_LAYER == "pubsub":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_HOST], "prefix": env_str("CHANNEL_PREFIX", "asgi")},
+        }
+    }
+elif REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                # redis-py 8 times reads out after 5 s by default, exactly the time
-                # channels-redis blocks in BZPOPMIN (brpop_timeout): every idle receive
-                # (a consumer, a generation's stop listener) then dies with TimeoutError.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                "hosts": [REDIS_HOST],
                 "prefix": env_str("CHANNEL_PREFIX", "asgi"),
-                # Deltas are coalesced (CHAT_DELTA_COALESCE_MS), so a channel sees tens of
-                # frames a second per stream, not hundreds; the default capacity of 100
-                # still drops silently under bursts, hence the larger value.
+                # The capacity is per channel, and all sockets of a process share one
+                # Redis list: over it, messages are dropped silently (seq gaps, then
+                # repaired by a fresh state frame).
                 "capacity": env_int("CHANNEL_CAPACITY", 1000),
                 "expiry": 60,
                 "group_expiry": 86400,

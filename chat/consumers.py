@@ -22,6 +22,9 @@ CLOSE_FORBIDDEN = 4403
 # A snapshot request to another process that is not answered in this time falls back to
 # the text of the last database checkpoint.
 SNAPSHOT_TIMEOUT_S = 1.0
+# In the executor's threads, not the one thread Channels uses for sessions and users,
+# which new sockets queued behind under load (docs/scale.md).
+_load_state = database_sync_to_async(gen.load_state, thread_sensitive=False)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -73,7 +76,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Join before reading the state so no frame published meanwhile is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
         try:
-            state = await database_sync_to_async(gen.load_state)(user, self.conversation_id)
+            state = await _load_state(user, self.conversation_id)
         except gen.Forbidden:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             self.group = None
@@ -95,7 +98,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         # The owning process did not answer: it died, or the run ended meanwhile. The
         # database has the final text then, or at least the last checkpoint.
-        self._state = await database_sync_to_async(gen.load_state)(
+        self._state = await _load_state(
             self.user, self.conversation_id
         )
         if self._state_sent:
@@ -143,9 +146,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         if getattr(self, "_fallback", None) is not None:
             self._fallback.cancel()
+        # Cancel first: the upstream stream is closed without waiting for the layer.
+        self._cancel_own_generation("disconnect")
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
-        self._cancel_own_generation("disconnect")
 
     def _cancel_own_generation(self, reason):
         if self.generation is not None:
@@ -221,7 +225,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._state_sent = False
         if self._fallback is not None and self._fallback is not asyncio.current_task():
             self._fallback.cancel()
-        self._state = await database_sync_to_async(gen.load_state)(
+        self._state = await _load_state(
             self.user, self.conversation_id
         )
         if self._state["streaming"] is None:

@@ -610,7 +610,7 @@ class Generation:
             duration_ms = int((time.monotonic() - self.started_at) * 1000)
             content = "".join(self.text)
             try:
-                record = await database_sync_to_async(finalize_message)(
+                record = await database_sync_to_async(finalize_message, thread_sensitive=False)(
                     self.message_id,
                     user_id=self.run.user_id,
                     conversation_id=self.conversation_id,
@@ -708,7 +708,12 @@ async def start_generation(
     from .leases import ensure_sweeper
 
     ensure_sweeper(layer)
-    run = await database_sync_to_async(prepare_run)(user, conversation_id, content, mode, create)
+    # Not thread-sensitive: self-contained transactions may run in the executor's
+    # threads, beside the one thread Channels gives session and user loading (under
+    # load that thread was the queue new sockets waited in; docs/scale.md).
+    run = await database_sync_to_async(prepare_run, thread_sensitive=False)(
+        user, conversation_id, content, mode, create
+    )
     generation = Generation(run=run, layer=layer or get_channel_layer())
     _running[uuid.UUID(run.conversation["id"])] = generation
     if run.user_message is not None:

@@ -88,7 +88,7 @@ async def checkpoint_running() -> int:
     contents = {g.message_id: "".join(g.text) for g in running_here()}
     if not contents:
         return 0
-    return await database_sync_to_async(checkpoint_many)(contents)
+    return await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
 
 
 async def _checkpoint_forever() -> None:
@@ -143,7 +143,7 @@ def finish_expired() -> list[tuple[str, dict]]:
 async def sweep_once(layer=None) -> list[dict]:
     """Run :func:`finish_expired` in a thread and publish its frames to the groups of
     the conversations concerned. Returns the ``generation.end`` frames published."""
-    finished = await database_sync_to_async(finish_expired)()
+    finished = await database_sync_to_async(finish_expired, thread_sensitive=False)()
     layer = layer or get_channel_layer()
     for conversation_id, frame in finished:
         try:

@@ -66,6 +66,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._last_seq: dict[str, int | None] = {}
         # Messages final in the last state sent: late deltas of them are dropped.
         self._closed: set[str] = set()
+        # generation.end already forwarded (a swept run may end twice: sweep and task).
+        self._ended: set[str] = set()
         self._fallback = None
         self.repairs = 0
         # Accept before the database work: daphne drops a handshake not accepted within
@@ -268,6 +270,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 self._held.append(frame)
                 return await self._resync()
             self._last_seq[message_id] = frame["seq"]
+        if frame["type"] == "generation.end":
+            if frame["message_id"] in self._ended:
+                return
+            self._ended.add(frame["message_id"])
         await self.send_json(frame)
         if frame["type"] == "generation.end" and frame["status"] == "interrupted":
             # Finished by a lease sweep, not by the process that streamed it: the saved

@@ -625,6 +625,10 @@ class Generation:
                     duration_ms=duration_ms,
                 )
                 usage_dict = record.to_dict()
+                if record.status != status:
+                    # Finished elsewhere (a lease sweep): report the recorded end.
+                    status = self.status = record.status
+                    finish_reason, error = "error", "The generation lost its lease."
             except Exception:  # noqa: BLE001
                 logger.exception("could not save the end of generation %s", self.message_id)
                 usage_dict = None
@@ -650,7 +654,7 @@ class Generation:
             )
 
     async def _launch(self) -> None:
-        """Start the publisher, control listener, heartbeat and the run task."""
+        """Start the publisher, control listener, the checkpointer and the run task."""
         self._publisher_task = asyncio.create_task(self._publisher())
         # The default prefix on purpose: channels-redis polls one Redis list per prefix
         # and process, so a second prefix would starve the consumers' channels.

@@ -52,19 +52,31 @@ _checkpointers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --- checkpoints (the lease's heartbeat) -----------------------------------------------
-def checkpoint_many(contents: dict[str, str]) -> int:
+def checkpoint_many(contents: dict[str, str]) -> set[str]:
     """Save the text so far of streaming messages and refresh their lease, in ONE
     UPDATE statement: ``{message_id: content}``. Rows already final are left alone.
-    Returns the number of rows updated.
+    Returns the ids whose row is no longer ``streaming``: their lease was lost (a
+    sweeper finished them as ``interrupted`` while this process was too slow).
 
     One statement per process and interval instead of one per run: with a run per
     UPDATE (each with its connection and commit), checkpoints took a quarter of a
     worker's CPU in bench.load profiles at 100 streams per worker (docs/scale.md)."""
     if not contents:
-        return 0
-    return Message.objects.filter(
-        id__in=list(contents), status=Message.Status.STREAMING
-    ).update(
+        return set()
+    with transaction.atomic():
+        alive = {
+            str(mid) for mid in Message.objects.select_for_update().filter(
+                id__in=list(contents), status=Message.Status.STREAMING
+            ).values_list("id", flat=True)
+        }
+        _update_contents({mid: text for mid, text in contents.items() if mid in alive})
+    return set(contents) - alive
+
+
+def _update_contents(contents: dict[str, str]) -> None:
+    if not contents:
+        return
+    Message.objects.filter(id__in=list(contents), status=Message.Status.STREAMING).update(
         content=Case(
             *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in contents.items()),
             output_field=TextField(),
@@ -83,12 +95,21 @@ def running_here() -> list:
     ]
 
 
-async def checkpoint_running() -> int:
-    """Checkpoint every generation running on this loop (see :func:`checkpoint_many`)."""
-    contents = {g.message_id: "".join(g.text) for g in running_here()}
+async def checkpoint_running() -> set[str]:
+    """Checkpoint every generation running on this loop (see :func:`checkpoint_many`).
+
+    A run whose lease was lost is cancelled: it was declared dead and accounted for, so
+    it must not keep streaming (and paying) unseen. Returns the ids of those runs."""
+    running = running_here()
+    contents = {g.message_id: "".join(g.text) for g in running}
     if not contents:
-        return 0
-    return await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
+        return set()
+    lost = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
+    for generation in running:
+        if generation.message_id in lost:
+            logger.warning("generation %s lost its lease; stopping it", generation.message_id)
+            generation.cancel("lease_lost")
+    return lost
 
 
 async def _checkpoint_forever() -> None:

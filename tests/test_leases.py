@@ -79,3 +79,31 @@ async def test_every_worker_runs_one_sweeper_per_event_loop(settings):
     assert leases.ensure_sweeper() is first and not first.done()
     settings.CHAT_SWEEP_S = 0
     assert leases.ensure_sweeper() is None
+
+
+async def test_a_run_whose_lease_was_lost_stops_streaming_and_ends_once(alice, upstream, connect):
+    upstream.answer = " ".join(f"w{i}" for i in range(400))
+    _, _, ws = await connect(alice)
+    await ws.receive_type("state")
+    await ws.send({"type": "message", "content": "go"})
+    message_id = (await ws.receive_type("generation.start"))["message"]["id"]
+    await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 3)
+    request = upstream.requests[-1]
+    # This process looked dead to a sweeper (e.g. a loop stalled longer than the lease).
+    await Message.objects.filter(id=message_id).aupdate(
+        heartbeat_at=timezone.now() - timedelta(seconds=60)
+    )
+    await leases.sweep_once()
+    end = await ws.receive_type("generation.end")
+    assert end["status"] == "interrupted"
+
+    # At its next checkpoint the run finds its row final: it stops, upstream is closed.
+    assert await asyncio.to_thread(upstream.wait_for, lambda: not request.open, 5)
+    assert request.chunks_written < 400
+    with pytest.raises(TimeoutError):  # read everything the socket gets for a second
+        await ws.receive_until(lambda f: False, timeout=1)
+    ends = [f for f in ws.frames if f["type"] == "generation.end"]
+    assert len(ends) == 1, "one generation.end per run, even when it ends twice"
+    saved = await Message.objects.aget(id=message_id)
+    assert saved.status == "interrupted"
+    assert await UsageRecord.objects.filter(message_id=message_id).acount() == 1

@@ -1,1 +1,91 @@
-"""System checks that warn about settings unsafe in production."""
+"""System checks that refuse settings unsafe in production (``manage.py check --deploy``).
+
+With ``DEBUG`` off the app is taken to be deployed, typically as several worker
+processes behind a load balancer (docs/scale.md). Then:
+
+- ``chat.E001``: the in-memory channel layer only reaches sockets of its own process, so
+  deltas, stops and snapshots would not cross processes. Set ``REDIS_URL``.
+- ``chat.E002``: SQLite serialises every writer of every process on one file lock (one
+  checkpoint per second per streaming answer). Set ``DATABASE_URL`` to PostgreSQL.
+- ``chat.E003``: ``SECRET_KEY`` unset (the development key), or too short/simple by
+  Django's own rule (``security.W009``: at least 50 characters, 5 distinct, not prefixed
+  ``django-insecure-``): sessions, hence logins, could be forged.
+- ``chat.E004`` (``--deploy`` only): ``DEBUG`` on; it leaks settings and source in error
+  pages and keeps every SQL query in memory. Django only warns (``security.W018``).
+
+All are Errors, so ``manage.py check --deploy`` (run it before starting the workers)
+exits non-zero.
+"""
+
+from django.conf import settings
+from django.core import checks
+
+SECRET_KEY_MIN_LENGTH = 50
+SECRET_KEY_MIN_UNIQUE_CHARACTERS = 5
+
+
+def _secret_key_is_weak(key: str) -> bool:
+    return (
+        not key
+        or key == getattr(settings, "INSECURE_DEV_SECRET_KEY", None)
+        or key.startswith("django-insecure")
+        or len(key) < SECRET_KEY_MIN_LENGTH
+        or len(set(key)) < SECRET_KEY_MIN_UNIQUE_CHARACTERS
+    )
+
+
+@checks.register("chat")
+def check_production_services(app_configs=None, **kwargs):
+    """chat.E001 (in-memory channel layer) and chat.E002 (SQLite) when DEBUG is off."""
+    if settings.DEBUG:
+        return []
+    errors = []
+    backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
+    if backend.endswith("InMemoryChannelLayer") or not backend:
+        errors.append(
+            checks.Error(
+                "The in-memory channel layer is used with DEBUG off.",
+                hint="Several worker processes need a shared layer: set REDIS_URL "
+                "(e.g. redis://127.0.0.1:6379/0).",
+                id="chat.E001",
+            )
+        )
+    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        errors.append(
+            checks.Error(
+                "SQLite is used with DEBUG off.",
+                hint="Several worker processes would serialise on one file lock: set "
+                "DATABASE_URL to PostgreSQL (e.g. postgres://chat@127.0.0.1:5432/chat).",
+                id="chat.E002",
+            )
+        )
+    return errors
+
+
+@checks.register("chat")
+def check_secret_key(app_configs=None, **kwargs):
+    """chat.E003: missing or insecure SECRET_KEY when DEBUG is off."""
+    if settings.DEBUG or not _secret_key_is_weak(getattr(settings, "SECRET_KEY", "")):
+        return []
+    return [
+        checks.Error(
+            "SECRET_KEY is unset or insecure with DEBUG off.",
+            hint=f"Set SECRET_KEY to a random value of at least {SECRET_KEY_MIN_LENGTH} "
+            "characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'.",
+            id="chat.E003",
+        )
+    ]
+
+
+@checks.register("chat", deploy=True)
+def check_debug_off(app_configs=None, **kwargs):
+    """chat.E004 (deploy): DEBUG is on."""
+    if not settings.DEBUG:
+        return []
+    return [
+        checks.Error(
+            "DEBUG is on in a deployment.",
+            hint="Set DEBUG=0 (and SECRET_KEY, ALLOWED_HOSTS, DATABASE_URL, REDIS_URL).",
+            id="chat.E004",
+        )
+    ]

@@ -13,6 +13,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import generation as gen
+from . import leases
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,9 @@ CLOSE_FORBIDDEN = 4403
 # A snapshot request to another process that is not answered in this time falls back to
 # the text of the last database checkpoint.
 SNAPSHOT_TIMEOUT_S = 1.0
+# In the executor's threads, not the one thread Channels uses for sessions and users,
+# which new sockets queued behind under load (docs/scale.md).
+_load_state = database_sync_to_async(gen.load_state, thread_sensitive=False)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -28,7 +32,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     Frames from the group are held back until this socket's ``state`` frame is sent, and
     deltas already included in that state (seq <= state seq) are dropped, so a tab that
-    joins mid-stream sees every character exactly once.
+    joins mid-stream sees every character exactly once. A delta whose seq skips one (a
+    group message was lost, e.g. a Redis channel over capacity) is never forwarded with
+    its gap: the socket is resynchronised with a fresh ``state`` frame instead.
     """
 
     generation: gen.Generation | None = None
@@ -53,21 +59,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
+        leases.ensure_sweeper(self.channel_layer)
         self._state_sent = False
         self._held: list[dict] = []
-        self._last_seq: dict[str, int] = {}
+        # Last seq forwarded per message; None: unknown (state taken from a checkpoint).
+        self._last_seq: dict[str, int | None] = {}
+        # Messages final in the last state sent: late deltas of them are dropped.
+        self._closed: set[str] = set()
+        # generation.end already forwarded (a swept run may end twice: sweep and task).
+        self._ended: set[str] = set()
+        self._fallback = None
+        self.repairs = 0
+        # Accept before the database work: daphne drops a handshake not accepted within
+        # --websocket_connect_timeout (5 s), which a busy worker reached in bench.load.
+        # Frames are held until the state frame anyway.
+        await self.accept()
         self.group = gen.group_name(self.conversation_id)
         # Join before reading the state so no frame published meanwhile is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
         try:
-            state = await database_sync_to_async(gen.load_state)(user, self.conversation_id)
+            state = await _load_state(user, self.conversation_id)
         except gen.Forbidden:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             self.group = None
-            await self.accept()
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        await self.accept()
         self._state = state
         if state["streaming"] is None:
             await self._send_state(None)
@@ -80,11 +96,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _snapshot_fallback(self):
         await asyncio.sleep(SNAPSHOT_TIMEOUT_S)
-        if not self._state_sent:
-            streaming = self._state["streaming"]
-            await self._send_state(
-                {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
-            )
+        if self._state_sent:
+            return
+        # The owning process did not answer: it died, or the run ended meanwhile. The
+        # database has the final text then, or at least the last checkpoint.
+        self._state = await _load_state(
+            self.user, self.conversation_id
+        )
+        if self._state_sent:
+            return
+        streaming = self._state["streaming"]
+        await self._send_state(
+            None if streaming is None
+            else {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
+        )
+        if streaming is not None:
+            # The run is still streaming somewhere (a busy process) or its process died
+            # (the lease will end it): the tab shows the checkpoint, deltas of unknown
+            # position are dropped, and a real snapshot is asked for again.
+            await self._resync()
 
     async def generation_snapshot(self, event):
         if not self._state_sent:
@@ -92,8 +122,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _send_state(self, generation):
         state = self._state
+        self._closed = {m["id"] for m in state["messages"] if m["status"] != "streaming"}
         if generation is not None:
-            self._last_seq[generation["message_id"]] = generation["seq"] or 0
+            self._last_seq[generation["message_id"]] = generation["seq"]
             for message in state["messages"]:
                 if message["id"] == generation["message_id"]:
                     message["content"] = generation["content"]
@@ -107,13 +138,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         self._state_sent = True
         held, self._held = self._held, []
-        for frame in held:
+        for index, frame in enumerate(held):
+            if not self._state_sent:
+                # A gap among the held frames started another resync: keep the rest.
+                self._held.extend(held[index:])
+                break
             await self._forward(frame)
 
     async def disconnect(self, code):
+        if getattr(self, "_fallback", None) is not None:
+            self._fallback.cancel()
+        # Cancel first: the upstream stream is closed without waiting for the layer.
+        self._cancel_own_generation("disconnect")
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
-        self._cancel_own_generation("disconnect")
 
     def _cancel_own_generation(self, reason):
         if self.generation is not None:
@@ -181,8 +219,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_sync(self, frame):
         """Resend the ``state`` frame (a client that detected a gap in seq asks this)."""
+        await self._resync()
+
+    async def _resync(self):
+        """Send a fresh ``state`` frame: group frames are held from now until it is sent,
+        then forwarded after it (those it already includes dropped)."""
         self._state_sent = False
-        self._state = await database_sync_to_async(gen.load_state)(
+        if self._fallback is not None and self._fallback is not asyncio.current_task():
+            self._fallback.cancel()
+        self._state = await _load_state(
             self.user, self.conversation_id
         )
         if self._state["streaming"] is None:
@@ -204,11 +249,36 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _forward(self, frame):
         if frame["type"] == "delta":
-            last = self._last_seq.get(frame["message_id"], 0)
+            message_id = frame["message_id"]
+            if message_id in self._closed:
+                return
+            last = self._last_seq.get(message_id, 0)
+            if last is None:
+                # Position unknown (state from a checkpoint): a resync is under way and
+                # its state will include this text.
+                return
             if frame["seq"] <= last:
                 return
-            self._last_seq[frame["message_id"]] = frame["seq"]
+            if frame["seq"] > last + 1:
+                # A group message was lost between the generation and this socket:
+                # repair from the source instead of showing text with a hole.
+                self.repairs += 1
+                logger.warning(
+                    "seq gap on %s (%s after %s): resynchronising %s",
+                    message_id, frame["seq"], last, self.channel_name,
+                )
+                self._held.append(frame)
+                return await self._resync()
+            self._last_seq[message_id] = frame["seq"]
+        if frame["type"] == "generation.end":
+            if frame["message_id"] in self._ended:
+                return
+            self._ended.add(frame["message_id"])
         await self.send_json(frame)
+        if frame["type"] == "generation.end" and frame["status"] == "interrupted":
+            # Finished by a lease sweep, not by the process that streamed it: the saved
+            # text is the last checkpoint, which this socket may not match exactly.
+            await self._resync()
 
     # -- helpers ------------------------------------------------------------------
     async def send_json(self, payload):

@@ -319,7 +319,8 @@ class UpstreamServer:
         done, _ = await asyncio.wait({watcher, streamer}, return_when=asyncio.FIRST_COMPLETED)
         if streamer in done and not streamer.cancelled() and streamer.exception() is None:
             watcher.cancel()
-            # The next request on this keep-alive connection reads the same stream.
+            # Let the cancelled read finish before the next request of this keep-alive
+            # connection reads the socket (asyncio allows one reader at a time).
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             record.finished_at = time.monotonic()

@@ -412,6 +412,10 @@ def _checkpoint(message_id, content: str) -> None:
 
 
 # --- the running generation -----------------------------------------------------------
+# Outbox marker: "a delta of the pending text goes here" (see Generation._flush).
+_DELTA = object()
+
+
 @dataclass
 class Generation:
     """One streaming assistant answer, running as an asyncio task in this process.
@@ -433,6 +437,7 @@ class Generation:
     _pending: list[str] = field(default_factory=list)
     _flush_handle: asyncio.TimerHandle | None = None
     _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _delta_queued: bool = False
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
     _finishing: bool = False
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -489,6 +494,10 @@ class Generation:
             try:
                 if frame is None:
                     return
+                if frame is _DELTA:
+                    frame = self._take_delta()
+                    if frame is None:
+                        continue
                 for queue in self._subscribers:
                     queue.put_nowait(frame)
                 try:
@@ -506,28 +515,32 @@ class Generation:
             self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
 
     def _flush(self) -> None:
-        """Publish pending text as one delta. Synchronous, so seq order is queue order."""
+        """Queue a delta of the pending text (at most one queued at a time).
+
+        The delta's content and seq are taken when the publisher reaches it, not now: if
+        the channel layer is slower than the stream, text piling up meanwhile goes out
+        as one larger delta instead of a growing queue of small ones (coalescing that
+        adapts to load; docs/scale.md has the figures)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if not self._pending:
+        if not self._pending or self._delta_queued:
             return
+        self._delta_queued = True
+        self.publish(_DELTA)
+
+    def _take_delta(self) -> dict | None:
+        """The delta frame of all pending text, numbered now; None when none is left."""
+        self._delta_queued = False
+        if not self._pending:
+            return None
         content = "".join(self._pending)
         self._pending.clear()
         self.seq += 1
         self.published_text.append(content)
-        self.publish(
-            {"type": "delta", "message_id": self.message_id, "seq": self.seq, "content": content}
-        )
+        return {"type": "delta", "message_id": self.message_id, "seq": self.seq, "content": content}
 
     # -- background helpers --------------------------------------------------------
-    async def _heartbeat(self) -> None:
-        # Also runs while upstream is silent: the lease must stay fresh (finish_stale).
-        interval = settings.CHAT_CHECKPOINT_MS / 1000
-        while True:
-            await asyncio.sleep(interval)
-            await database_sync_to_async(_checkpoint)(self.message_id, "".join(self.text))
-
     async def _control(self) -> None:
         channel = self._control_channel
         while True:
@@ -610,7 +623,7 @@ class Generation:
             duration_ms = int((time.monotonic() - self.started_at) * 1000)
             content = "".join(self.text)
             try:
-                record = await database_sync_to_async(finalize_message)(
+                record = await database_sync_to_async(finalize_message, thread_sensitive=False)(
                     self.message_id,
                     user_id=self.run.user_id,
                     conversation_id=self.conversation_id,
@@ -625,6 +638,10 @@ class Generation:
                     duration_ms=duration_ms,
                 )
                 usage_dict = record.to_dict()
+                if record.status != status:
+                    # Finished elsewhere (a lease sweep): report the recorded end.
+                    status = self.status = record.status
+                    finish_reason, error = "error", "The generation lost its lease."
             except Exception:  # noqa: BLE001
                 logger.exception("could not save the end of generation %s", self.message_id)
                 usage_dict = None
@@ -650,17 +667,18 @@ class Generation:
             )
 
     async def _launch(self) -> None:
-        """Start the publisher, control listener, heartbeat and the run task."""
+        """Start the publisher, control listener, the checkpointer and the run task."""
         self._publisher_task = asyncio.create_task(self._publisher())
-        # The default prefix on purpose: channels-redis reads every process-specific
-        # channel of one prefix through a single receive loop, so a second prefix would
-        # hold the receive lock and starve the consumers' channels until the run ends.
+        # The default prefix on purpose: channels-redis polls one Redis list per prefix
+        # and process, so a second prefix would starve the consumers' channels.
         self._control_channel = await self.layer.new_channel()
         await self.layer.group_add(control_group_name(self.conversation_id), self._control_channel)
-        self._helpers = [
-            asyncio.create_task(self._control()),
-            asyncio.create_task(self._heartbeat()),
-        ]
+        # Checkpoints and lease heartbeats of every run of this process are written
+        # together, in one statement per interval (chat.leases.checkpoint_running).
+        from .leases import ensure_checkpointer
+
+        ensure_checkpointer()
+        self._helpers = [asyncio.create_task(self._control())]
         self.task = asyncio.create_task(self._run(), name=f"generation-{self.message_id}")
         self.task.add_done_callback(_log_task_end)
 
@@ -704,7 +722,15 @@ async def start_generation(
             raise InvalidRequest(
                 f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters."
             )
-    run = await database_sync_to_async(prepare_run)(user, conversation_id, content, mode, create)
+    from .leases import ensure_sweeper
+
+    ensure_sweeper(layer)
+    # Not thread-sensitive: self-contained transactions may run in the executor's
+    # threads, beside the one thread Channels gives session and user loading (under
+    # load that thread was the queue new sockets waited in; docs/scale.md).
+    run = await database_sync_to_async(prepare_run, thread_sensitive=False)(
+        user, conversation_id, content, mode, create
+    )
     generation = Generation(run=run, layer=layer or get_channel_layer())
     _running[uuid.UUID(run.conversation["id"])] = generation
     if run.user_message is not None:

@@ -131,7 +131,15 @@ ASGI_APPLICATION = "chatproject.asgi.application"
 # "database is locked" on upgrade (Django 5.1+ `transaction_mode`, SQLite docs on WAL).
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    # Persistent connections (DATABASE_CONN_MAX_AGE s) save a PostgreSQL connection per
+    # query under load (docs/scale.md); 0 closes them after each request.
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL,
+            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+            conn_health_checks=True,
+        )
+    }
     # Lets parallel test runs (and developers' worktrees) use distinct test databases.
     DATABASES["default"]["TEST"] = {"NAME": env_str("DATABASE_TEST_NAME") or None}
 else:
@@ -153,18 +161,36 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
-if REDIS_URL:
-    # RedisPubSubChannelLayer, not channels-redis' default RedisChannelLayer: with the
-    # default layer, when two coroutines of one process receive at once (every consumer
-    # does, and so does each generation's control channel), deliveries stalled until its
-    # 5 s BZPOPMIN timeout in our measurements (channels-redis 4.3.0). Pub/sub delivers
-    # at most once with no capacity limit; lost deltas are detected by seq and repaired.
+# "pubsub" (default): channels-redis RedisPubSubChannelLayer; "core": RedisChannelLayer.
+# Measured in docs/scale.md: the core layer pops one message per Redis round trip per
+# process and drops silently over `capacity`; pubsub lost nothing at the same load.
+CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
+if CHANNEL_LAYER not in {"pubsub", "core"}:
+    raise ValueError(f"CHANNEL_LAYER={CHANNEL_LAYER!r} is not 'pubsub' or 'core'")
+# redis-py 8 times reads out after 5 s by default, exactly the time channels-redis blocks
+# in BZPOPMIN (core layer): every idle receive (a consumer, a generation's stop listener)
+# then died with TimeoutError.
+REDIS_HOST = {"address": REDIS_URL, "socket_timeout": 30}
+if REDIS_URL and CHANNEL_LAYER == "pubsub":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_HOST], "prefix": env_str("CHANNEL_PREFIX", "asgi")},
+        }
+    }
+elif REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [REDIS_HOST],
                 "prefix": env_str("CHANNEL_PREFIX", "asgi"),
+                # The capacity is per channel, and all sockets of a process share one
+                # Redis list: over it, messages are dropped silently (seq gaps, then
+                # repaired by a fresh state frame).
+                "capacity": env_int("CHANNEL_CAPACITY", 1000),
+                "expiry": 60,
+                "group_expiry": 86400,
             },
         }
     }
@@ -255,6 +281,8 @@ CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.
 CHAT_LEASE_S = env_int("CHAT_LEASE_S", 15)
+# Every worker process looks for expired leases this often (s, jittered +-50%; 0 = off).
+CHAT_SWEEP_S = env_float("CHAT_SWEEP_S", 5.0)
 # Tokens per second of the built-in demo model.
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
 

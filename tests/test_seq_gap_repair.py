@@ -1,0 +1,117 @@
+"""A delta lost between the generation and a socket (channel-layer message dropped, as
+channels-redis does silently when a channel is over capacity) is repaired from the
+server: the socket gets a fresh ``state`` frame, never text with a hole."""
+
+from datetime import timedelta
+
+import pytest
+from channels.layers import get_channel_layer
+
+from chat.models import Message
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ANSWER = " ".join(f"word{i}" for i in range(60))
+
+
+def drop_group_deltas(monkeypatch, seqs):
+    """Make the channel layer silently lose the group messages of these delta seqs."""
+    layer = get_channel_layer()
+    original = layer.group_send
+    dropped = []
+
+    async def lossy_group_send(group, message):
+        frame = message.get("frame") or {}
+        if frame.get("type") == "delta" and frame["seq"] in seqs:
+            dropped.append(frame)
+            return None
+        return await original(group, message)
+
+    monkeypatch.setattr(layer, "group_send", lossy_group_send)
+    return dropped
+
+
+def text_as_a_client_shows_it(frames, message_id) -> str:
+    """Replay frames as the browser does: ``state`` replaces the text, deltas append."""
+    text = ""
+    for frame in frames:
+        if frame["type"] == "state":
+            generation = frame["generation"]
+            if generation and generation["message_id"] == message_id:
+                text = generation["content"]
+            else:
+                text = next(
+                    (m["content"] for m in frame["messages"] if m["id"] == message_id), ""
+                )
+        elif frame["type"] == "delta" and frame["message_id"] == message_id:
+            text += frame["content"]
+    return text
+
+
+async def test_a_lost_delta_is_repaired_with_a_fresh_state_instead_of_missing_text(
+    alice, upstream, connect, monkeypatch
+):
+    upstream.answer = ANSWER
+    dropped = drop_group_deltas(monkeypatch, {3})
+    _, _, ws = await connect(alice)
+    await ws.receive_type("state")
+    await ws.send({"type": "message", "content": "count for me"})
+    message_id = (await ws.receive_type("generation.start"))["message"]["id"]
+    end = await ws.receive_type("generation.end", timeout=20)
+    assert end["status"] == "completed"
+    assert [f["seq"] for f in dropped] == [3]
+
+    states = [i for i, f in enumerate(ws.frames) if f["type"] == "state"]
+    assert len(states) == 2, "the gap must trigger exactly one fresh state frame"
+    before = [f["seq"] for f in ws.frames[: states[1]] if f["type"] == "delta"]
+    assert before == [1, 2], "no delta after the gap may reach the client before the repair"
+    repair = ws.frames[states[1]]["generation"]
+    after = [f["seq"] for f in ws.frames[states[1]:] if f["type"] == "delta"]
+    assert after == list(range(repair["seq"] + 1, repair["seq"] + 1 + len(after)))
+
+    saved = await Message.objects.aget(id=message_id)
+    assert saved.content == ANSWER
+    assert text_as_a_client_shows_it(ws.frames, message_id) == ANSWER
+
+
+async def test_a_client_sync_frame_gets_a_state_with_the_text_so_far(alice, upstream, connect):
+    upstream.answer = ANSWER
+    _, _, ws = await connect(alice)
+    await ws.receive_type("state")
+    await ws.send({"type": "message", "content": "count for me"})
+    message_id = (await ws.receive_type("generation.start"))["message"]["id"]
+    await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 2)
+    await ws.send({"type": "sync"})
+    state = await ws.receive_type("state")
+    assert state["generation"]["message_id"] == message_id
+    assert ANSWER.startswith(state["generation"]["content"])
+    await ws.receive_type("generation.end", timeout=20)
+    assert text_as_a_client_shows_it(ws.frames, message_id) == ANSWER
+
+
+async def test_a_tab_joining_a_run_whose_process_is_silent_shows_the_checkpoint_then_the_end(
+    alice, connect
+):
+    from asgiref.sync import sync_to_async
+
+    from chat import leases
+    from tests.test_leases import orphan_run
+
+    # Its process died a moment ago: the lease has not expired, nobody answers snapshots.
+    message = await sync_to_async(orphan_run)(alice, heartbeat_age_s=0)
+    _, _, ws = await connect(alice, message.conversation_id)
+    state = await ws.receive_type("state")
+    assert state["generation"] == {
+        "message_id": str(message.id), "content": "half an answer", "seq": None
+    }
+    await Message.objects.filter(id=message.id).aupdate(
+        heartbeat_at=message.heartbeat_at - timedelta(seconds=60)
+    )
+    await leases.sweep_once()
+    end = await ws.receive_type("generation.end")
+    assert end["status"] == "interrupted"
+    final = await ws.receive_until(
+        lambda f: f["type"] == "state" and f["generation"] is None, timeout=10
+    )
+    shown = next(m for m in final["messages"] if m["id"] == str(message.id))
+    assert shown["status"] == "interrupted" and shown["content"] == "half an answer"

@@ -332,4 +332,6 @@ async def test_the_concurrency_limit_holds_across_two_server_processes(
             await asyncio.sleep(0.05)
         assert not await streaming.aexists()
     assert outcomes == [["error", "generation.start"]] * 3
-    assert len(upstream.requests) == 3
+    # One request per attempt at most (a close right after generation.start may even
+    # cancel the run before its request reaches the provider).
+    assert len(upstream.requests) <= 3

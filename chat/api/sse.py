@@ -20,6 +20,7 @@ does, so the upstream HTTP stream is closed and the partial answer saved as
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 
 from asgiref.sync import sync_to_async
@@ -90,7 +91,13 @@ async def post_message(request, conversation_id):
         return prepared
     user, wants_stream, content = prepared
     try:
-        generation = await gen.start_generation(user, conversation_id, content)
+        # A fresh context: the run outlives this request, and must not inherit the
+        # request's asgiref executors (a sync middleware puts this view inside
+        # async_to_sync, whose thread executor quits when the request ends; the run's
+        # database calls would then fail with "CurrentThreadExecutor already quit").
+        generation = await asyncio.create_task(
+            gen.start_generation(user, conversation_id, content), context=contextvars.Context()
+        )
     except gen.GenerationError as exc:
         return json_response({"detail": exc.detail, "code": exc.code},
                              ERROR_STATUS.get(type(exc), 400))

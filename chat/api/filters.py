@@ -4,6 +4,7 @@ import django_filters
 from django.db.models import Exists, OuterRef, Q
 
 from ..models import Conversation, Message, UsageRecord
+from .fields import DateTimeFilter, TextFilter
 
 
 class ConversationFilter(django_filters.FilterSet):
@@ -11,14 +12,14 @@ class ConversationFilter(django_filters.FilterSet):
     ``?created_after=`` / ``?created_before=`` (ISO 8601 date or date-time; a time
     without offset is UTC; after is inclusive, before exclusive)."""
 
-    search = django_filters.CharFilter(
+    search = TextFilter(
         method="filter_search", max_length=200,
         label="Text to find in the title or in the messages (case-insensitive)",
     )
-    created_after = django_filters.IsoDateTimeFilter(
+    created_after = DateTimeFilter(
         field_name="created_at", lookup_expr="gte", label="Created at or after (ISO 8601)"
     )
-    created_before = django_filters.IsoDateTimeFilter(
+    created_before = DateTimeFilter(
         field_name="created_at", lookup_expr="lt", label="Created before (ISO 8601)"
     )
 
@@ -40,7 +41,7 @@ class ConversationFilter(django_filters.FilterSet):
 class UsageFilter(django_filters.FilterSet):
     """``?since=``: only generations started at or after this ISO 8601 date or date-time."""
 
-    since = django_filters.IsoDateTimeFilter(
+    since = DateTimeFilter(
         field_name="created_at", lookup_expr="gte", label="Since (ISO 8601, inclusive)"
     )
 

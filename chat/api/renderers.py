@@ -23,9 +23,6 @@ class MarkdownRenderer(renderers.BaseRenderer):
     charset = "utf-8"
 
     def render(self, data, accepted_media_type=None, renderer_context=None):
-        if not isinstance(data, dict) or "conversation" not in data:
-            # An error body (the view failed before producing a transcript).
-            return json.dumps(data).encode()
         conversation = data["conversation"]
         lines = [f"# {conversation['title'] or 'Untitled conversation'}", ""]
         lines.append(

@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ..models import ApiToken, Conversation, Message, UsageRecord
+from .fields import ModelNameField, TextField
 
 
 class UsageSerializer(serializers.ModelSerializer):
@@ -26,9 +27,9 @@ class ConversationSerializer(serializers.ModelSerializer):
     """A conversation. ``model`` must be one of ``CHAT_MODELS`` (empty: the default model);
     all writable fields are optional."""
 
-    title = serializers.CharField(max_length=200, required=False, allow_blank=True)
-    model = serializers.CharField(max_length=100, required=False, allow_blank=True)
-    system_prompt = serializers.CharField(
+    title = TextField(max_length=200, required=False, allow_blank=True)
+    model = ModelNameField(max_length=100, required=False, allow_blank=True)
+    system_prompt = TextField(
         required=False, allow_blank=True, max_length=settings.CHAT_MAX_MESSAGE_CHARS
     )
 
@@ -38,10 +39,6 @@ class ConversationSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "created_at", "updated_at"]
 
     def validate_model(self, value):
-        if value and value not in settings.CHAT_MODELS:
-            raise serializers.ValidationError(
-                f"Model {value!r} is not available here; choose one of {settings.CHAT_MODELS}."
-            )
         return value or settings.CHAT_MODEL
 
     def validate_title(self, value):
@@ -89,10 +86,19 @@ class MessageSerializer(serializers.ModelSerializer):
 class PostMessageSerializer(serializers.Serializer):
     """Body of ``POST /api/conversations/{id}/messages/``."""
 
-    content = serializers.CharField(
-        max_length=settings.CHAT_MAX_MESSAGE_CHARS, trim_whitespace=True,
+    content = TextField(
+        max_length=settings.CHAT_MAX_MESSAGE_CHARS,
         help_text="The user message (non-empty, at most CHAT_MAX_MESSAGE_CHARS characters).",
     )
+
+
+VALIDATION_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Invalid input: each offending field (or `non_field_errors`) with its "
+    "messages; or `detail` for a body that could not be parsed.",
+    "properties": {"detail": {"type": "string"}},
+    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+}
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -162,7 +168,10 @@ class UsageQuerySerializer(serializers.Serializer):
 class ApiTokenSerializer(serializers.ModelSerializer):
     """A personal API token as listed (the key itself is never shown again)."""
 
-    name = serializers.CharField(max_length=100, trim_whitespace=True)
+    name = TextField(max_length=100)
+
+    def validate_name(self, value):
+        return " ".join(value.split())
 
     class Meta:
         model = ApiToken

@@ -23,7 +23,7 @@ import asyncio
 import contextvars
 import json
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.http import HttpResponse, StreamingHttpResponse
 from rest_framework.renderers import JSONRenderer
 
@@ -91,19 +91,10 @@ async def post_message(request, conversation_id):
         return prepared
     user, wants_stream, content = prepared
     try:
-        # A fresh context: the run outlives this request, and must not inherit the
-        # request's asgiref executors (a sync middleware puts this view inside
-        # async_to_sync, whose thread executor quits when the request ends; the run's
-        # database calls would then fail with "CurrentThreadExecutor already quit").
-        generation = await asyncio.create_task(
-            gen.start_generation(user, conversation_id, content), context=contextvars.Context()
-        )
+        generation, queue = await start_detached(user, conversation_id, content)
     except gen.GenerationError as exc:
         return json_response({"detail": exc.detail, "code": exc.code},
                              ERROR_STATUS.get(type(exc), 400))
-    # Subscribe before any await: no delta can have been published yet (the task that
-    # reads upstream was only just created).
-    queue = generation.subscribe()
     if wants_stream:
         response = StreamingHttpResponse(
             _events(generation, queue), content_type="text/event-stream; charset=utf-8"
@@ -118,6 +109,51 @@ async def post_message(request, conversation_id):
         raise
     message = await Message.objects.select_related("usage").aget(id=generation.message_id)
     return json_response(MessageSerializer(message).data, 201)
+
+
+_owners: set[asyncio.Task] = set()
+
+
+async def start_detached(user, conversation_id, content):
+    """``gen.start_generation`` in a task of its own that outlives the request, with its
+    own asgiref thread for database calls until the run has ended.
+
+    Why: a sync-only middleware (WhiteNoise) makes Django call this async view through
+    ``async_to_sync`` from a request thread; a task created here would inherit that
+    thread's executor (``AsyncToSync.executors.current``) and its database calls would
+    fail with "CurrentThreadExecutor already quit" once the request is over (an SSE
+    client that disconnected, say), or deadlock in-process. A fresh context and a
+    ``ThreadSensitiveContext`` held open until the run ends avoid both.
+    Returns ``(generation, queue)``, the queue subscribed before any await so that no
+    delta can be missed. Raises what start_generation raises. If the caller is
+    cancelled before the run started, the run is cancelled as soon as it exists.
+    """
+    started: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def owner():
+        async with ThreadSensitiveContext():
+            try:
+                generation = await gen.start_generation(user, conversation_id, content)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting view
+                if not started.done():
+                    started.set_exception(exc)
+                return
+            started.set_result((generation, generation.subscribe()))
+            await generation.wait()
+
+    task = asyncio.create_task(owner(), context=contextvars.Context())
+    _owners.add(task)
+    task.add_done_callback(_owners.discard)
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_cancel_started)
+        raise
+
+
+def _cancel_started(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result()[0].cancel("disconnect")
 
 
 async def _events(generation: gen.Generation, queue: asyncio.Queue):

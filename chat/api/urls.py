@@ -12,12 +12,15 @@ router.register("tokens", views.ApiTokenViewSet, basename="token")
 
 app_name = "api"
 
+# Ids are matched as any segment and checked by the views, so a malformed id answers
+# the documented JSON 404 rather than Django's HTML "page not found".
+
 urlpatterns = [
-    path("conversations/<uuid:conversation_id>/messages/", sse.conversation_messages,
+    path("conversations/<str:conversation_id>/messages/", sse.conversation_messages,
          name="conversation-messages"),
-    path("conversations/<uuid:conversation_id>/export", views.ExportView.as_view(),
+    path("conversations/<str:conversation_id>/export", views.ExportView.as_view(),
          name="conversation-export"),
-    path("conversations/<uuid:conversation_id>/stop", views.StopView.as_view(),
+    path("conversations/<str:conversation_id>/stop", views.StopView.as_view(),
          name="conversation-stop"),
     path("usage/", views.UsageView.as_view(), name="usage"),
     *router.urls,

@@ -12,7 +12,6 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Q, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate
-from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -23,6 +22,7 @@ from drf_spectacular.utils import (
     extend_schema_view,
 )
 from rest_framework import exceptions, generics, mixins, status, viewsets
+from rest_framework.generics import get_object_or_404
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -41,8 +41,22 @@ FORBIDDEN = OpenApiResponse(
 NOT_FOUND = OpenApiResponse(
     ERROR, description="No such object among yours (another user's answers 404 too)."
 )
-BAD_REQUEST = OpenApiResponse(ERROR, description="Invalid input; the body names the fields.")
+BAD_REQUEST = OpenApiResponse(
+    serializers.VALIDATION_ERROR_SCHEMA, description="Invalid input; the body names the fields."
+)
 AUTH_ERRORS = {401: UNAUTHENTICATED, 403: FORBIDDEN}
+# OpenAPI 3.0 describes an event stream by the schema of one event.
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event: `event` is the frame type, `data` the frame "
+    "(as in the WebSocket protocol) as JSON text.",
+    "properties": {
+        "event": {"type": "string",
+                  "enum": ["message", "generation.start", "delta", "generation.end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 CONVERSATION_ID = OpenApiParameter(
     "conversation_id", OpenApiTypes.UUID, OpenApiParameter.PATH,
     description="Id of one of your conversations.",
@@ -58,22 +72,48 @@ class Conflict(exceptions.APIException):
         super().__init__({"detail": detail, "code": code})
 
 
-class ConversationPagination(CursorPagination):
+class StrictCursorPagination(CursorPagination):
+    """Cursor pagination whose ``page_size`` is an integer from 1 to ``max_page_size``
+    (400 otherwise, where DRF would silently use the default)."""
+
+    page_size_query_param = "page_size"
+
+    def get_page_size(self, request):
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        try:
+            size = int(raw)
+        except ValueError:
+            size = 0
+        if not 1 <= size <= self.max_page_size:
+            raise exceptions.ValidationError(
+                {"page_size": [f"An integer from 1 to {self.max_page_size}."]}
+            )
+        return size
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"].update(minimum=1, maximum=self.max_page_size)
+        return parameters
+
+
+class ConversationPagination(StrictCursorPagination):
     """Newest activity first; ``updated_at`` ties broken by id so every conversation is
     listed exactly once across pages."""
 
     ordering = ("-updated_at", "-id")
     page_size = 20
-    page_size_query_param = "page_size"
     max_page_size = 100
 
 
-class MessagePagination(CursorPagination):
+class MessagePagination(StrictCursorPagination):
     """Oldest first, as the conversation reads."""
 
     ordering = ("created_at", "id")
     page_size = 50
-    page_size_query_param = "page_size"
     max_page_size = 200
 
 
@@ -113,7 +153,9 @@ class ConversationViewSet(viewsets.ModelViewSet):
     pagination_class = ConversationPagination
     filterset_class = filters.ConversationFilter
     lookup_url_kwarg = "conversation_id"
-    lookup_value_converter = "uuid"
+    # Any segment: an id that is not a UUID is a JSON 404 from the view (DRF's
+    # get_object_or_404), not Django's HTML page for an unresolved URL.
+    lookup_value_regex = "[^/]+"
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     def get_queryset(self):
@@ -165,7 +207,7 @@ class ConversationMessagesView(generics.ListAPIView):
         description="Visible messages (what the user saw; answers replaced by a "
         "regenerate or an edit are left out), oldest first, cursor-paginated.",
         parameters=[CONVERSATION_ID],
-        responses={200: serializers.MessageSerializer(many=True),
+        responses={200: serializers.MessageSerializer(many=True), 400: BAD_REQUEST,
                    404: OpenApiResponse(ERROR, description="Not your conversation, or an "
                                         "invalid cursor."),
                    **AUTH_ERRORS},
@@ -194,7 +236,7 @@ class ConversationMessagesView(generics.ListAPIView):
         responses={
             (201, "application/json"): serializers.MessageSerializer,
             (200, "text/event-stream"): OpenApiResponse(
-                OpenApiTypes.STR, description="Server-sent events until generation.end."
+                SSE_EVENT_SCHEMA, description="Server-sent events until generation.end."
             ),
             400: BAD_REQUEST,
             404: NOT_FOUND,
@@ -218,7 +260,7 @@ class ExportNegotiation(DefaultContentNegotiation):
     format is a 400 naming the choices, not DRF's 404."""
 
     def select_renderer(self, request, renderers, format_suffix=None):
-        wanted = request.query_params.get("format") or "json"
+        wanted = request.query_params.get("format", "json")
         for renderer in renderers:
             if renderer.format == wanted:
                 return renderer, renderer.media_type
@@ -229,6 +271,12 @@ class ExportNegotiation(DefaultContentNegotiation):
 class ExportView(APIView):
     renderer_classes = [renderers.ExportJSONRenderer, renderers.MarkdownRenderer]
     content_negotiation_class = ExportNegotiation
+
+    def handle_exception(self, exc):
+        # Errors are JSON whatever format the transcript was asked in.
+        self.request.accepted_renderer = renderers.ExportJSONRenderer()
+        self.request.accepted_media_type = "application/json"
+        return super().handle_exception(exc)
 
     @extend_schema(
         summary="Export a conversation",
@@ -308,7 +356,9 @@ class UsageView(APIView):
         responses={200: serializers.UsageReportSerializer, 400: BAD_REQUEST, **AUTH_ERRORS},
     )
     def get(self, request):
-        query = serializers.UsageQuerySerializer(data=request.query_params)
+        # A plain dict, not the QueryDict: DRF reads an empty form value as "absent"
+        # (default), while the schema says `group_by=` is not one of the choices.
+        query = serializers.UsageQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         group_by = query.validated_data["group_by"]
         filterset = filters.UsageFilter(
@@ -365,7 +415,7 @@ class ApiTokenViewSet(
     serializer_class = serializers.ApiTokenSerializer
     pagination_class = None
     filter_backends = []
-    lookup_value_converter = "int"
+    lookup_value_regex = "[^/]+"
 
     def get_queryset(self):
         return ApiToken.objects.for_user(self.request.user)

@@ -445,3 +445,16 @@ def test_schema_and_offline_docs_are_served(db):
     assert "cdn.jsdelivr.net" not in docs and "unpkg.com" not in docs
     redoc = client.get("/api/redoc/").content.decode()
     assert "/static/drf_spectacular_sidecar/redoc/" in redoc
+
+
+def test_date_filters_accept_any_iso_offset_and_refuse_out_of_range(alice):
+    make_conversation(alice, "now")
+    client = client_for(alice)
+    # PostgreSQL itself refuses offsets beyond ±15:59; ISO 8601 allows them.
+    far_offset = client.get(
+        "/api/conversations/", {"created_after": "1548-07-12T00:46:44+23:17"}
+    )
+    assert far_offset.status_code == 200
+    assert [c["title"] for c in far_offset.json()["results"]] == ["now"]
+    underflow = client.get("/api/usage/", {"since": "0001-01-01T00:00:00+23:00"})
+    assert underflow.status_code == 400 and "since" in underflow.json()

@@ -1,6 +1,8 @@
 """Serializer and filter fields whose accepted values are exactly what the schema says,
 so a schema-valid request is never refused."""
 
+import datetime
+
 from django import forms
 from django.conf import settings
 from django.core.validators import ProhibitNullCharactersValidator, RegexValidator
@@ -94,7 +96,14 @@ class PresentIsoDateTimeField(IsoDateTimeField):
     def to_python(self, value):
         if value == "":
             raise forms.ValidationError("Enter a valid date/time.", code="invalid")
-        return super().to_python(value)
+        result = super().to_python(value)
+        if result is None:
+            return None
+        # In UTC: PostgreSQL refuses offsets beyond ±15:59 that ISO 8601 allows (+23:17).
+        try:
+            return result.astimezone(datetime.UTC)
+        except OverflowError:
+            raise forms.ValidationError("Date/time out of range.", code="invalid") from None
 
 
 class DateTimeFilter(IsoDateTimeFilter):

@@ -458,3 +458,20 @@ def test_date_filters_accept_any_iso_offset_and_refuse_out_of_range(alice):
     assert [c["title"] for c in far_offset.json()["results"]] == ["now"]
     underflow = client.get("/api/usage/", {"since": "0001-01-01T00:00:00+23:00"})
     assert underflow.status_code == 400 and "since" in underflow.json()
+
+
+def test_browsable_api_pages_render_for_a_logged_in_user(alice, alice_chat):
+    client = APIClient()
+    client.force_login(alice)
+    pages = {
+        "/api/conversations/": "Trip to Lisbon",
+        f"/api/conversations/{alice_chat.id}/": "Trip to Lisbon",
+        f"/api/conversations/{alice_chat.id}/messages/": "grilled sardines",
+        "/api/usage/": "total_tokens",
+        "/api/tokens/": "Api Token",
+    }
+    for path, text in pages.items():
+        response = client.get(path, HTTP_ACCEPT="text/html")
+        assert response.status_code == 200, path
+        assert response["Content-Type"].startswith("text/html")
+        assert text in response.content.decode(), path

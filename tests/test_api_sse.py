@@ -131,3 +131,29 @@ async def test_errors_before_streaming_are_json(asgi_server, upstream, token_and
             assert "content" in await response.json()
         async with post_stream(session, asgi_server, "nope", conversation, "hi") as response:
             assert response.status == 401
+
+
+async def test_stop_endpoint_ends_a_running_stream(asgi_server, upstream, token_and_conversation):
+    upstream.answer = ANSWER
+    upstream.tokens_per_second = 40
+    key, conversation = token_and_conversation
+    async with aiohttp.ClientSession() as session:
+        async with post_stream(session, asgi_server, key, conversation, "Go on") as response:
+            kinds = []
+            async for event, data in read_events(response):
+                kinds.append(event)
+                if event == "delta" and data["seq"] == 2:
+                    async with session.post(
+                        f"{asgi_server.url}/api/conversations/{conversation.id}/stop",
+                        headers={"Authorization": f"Token {key}"},
+                    ) as stop:
+                        assert stop.status == 200
+                        assert (await stop.json())["running"] is True
+                if event == "generation.end":
+                    end = data
+                    break
+    assert end["status"] == "cancelled"
+    assert end["usage"]["estimated"] is True
+    record = upstream.requests[-1]
+    assert upstream.wait_for(lambda: record.client_closed_at is not None, timeout=1.0)
+    assert record.chunks_written < 150

@@ -53,7 +53,7 @@ SSE_EVENT_SCHEMA = {
     "properties": {
         "event": {"type": "string",
                   "enum": ["message", "generation.start", "delta", "generation.end"]},
-        "data": {"type": "string", "contentMediaType": "application/json"},
+        "data": {"type": "string", "description": "The frame as JSON."},
     },
     "required": ["event", "data"],
 }
@@ -149,6 +149,9 @@ class MessagePagination(StrictCursorPagination):
     ),
 )
 class ConversationViewSet(viewsets.ModelViewSet):
+    """``/api/conversations/``: list (filters in ConversationFilter), create, read,
+    PATCH, delete. PUT is not offered: every field is optional, PATCH says it all."""
+
     serializer_class = serializers.ConversationSerializer
     pagination_class = ConversationPagination
     filterset_class = filters.ConversationFilter
@@ -269,6 +272,9 @@ class ExportNegotiation(DefaultContentNegotiation):
 
 
 class ExportView(APIView):
+    """``/api/conversations/{id}/export``: the visible transcript as a JSON or Markdown
+    attachment (MarkdownRenderer), chosen by ``?format=`` (ExportNegotiation)."""
+
     renderer_classes = [renderers.ExportJSONRenderer, renderers.MarkdownRenderer]
     content_negotiation_class = ExportNegotiation
 
@@ -317,6 +323,9 @@ class ExportView(APIView):
 
 # --- stop -------------------------------------------------------------------------------
 class StopView(APIView):
+    """``/api/conversations/{id}/stop``: ``chat.generation.request_stop`` for the
+    conversation's streaming message, in whichever process runs it."""
+
     @extend_schema(
         summary="Stop the running generation",
         description="Stops the conversation's running generation wherever it runs (this "
@@ -343,6 +352,9 @@ class StopView(APIView):
 
 # --- usage ------------------------------------------------------------------------------
 class UsageView(APIView):
+    """``/api/usage/``: sums over the user's UsageRecords (tokens, USD, runs), which
+    outlive deleted conversations."""
+
     @extend_schema(
         summary="Your usage totals",
         description="Tokens, cost (USD) and number of runs (and of stopped runs) of your "
@@ -412,6 +424,8 @@ class ApiTokenViewSet(
     mixins.ListModelMixin, mixins.CreateModelMixin, mixins.DestroyModelMixin,
     viewsets.GenericViewSet,
 ):
+    """``/api/tokens/``: the user's personal API tokens (chat.models.ApiToken)."""
+
     serializer_class = serializers.ApiTokenSerializer
     pagination_class = None
     filter_backends = []

@@ -475,3 +475,10 @@ def test_browsable_api_pages_render_for_a_logged_in_user(alice, alice_chat):
         assert response.status_code == 200, path
         assert response["Content-Type"].startswith("text/html")
         assert text in response.content.decode(), path
+
+
+def test_schema_is_valid_openapi_3(db):
+    from drf_spectacular.generators import SchemaGenerator
+    from drf_spectacular.validation import validate_schema
+
+    validate_schema(SchemaGenerator().get_schema(request=None, public=True))

@@ -235,10 +235,14 @@ STORAGES = {
 
 # --- REST framework -------------------------------------------------------------------
 REST_FRAMEWORK = {
+    # Token first: anonymous requests then answer 401 with WWW-Authenticate: Token.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "chat.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # The API takes JSON bodies only (scripts and the page's JavaScript send JSON).
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
 }
@@ -250,6 +254,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Separate request/response components, so read-only fields are not asked for.
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # --- Chat / LLM -----------------------------------------------------------------------

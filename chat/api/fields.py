@@ -1,0 +1,113 @@
+"""Serializer and filter fields whose accepted values are exactly what the schema says,
+so a schema-valid request is never refused."""
+
+import datetime
+
+from django import forms
+from django.conf import settings
+from django.core.validators import ProhibitNullCharactersValidator, RegexValidator
+from django_filters import CharFilter, IsoDateTimeFilter
+from django_filters.fields import IsoDateTimeField
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from rest_framework import serializers
+from rest_framework.fields import empty
+
+# White space for both Python's str.strip() and ECMAScript's \s, plus NUL: a required
+# text must contain some other character. Written with escapes both regex dialects read
+# the same way, so the schema's ``pattern`` and the server agree on every string.
+BLANK_CHARS = (
+    r"\x00\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f"
+    r"\u3000\ufeff"
+)
+
+
+class TextField(serializers.CharField):
+    """Free text whose accepted values are exactly what its schema says.
+
+    Lengths are checked on the string as sent (no trimming first, so ``maxLength``
+    means what it says); NUL characters, which PostgreSQL text cannot hold, are then
+    dropped instead of refused. Unless ``allow_blank``, the text must contain a
+    character outside BLANK_CHARS (documented as ``pattern``). Callers normalise white
+    space afterwards.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+        self.validators = [
+            v for v in self.validators if not isinstance(v, ProhibitNullCharactersValidator)
+        ]
+        if not self.allow_blank:
+            self.validators.append(
+                RegexValidator(f"[^{BLANK_CHARS}]", message="This field must contain text.")
+            )
+
+    def run_validation(self, data=empty):
+        value = super().run_validation(data)
+        return value.replace("\x00", "") if isinstance(value, str) else value
+
+    def to_internal_value(self, data):
+        # DRF would turn 12 or 1.5 into "12"/"1.5"; the schema says string.
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class ModelNameField(TextField):
+    """One of ``settings.CHAT_MODELS``, or empty for the default model. Checked against
+    the settings at request time; documented as an enum of them (extension below)."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if value and value not in settings.CHAT_MODELS:
+            raise serializers.ValidationError(
+                f"Model {value!r} is not available here; choose one of {settings.CHAT_MODELS}."
+            )
+        return value
+
+
+class ModelNameFieldExtension(OpenApiSerializerFieldExtension):
+    target_class = "chat.api.fields.ModelNameField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {
+            "type": "string",
+            "enum": ["", *settings.CHAT_MODELS],
+            "description": "A model the server offers; empty for the default model.",
+        }
+
+
+class NulFreeCharField(forms.CharField):
+    def to_python(self, value):
+        value = super().to_python(value)
+        return value.replace("\x00", "") if value else value
+
+
+class TextFilter(CharFilter):
+    """A CharFilter that drops NUL characters instead of refusing them."""
+
+    field_class = NulFreeCharField
+
+
+class PresentIsoDateTimeField(IsoDateTimeField):
+    # Only an absent parameter means "no filter"; an empty one is not a date-time.
+    empty_values = [None]
+
+    def to_python(self, value):
+        if value == "":
+            raise forms.ValidationError("Enter a valid date/time.", code="invalid")
+        result = super().to_python(value)
+        if result is None:
+            return None
+        # In UTC: PostgreSQL refuses offsets beyond ±15:59 that ISO 8601 allows (+23:17).
+        try:
+            return result.astimezone(datetime.UTC)
+        except OverflowError:
+            raise forms.ValidationError("Date/time out of range.", code="invalid") from None
+
+
+class DateTimeFilter(IsoDateTimeFilter):
+    """An ISO 8601 date or date-time filter; ``?name=`` (empty) is a 400, as the schema's
+    ``format: date-time`` says, not silently ignored."""
+
+    field_class = PresentIsoDateTimeField

@@ -1,0 +1,190 @@
+"""Request and response shapes of the REST API.
+
+Messages and conversations have the same fields as in the WebSocket frames
+(``Message.to_dict()``, ``Conversation.to_dict()``; README, "WebSocket protocol").
+"""
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from ..models import ApiToken, Conversation, Message, UsageRecord
+from .fields import ModelNameField, TextField
+
+
+class UsageSerializer(serializers.ModelSerializer):
+    """Usage of one generation (tokens; ``cost_usd`` in USD as a decimal string)."""
+
+    cost_usd = serializers.DecimalField(max_digits=14, decimal_places=8, coerce_to_string=True)
+
+    class Meta:
+        model = UsageRecord
+        fields = ["prompt_tokens", "completion_tokens", "total_tokens", "estimated", "cost_usd"]
+        read_only_fields = fields
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    """A conversation. ``model`` must be one of ``CHAT_MODELS`` (empty: the default model);
+    all writable fields are optional."""
+
+    title = TextField(max_length=200, required=False, allow_blank=True)
+    model = ModelNameField(max_length=100, required=False, allow_blank=True)
+    system_prompt = TextField(
+        required=False, allow_blank=True, max_length=settings.CHAT_MAX_MESSAGE_CHARS
+    )
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "title", "model", "system_prompt", "created_at", "updated_at"]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def validate_model(self, value):
+        return value or settings.CHAT_MODEL
+
+    def validate_title(self, value):
+        return " ".join(value.split())
+
+    def validate_system_prompt(self, value):
+        return value.strip()
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    """A message as the user saw it. ``usage`` is set for assistant messages once their
+    generation has ended (null while streaming and for user messages)."""
+
+    conversation_id = serializers.UUIDField(read_only=True)
+    finish_reason = serializers.CharField(read_only=True, allow_null=True)
+    error = serializers.CharField(read_only=True, allow_null=True)
+    usage = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Message
+        fields = [
+            "id", "conversation_id", "role", "content", "status", "finish_reason", "model",
+            "error", "created_at", "completed_at", "usage",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        # Empty strings in the database mean "none yet", as in Message.to_dict().
+        data["finish_reason"] = data["finish_reason"] or None
+        data["error"] = data["error"] or None
+        return data
+
+    @extend_schema_field(UsageSerializer(allow_null=True))
+    def get_usage(self, message):
+        if message.role != Message.Role.ASSISTANT:
+            return None
+        try:
+            usage = message.usage
+        except UsageRecord.DoesNotExist:
+            return None
+        return UsageSerializer(usage).data if usage else None
+
+
+class PostMessageSerializer(serializers.Serializer):
+    """Body of ``POST /api/conversations/{id}/messages/``."""
+
+    content = TextField(
+        max_length=settings.CHAT_MAX_MESSAGE_CHARS,
+        help_text="The user message (non-empty, at most CHAT_MAX_MESSAGE_CHARS characters).",
+    )
+
+
+VALIDATION_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Invalid input: each offending field (or `non_field_errors`) with its "
+    "messages; or `detail` for a body that could not be parsed.",
+    "properties": {"detail": {"type": "string"}},
+    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+}
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Error body: ``detail`` always; ``code`` for errors of the generation module
+    (``busy``, ``invalid``, ``quota_exceeded``, ``not_found``)."""
+
+    detail = serializers.CharField()
+    code = serializers.CharField(required=False)
+
+
+class StopSerializer(serializers.Serializer):
+    """Answer of ``POST /api/conversations/{id}/stop``: ``running`` is true when a
+    generation was streaming and has been asked to stop (``message_id`` is its assistant
+    message); false when there was nothing to stop."""
+
+    running = serializers.BooleanField()
+    message_id = serializers.UUIDField(allow_null=True)
+
+
+class ExportSerializer(serializers.Serializer):
+    """JSON export: the conversation and its visible messages, oldest first."""
+
+    conversation = ConversationSerializer()
+    messages = MessageSerializer(many=True)
+    exported_at = serializers.DateTimeField()
+
+
+class UsageGroupSerializer(serializers.Serializer):
+    """Totals of one group: ``key`` is the day (``YYYY-MM-DD``, UTC) or the model name.
+    Tokens are counts; ``cost_usd`` is USD; ``runs`` counts generations, ``stopped_runs``
+    those that were stopped (status ``cancelled``)."""
+
+    key = serializers.CharField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=8)
+    runs = serializers.IntegerField()
+    stopped_runs = serializers.IntegerField()
+
+
+class UsageTotalsSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=8)
+    runs = serializers.IntegerField()
+    stopped_runs = serializers.IntegerField()
+
+
+class UsageReportSerializer(serializers.Serializer):
+    """``GET /api/usage/``: the user's totals and the same totals per group."""
+
+    group_by = serializers.ChoiceField(choices=["day", "model"])
+    since = serializers.DateTimeField(allow_null=True)
+    totals = UsageTotalsSerializer()
+    groups = UsageGroupSerializer(many=True)
+
+
+class UsageQuerySerializer(serializers.Serializer):
+    group_by = serializers.ChoiceField(
+        choices=["day", "model"], default="day",
+        help_text="Group by UTC day (newest first) or by model (most tokens first).",
+    )
+
+
+class ApiTokenSerializer(serializers.ModelSerializer):
+    """A personal API token as listed (the key itself is never shown again)."""
+
+    name = TextField(max_length=100)
+
+    def validate_name(self, value):
+        return " ".join(value.split())
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "created_at", "last_used_at"]
+        read_only_fields = ["id", "prefix", "created_at", "last_used_at"]
+
+
+class NewApiTokenSerializer(ApiTokenSerializer):
+    """A token just created: ``key`` is shown this once; send it as
+    ``Authorization: Token <key>``."""
+
+    key = serializers.CharField(read_only=True)
+
+    class Meta(ApiTokenSerializer.Meta):
+        fields = [*ApiTokenSerializer.Meta.fields, "key"]
+        read_only_fields = [*ApiTokenSerializer.Meta.read_only_fields, "key"]

@@ -1,0 +1,30 @@
+"""URLs of the REST API, included under ``api/``."""
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from . import sse, views
+
+router = SimpleRouter()
+router.register("conversations", views.ConversationViewSet, basename="conversation")
+router.register("tokens", views.ApiTokenViewSet, basename="token")
+
+app_name = "api"
+
+# Ids are matched as any segment and checked by the views, so a malformed id answers
+# the documented JSON 404 rather than Django's HTML "page not found".
+
+urlpatterns = [
+    path("conversations/<str:conversation_id>/messages/", sse.conversation_messages,
+         name="conversation-messages"),
+    path("conversations/<str:conversation_id>/export", views.ExportView.as_view(),
+         name="conversation-export"),
+    path("conversations/<str:conversation_id>/stop", views.StopView.as_view(),
+         name="conversation-stop"),
+    path("usage/", views.UsageView.as_view(), name="usage"),
+    *router.urls,
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="api:schema"), name="redoc"),
+]

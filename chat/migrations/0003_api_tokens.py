@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('chat', '0001_initial'),
+        ('chat', '0002_admin_seed_prices'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -300,6 +300,9 @@ def finalize_message(
     marked ``estimated``. Idempotent: a message that already has its record keeps it.
     """
     with transaction.atomic():
+        # Conversation first, then message: the order prepare_run and the lease sweeper
+        # (chat.leases.finish_expired) lock in, so PostgreSQL cannot deadlock them.
+        list(Conversation.objects.select_for_update().filter(id=conversation_id).values("id"))
         message = Message.objects.select_for_update().get(id=message_id)
         existing = UsageRecord.objects.filter(message_id=message_id).first()
         if existing is not None:

@@ -62,8 +62,22 @@ def _export_name() -> str:
 
 
 # --- usage records ------------------------------------------------------------------------
+class ReadOnlyMixin:
+    """No add, change or delete, for anyone: audit records and transcripts are kept
+    as they were written (viewing needs the model's view permission)."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
     """The audit trail of generations: nobody adds, changes or deletes records here.
 
     Above the list: totals of the filtered records. The "Export CSV" button exports the
@@ -84,14 +98,6 @@ class UsageRecordAdmin(admin.ModelAdmin):
     actions = ("export_csv",)
     ordering = ("-created_at",)
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="Cost (USD)", ordering="cost_usd")
     def cost(self, record):
@@ -200,7 +206,7 @@ class LastRunStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
-class TranscriptInline(admin.TabularInline):
+class TranscriptInline(ReadOnlyMixin, admin.TabularInline):
     """The conversation's messages in order, read-only (superseded ones included and
     marked, since the audit needs them)."""
 
@@ -220,14 +226,6 @@ class TranscriptInline(admin.TabularInline):
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("usage")
 
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="tokens")
     def tokens(self, message):
@@ -309,7 +307,7 @@ class ConversationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):
     """Every message, read-only: they are written by generations only."""
 
     list_display = ("short", "conversation", "role", "status", "model", "superseded", "created_at")
@@ -318,14 +316,6 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ("content", "conversation__title", "conversation__owner__username")
     date_hierarchy = "created_at"
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="content")
     def short(self, message):

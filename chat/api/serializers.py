@@ -126,27 +126,24 @@ class ExportSerializer(serializers.Serializer):
     exported_at = serializers.DateTimeField()
 
 
-class UsageGroupSerializer(serializers.Serializer):
+class UsageTotalsSerializer(serializers.Serializer):
+    """Totals of the user's generations: tokens are counts, ``cost_usd`` is USD,
+    ``runs`` counts generations, ``stopped_runs`` those that were stopped."""
+
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=8)
+    runs = serializers.IntegerField()
+    stopped_runs = serializers.IntegerField()
+
+
+class UsageGroupSerializer(UsageTotalsSerializer):
     """Totals of one group: ``key`` is the day (``YYYY-MM-DD``, UTC) or the model name.
     Tokens are counts; ``cost_usd`` is USD; ``runs`` counts generations, ``stopped_runs``
     those that were stopped (status ``cancelled``)."""
 
     key = serializers.CharField()
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=8)
-    runs = serializers.IntegerField()
-    stopped_runs = serializers.IntegerField()
-
-
-class UsageTotalsSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=8)
-    runs = serializers.IntegerField()
-    stopped_runs = serializers.IntegerField()
 
 
 class UsageReportSerializer(serializers.Serializer):

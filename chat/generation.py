@@ -139,6 +139,8 @@ class PreparedRun:
     model: str
     prompt: list[dict]
     max_tokens: int
+    # generation.end frames of stale runs of this conversation finished on the way.
+    stale_ends: list[dict] = field(default_factory=list)
 
 
 def build_prompt(conversation: Conversation) -> list[dict]:
@@ -234,7 +236,7 @@ def prepare_run(
         )
         if conversation is None:
             raise InvalidRequest("This conversation has no messages yet.")
-        finish_stale(conversation_id=conversation.id)
+        stale_ends = finish_stale(conversation_id=conversation.id)
         if conversation.messages.streaming().exists():
             raise Busy("A generation is already running in this conversation.")
         visible = conversation.messages.visible()
@@ -274,6 +276,7 @@ def prepare_run(
         model=model,
         prompt=prompt,
         max_tokens=settings.CHAT_MAX_TOKENS,
+        stale_ends=stale_ends,
     )
 
 
@@ -736,6 +739,12 @@ async def start_generation(
     )
     generation = Generation(run=run, layer=layer or get_channel_layer())
     _running[uuid.UUID(run.conversation["id"])] = generation
+    # Straight to the group, not through the run's outbox: its subscribers (an SSE
+    # client) wait for *their* generation.end.
+    for frame in run.stale_ends:
+        await generation.layer.group_send(
+            group_name(run.conversation["id"]), {"type": "chat.frame", "frame": frame}
+        )
     if run.user_message is not None:
         generation.publish(
             {"type": "message", "message": run.user_message, "conversation": run.conversation}

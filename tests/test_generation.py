@@ -190,11 +190,18 @@ def test_stale_streaming_message_is_interrupted_with_its_usage(alice, settings):
 async def test_start_finishes_a_stale_run_instead_of_answering_busy(alice, upstream):
     upstream.answer = "fresh answer"
     conversation = await sync_to_async(make_conversation)(alice, [("user", "q")])
-    await Message.objects.acreate(
+    stale = await Message.objects.acreate(
         conversation=conversation, role="assistant", status="streaming", model="m",
         heartbeat_at=timezone.now() - timedelta(minutes=5),
     )
-    generation = await gen.start_generation(alice, conversation.id, "again")
+    layer = InMemoryChannelLayer()
+    tab = await layer.new_channel()
+    await layer.group_add(gen.group_name(conversation.id), tab)
+    generation = await gen.start_generation(alice, conversation.id, "again", layer=layer)
+    # Open tabs learn that the stale run ended before they see the new one start.
+    first = (await asyncio.wait_for(layer.receive(tab), 2))["frame"]
+    assert first["type"] == "generation.end" and first["message_id"] == str(stale.id)
+    assert first["status"] == "interrupted"
     end = await generation.wait()
     assert end["status"] == "completed"
     assert await Message.objects.filter(status="interrupted").acount() == 1

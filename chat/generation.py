@@ -28,6 +28,7 @@ import os
 import socket
 import time
 import uuid
+from contextvars import Context
 from dataclasses import dataclass, field
 
 import openai
@@ -674,7 +675,10 @@ class Generation:
 
     async def _launch(self) -> None:
         """Start the publisher, control listener, the checkpointer and the run task."""
-        self._publisher_task = asyncio.create_task(self._publisher())
+        # Fresh contexts: these tasks outlive the caller, and a caller inside a request
+        # (an async view under a sync middleware) carries asgiref's per-request
+        # executor in its context, which quits when the request ends.
+        self._publisher_task = asyncio.create_task(self._publisher(), context=Context())
         # The default prefix on purpose: channels-redis polls one Redis list per prefix
         # and process, so a second prefix would starve the consumers' channels.
         self._control_channel = await self.layer.new_channel()
@@ -684,8 +688,10 @@ class Generation:
         from .leases import ensure_checkpointer
 
         ensure_checkpointer()
-        self._helpers = [asyncio.create_task(self._control())]
-        self.task = asyncio.create_task(self._run(), name=f"generation-{self.message_id}")
+        self._helpers = [asyncio.create_task(self._control(), context=Context())]
+        self.task = asyncio.create_task(
+            self._run(), name=f"generation-{self.message_id}", context=Context()
+        )
         self.task.add_done_callback(_log_task_end)
 
 

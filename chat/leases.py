@@ -29,6 +29,7 @@ import logging
 import random
 import uuid
 import weakref
+from contextvars import Context
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -129,7 +130,10 @@ def ensure_checkpointer() -> asyncio.Task:
     loop = asyncio.get_running_loop()
     task = _checkpointers.get(loop)
     if task is None or task.done():
-        task = loop.create_task(_checkpoint_forever(), name="lease-checkpointer")
+        # A fresh context: this task lives as long as the loop, not as its first caller.
+        task = loop.create_task(
+            _checkpoint_forever(), name="lease-checkpointer", context=Context()
+        )
         _checkpointers[loop] = task
     return task
 
@@ -255,6 +259,8 @@ def ensure_sweeper(layer=None) -> asyncio.Task | None:
     task = _sweepers.get(loop)
     if task is None or task.done():
         layer = layer or get_channel_layer()
-        task = loop.create_task(_supervise(layer), name=f"lease-sweeper-{uuid.uuid4().hex[:6]}")
+        task = loop.create_task(
+            _supervise(layer), name=f"lease-sweeper-{uuid.uuid4().hex[:6]}", context=Context()
+        )
         _sweepers[loop] = task
     return task

@@ -325,6 +325,8 @@ class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
 # --- prices and budgets ------------------------------------------------------------------------
 class ModelPriceForm(forms.ModelForm):
+    """Prices in USD per 1M tokens; negative prices are refused."""
+
     input_per_mtok = forms.DecimalField(
         min_value=0, max_digits=12, decimal_places=6, label="USD per 1M input tokens"
     )
@@ -367,6 +369,8 @@ UNLIMITED = "Empty: unlimited. A request counts its prompt plus max_tokens."
 
 
 class UserBudgetForm(forms.ModelForm):
+    """Budget limits; empty means unlimited, negative USD limits are refused."""
+
     usd_per_day = forms.DecimalField(
         required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per day",
         help_text=UNLIMITED,

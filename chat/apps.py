@@ -2,6 +2,8 @@ from django.apps import AppConfig
 
 
 class ChatConfig(AppConfig):
+    """The chat app; registers its system checks when ready."""
+
     name = "chat"
     default_auto_field = "django.db.models.BigAutoField"
 

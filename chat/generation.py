@@ -66,18 +66,26 @@ class GenerationError(Exception):
 
 
 class Busy(GenerationError):
+    """A generation already runs in this conversation (error frame ``busy``; HTTP 409)."""
+
     code = "busy"
 
 
 class Forbidden(GenerationError):
+    """The conversation belongs to another user (``forbidden``; HTTP 404)."""
+
     code = "forbidden"
 
 
 class InvalidRequest(GenerationError):
+    """Empty, too long or otherwise unusable input (``invalid``; HTTP 400)."""
+
     code = "invalid"
 
 
 class QuotaExceeded(GenerationError):
+    """Over the user's token/USD budget (``quota_exceeded``; HTTP 429); see budgets."""
+
     code = "quota_exceeded"
 
 
@@ -133,6 +141,9 @@ async def get_client() -> openai.AsyncOpenAI:
 # --- preparing a run (database, synchronous) ------------------------------------------
 @dataclass
 class PreparedRun:
+    """What prepare_run saved and what the upstream request needs: dict shapes are
+    ``Conversation.to_dict()`` / ``Message.to_dict()``; ``max_tokens`` in tokens."""
+
     user_id: int
     conversation: dict
     user_message: dict | None

@@ -15,6 +15,8 @@ from django.utils import timezone
 
 
 class ConversationQuerySet(models.QuerySet):
+    """Conversations, scoped to their owner."""
+
     def for_user(self, user):
         """Conversations owned by ``user``; empty for anonymous users."""
         if not getattr(user, "is_authenticated", False):
@@ -69,6 +71,8 @@ class Conversation(models.Model):
 
 
 class MessageQuerySet(models.QuerySet):
+    """Messages: visible ones, streaming ones, and stale ones (dead process)."""
+
     def visible(self):
         """Messages the user sees: not replaced by a regenerate or an edit."""
         return self.filter(superseded=False)
@@ -164,6 +168,8 @@ class Message(models.Model):
 
 
 class UsageRecordQuerySet(models.QuerySet):
+    """Usage records, scoped to their user."""
+
     def for_user(self, user):
         if not getattr(user, "is_authenticated", False):
             return self.none()
@@ -275,6 +281,8 @@ class UserBudget(models.Model):
 
 
 class ApiTokenQuerySet(models.QuerySet):
+    """Personal API tokens, scoped to their owner."""
+
     def for_user(self, user):
         """Tokens of ``user``; empty for anonymous users."""
         if not getattr(user, "is_authenticated", False):

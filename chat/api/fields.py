@@ -67,6 +67,8 @@ class ModelNameField(TextField):
 
 
 class ModelNameFieldExtension(OpenApiSerializerFieldExtension):
+    """Documents ModelNameField in the schema as an enum of ``CHAT_MODELS``."""
+
     target_class = "chat.api.fields.ModelNameField"
 
     def map_serializer_field(self, auto_schema, direction):
@@ -78,6 +80,8 @@ class ModelNameFieldExtension(OpenApiSerializerFieldExtension):
 
 
 class NulFreeCharField(forms.CharField):
+    """A filter text field that refuses NUL characters (PostgreSQL cannot store them)."""
+
     def to_python(self, value):
         value = super().to_python(value)
         return value.replace("\x00", "") if value else value
@@ -90,6 +94,8 @@ class TextFilter(CharFilter):
 
 
 class PresentIsoDateTimeField(IsoDateTimeField):
+    """An ISO 8601 date-time filter value, converted to UTC; empty is an error."""
+
     # Only an absent parameter means "no filter"; an empty one is not a date-time.
     empty_values = [None]
 

@@ -156,6 +156,8 @@ class UsageReportSerializer(serializers.Serializer):
 
 
 class UsageQuerySerializer(serializers.Serializer):
+    """Query parameters of ``GET /api/usage/``: ``group_by`` (day|model), ``since``."""
+
     group_by = serializers.ChoiceField(
         choices=["day", "model"], default="day",
         help_text="Group by UTC day (newest first) or by model (most tokens first).",

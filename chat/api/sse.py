@@ -49,6 +49,7 @@ _list_view = ConversationMessagesView.as_view()
 
 
 def json_response(data, status: int) -> HttpResponse:
+    """A JSON response rendered by DRF's renderer, outside a DRF view."""
     return HttpResponse(JSONRenderer().render(data), status=status,
                         content_type="application/json")
 
@@ -86,6 +87,9 @@ def _prepare_post(request, conversation_id):
 
 
 async def post_message(request, conversation_id):
+    """``POST /api/conversations/{id}/messages/``: start a generation and answer as SSE
+    (``Accept: text/event-stream``) or, once it ended, with the assistant message (201).
+    Errors: 401/403 auth, 404 not the owner's, 400 invalid, 409 busy, 429 quota."""
     prepared = await sync_to_async(_prepare_post)(request, conversation_id)
     if isinstance(prepared, HttpResponse):
         return prepared

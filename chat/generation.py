@@ -100,6 +100,13 @@ def control_group_name(conversation_id) -> str:
     return f"chatctl.{uuid.UUID(str(conversation_id)).hex}"
 
 
+async def broadcast(conversation_id, frame: dict, *, layer=None) -> None:
+    """Send ``frame`` to every socket of the conversation (e.g. a ``conversation``
+    frame after a rename through the API)."""
+    layer = layer or get_channel_layer()
+    await layer.group_send(group_name(conversation_id), {"type": "chat.frame", "frame": frame})
+
+
 def running_generation(conversation_id) -> Generation | None:
     """The generation of the conversation running in this process, if any."""
     return _running.get(uuid.UUID(str(conversation_id)))

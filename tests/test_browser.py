@@ -616,19 +616,7 @@ def test_another_users_conversation_is_not_found(alice_context, bob, upstream):
     expect(page.locator("#conversation-list")).not_to_contain_text("Bob's secret")
 
 
-# --- conversation management through the REST API (issue 3) ---------------------------------------
-@pytest.fixture
-def rest_api():
-    """These tests drive the REST API of issue 3; until it is merged they are skipped
-    (before a server or browser is started)."""
-    from django.urls import Resolver404, resolve
-
-    try:
-        resolve("/api/conversations/")
-    except Resolver404:
-        pytest.skip("the REST API (/api/conversations/) is not installed on this branch")
-
-
+# --- conversation management through the REST API ---------------------------------------
 def make_conversation(owner, title, text):
     from chat.models import Conversation
 
@@ -641,27 +629,32 @@ def make_conversation(owner, title, text):
 
 
 def test_rename_changes_the_title_in_the_header_the_sidebar_and_the_database(
-    rest_api, alice_context, alice, upstream
+    alice_context, alice, upstream
 ):
     conversation = make_conversation(alice, "Old title", "first question")
     page = open_chat(alice_context, conversation.id)
+    other_tab = open_chat(alice_context, conversation.id)
     expect(page.locator("#conversation-title")).to_have_text("Old title")
     page.locator("#rename").click()
     page.locator("#rename-input").fill("Trip to Lisbon")
     page.locator("#rename-input").press("Enter")
     expect(page.locator("#conversation-title")).to_have_text("Trip to Lisbon")
     expect(page.locator(".conversation-link.active")).to_have_text("Trip to Lisbon")
+    # The other open tab follows without a reload.
+    expect(other_tab.locator("#conversation-title")).to_have_text("Trip to Lisbon")
+    expect(other_tab.locator(".conversation-link.active")).to_have_text("Trip to Lisbon")
     conversation.refresh_from_db()
     assert conversation.title == "Trip to Lisbon"
 
 
 def test_delete_asks_for_confirmation_then_removes_the_conversation(
-    rest_api, alice_context, alice, upstream
+    alice_context, alice, upstream
 ):
     from chat.models import Conversation
 
     conversation = make_conversation(alice, "Doomed", "delete me")
     page = open_chat(alice_context, conversation.id)
+    other_tab = open_chat(alice_context, conversation.id)
     page.locator("#delete").click()
     expect(page.locator("#delete-dialog")).to_be_visible()
     page.locator("#delete-cancel").click()
@@ -674,10 +667,12 @@ def test_delete_asks_for_confirmation_then_removes_the_conversation(
     expect_online(page)
     expect(page.locator("#conversation-list")).not_to_contain_text("Doomed")
     assert not Conversation.objects.filter(id=conversation.id).exists()
+    # The other tab leaves the deleted conversation for a new chat.
+    other_tab.wait_for_url(lambda url: str(conversation.id) not in url)
 
 
 def test_sidebar_search_finds_conversations_by_message_text(
-    rest_api, alice_context, alice, upstream
+    alice_context, alice, upstream
 ):
     make_conversation(alice, "Cooking", "how long to boil an artichoke")
     make_conversation(alice, "Travel", "trains from Porto")
@@ -690,7 +685,7 @@ def test_sidebar_search_finds_conversations_by_message_text(
 
 
 def test_settings_of_an_existing_conversation_are_saved_through_the_api(
-    rest_api, alice_context, alice, upstream
+    alice_context, alice, upstream
 ):
     conversation = make_conversation(alice, "Tuned", "a question")
     page = open_chat(alice_context, conversation.id)

@@ -171,12 +171,24 @@ class ConversationViewSet(viewsets.ModelViewSet):
             model=serializer.validated_data.get("model") or settings.CHAT_MODEL,
         )
 
+    def perform_update(self, serializer):
+        conversation = serializer.save()
+        # Other open tabs of this conversation show the new title/model/prompt at once.
+        async_to_sync(gen.broadcast)(
+            conversation.id, {"type": "conversation", "conversation": conversation.to_dict()}
+        )
+
     def perform_destroy(self, instance):
+        conversation_id = instance.id
         with transaction.atomic():
             gen.finish_stale(conversation_id=instance.id)
             if instance.messages.streaming().exists():
                 raise Conflict("A generation is running; stop it first.")
             instance.delete()
+        async_to_sync(gen.broadcast)(
+            conversation_id,
+            {"type": "conversation.deleted", "conversation_id": str(conversation_id)},
+        )
 
 
 # --- messages ---------------------------------------------------------------------------

@@ -462,6 +462,8 @@ function handleFrame(frame) {
     case "delta": return onDelta(frame);
     case "generation.end": return onGenerationEnd(frame);
     case "error": return onError(frame);
+    case "conversation": return applyConversation(frame.conversation);
+    case "conversation.deleted": return onConversationDeleted(frame);
     default: console.warn("unknown frame", frame.type);
   }
 }
@@ -798,6 +800,12 @@ async function api(method, path, body) {
     throw error;
   }
   return response.status === 204 ? null : response.json();
+}
+
+// Another tab (or a script) deleted this conversation: nothing left to show here.
+function onConversationDeleted() {
+  state.leaving = true;
+  location.assign(config.new_chat_url);
 }
 
 function applyConversation(conversation) {

@@ -24,6 +24,17 @@ async def start_run(ws, content="Tell me about stopping generations"):
     return start["message"]["id"]
 
 
+async def open_tabs(connect, user, count, conversation_id=None):
+    """``count`` sockets of ``user`` on one conversation, each past its state frame."""
+    conversation_id = conversation_id or uuid.uuid4()
+    tabs = []
+    for _ in range(count):
+        _, _, ws = await connect(user, conversation_id)
+        await ws.receive_type("state")
+        tabs.append(ws)
+    return tabs
+
+
 async def receive_deltas(ws, count):
     while len(ws.deltas()) < count:
         await ws.receive()
@@ -78,11 +89,7 @@ async def test_upstream_stops_generating_after_stop(alice, upstream, connect):
 
 
 async def test_disconnect_of_starting_socket_cancels_run(alice, upstream, connect):
-    conversation_id = uuid.uuid4()
-    _, _, starter = await connect(alice, conversation_id)
-    _, _, watcher = await connect(alice, conversation_id)
-    await starter.receive_type("state")
-    await watcher.receive_type("state")
+    starter, watcher = await open_tabs(connect, alice, 2)
     message_id = await start_run(starter)
     await receive_deltas(starter, 3)
 
@@ -103,11 +110,7 @@ async def test_disconnect_of_starting_socket_cancels_run(alice, upstream, connec
 
 async def test_disconnect_of_watching_socket_does_not_cancel_run(alice, upstream, connect):
     upstream.answer = SHORT_ANSWER
-    conversation_id = uuid.uuid4()
-    _, _, starter = await connect(alice, conversation_id)
-    _, _, watcher = await connect(alice, conversation_id)
-    await starter.receive_type("state")
-    await watcher.receive_type("state")
+    starter, watcher = await open_tabs(connect, alice, 2)
     message_id = await start_run(starter)
     await watcher.close()
     end = await starter.receive_type("generation.end")
@@ -116,11 +119,7 @@ async def test_disconnect_of_watching_socket_does_not_cancel_run(alice, upstream
 
 
 async def test_stop_from_second_socket_stops_run_started_by_first(alice, upstream, connect):
-    conversation_id = uuid.uuid4()
-    _, _, first = await connect(alice, conversation_id)
-    _, _, second = await connect(alice, conversation_id)
-    await first.receive_type("state")
-    await second.receive_type("state")
+    first, second = await open_tabs(connect, alice, 2)
     message_id = await start_run(first)
     await receive_deltas(second, 3)
 
@@ -250,11 +249,7 @@ async def test_conversation_is_created_by_first_message_with_a_title(alice, upst
 # --- fan-out and catching up ----------------------------------------------------------
 async def test_two_sockets_receive_every_delta_in_seq_order(alice, upstream, connect):
     upstream.answer = "one two three four five six seven eight nine ten " * 3
-    conversation_id = uuid.uuid4()
-    _, _, first = await connect(alice, conversation_id)
-    _, _, second = await connect(alice, conversation_id)
-    await first.receive_type("state")
-    await second.receive_type("state")
+    first, second = await open_tabs(connect, alice, 2)
     message_id = await start_run(first)
     await first.receive_type("generation.end")
     await second.receive_type("generation.end")
@@ -449,11 +444,7 @@ async def test_too_large_message_is_refused_and_nothing_saved(alice, connect, se
 
 
 async def test_second_message_while_running_is_busy(alice, upstream, connect):
-    conversation_id = uuid.uuid4()
-    _, _, first = await connect(alice, conversation_id)
-    _, _, second = await connect(alice, conversation_id)
-    await first.receive_type("state")
-    await second.receive_type("state")
+    first, second = await open_tabs(connect, alice, 2)
     message_id = await start_run(first)
     await second.send({"type": "message", "content": "me too"})
     error = await second.receive_type("error")
@@ -513,11 +504,7 @@ async def test_edit_replaces_the_last_user_message(alice, upstream, connect):
 
 
 async def test_two_tabs_sending_first_message_at_once_start_one_run(alice, upstream, connect):
-    conversation_id = uuid.uuid4()
-    _, _, first = await connect(alice, conversation_id)
-    _, _, second = await connect(alice, conversation_id)
-    await first.receive_type("state")
-    await second.receive_type("state")
+    first, second = await open_tabs(connect, alice, 2)
     await asyncio.gather(
         first.send({"type": "message", "content": "from tab one"}),
         second.send({"type": "message", "content": "from tab two"}),

@@ -87,6 +87,17 @@ def open_socket(alice):
     return _open
 
 
+async def start_run_watched_from_b(a, b, open_socket):
+    """A tab on server A starts a run in a new conversation that a tab on server B
+    watches; returns (tab on A, tab on B, assistant message id) once B saw it start."""
+    conversation = uuid.uuid4()
+    on_a = await open_socket(a, conversation)
+    on_b = await open_socket(b, conversation)
+    await on_a.send({"type": "message", "content": "count for me"})
+    message_id = (await on_b.receive_type("generation.start"))["message"]["id"]
+    return on_a, on_b, message_id
+
+
 async def close_all(*sockets):
     for sock in sockets:
         await sock.ws.close()
@@ -97,11 +108,7 @@ async def test_deltas_of_a_run_in_one_process_reach_a_tab_on_the_other_complete_
 ):
     upstream.answer = ANSWER
     a, b = two_servers()
-    conversation = uuid.uuid4()
-    on_a = await open_socket(a, conversation)
-    on_b = await open_socket(b, conversation)
-    await on_a.send({"type": "message", "content": "count for me"})
-    message_id = (await on_b.receive_type("generation.start"))["message"]["id"]
+    on_a, on_b, message_id = await start_run_watched_from_b(a, b, open_socket)
     end_b = await on_b.receive_type("generation.end", timeout=30)
     end_a = await on_a.receive_type("generation.end", timeout=30)
     assert end_a["status"] == end_b["status"] == "completed"
@@ -119,11 +126,7 @@ async def test_a_stop_sent_to_the_other_process_stops_the_run_and_closes_its_ups
 ):
     upstream.answer = ANSWER
     a, b = two_servers()
-    conversation = uuid.uuid4()
-    on_a = await open_socket(a, conversation)
-    on_b = await open_socket(b, conversation)
-    await on_a.send({"type": "message", "content": "count for me"})
-    message_id = (await on_b.receive_type("generation.start"))["message"]["id"]
+    on_a, on_b, message_id = await start_run_watched_from_b(a, b, open_socket)
     await on_b.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 5)
     request = upstream.requests[-1]
 
@@ -183,11 +186,7 @@ async def test_a_killed_process_leaves_no_streaming_message_the_other_finishes_i
     upstream.answer = ANSWER
     upstream.tokens_per_second = 20
     a, b = two_servers(CHAT_LEASE_S="2", CHAT_SWEEP_S="1")
-    conversation = uuid.uuid4()
-    on_a = await open_socket(a, conversation)
-    on_b = await open_socket(b, conversation)
-    await on_a.send({"type": "message", "content": "count for me"})
-    message_id = (await on_b.receive_type("generation.start"))["message"]["id"]
+    on_a, on_b, message_id = await start_run_watched_from_b(a, b, open_socket)
     await on_b.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 10)
     await asyncio.sleep(0.5)  # at least one checkpoint (every 200 ms) saved some text
 

@@ -11,6 +11,9 @@ from django_filters.fields import IsoDateTimeField
 from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from rest_framework import serializers
 from rest_framework.fields import empty
+from rest_framework.validators import ProhibitSurrogateCharactersValidator
+
+from .. import validation
 
 # White space for both Python's str.strip() and ECMAScript's \s, plus NUL: a required
 # text must contain some other character. Written with escapes both regex dialects read
@@ -25,8 +28,9 @@ class TextField(serializers.CharField):
     """Free text whose accepted values are exactly what its schema says.
 
     Lengths are checked on the string as sent (no trimming first, so ``maxLength``
-    means what it says); NUL characters, which PostgreSQL text cannot hold, are then
-    dropped instead of refused. Unless ``allow_blank``, the text must contain a
+    means what it says); then the rules of chat.validation, which the WebSocket
+    follows too: lone surrogates are refused (400), NUL characters, which PostgreSQL
+    text cannot hold, dropped. Unless ``allow_blank``, the text must contain a
     character outside BLANK_CHARS (documented as ``pattern``). Callers normalise white
     space afterwards.
     """
@@ -34,9 +38,14 @@ class TextField(serializers.CharField):
     def __init__(self, **kwargs):
         kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
+        # DRF's own NUL and surrogate validators give way to the shared rules.
         self.validators = [
-            v for v in self.validators if not isinstance(v, ProhibitNullCharactersValidator)
+            v for v in self.validators
+            if not isinstance(
+                v, (ProhibitNullCharactersValidator, ProhibitSurrogateCharactersValidator)
+            )
         ]
+        self.validators.append(validation.refuse_lone_surrogates)
         if not self.allow_blank:
             self.validators.append(
                 RegexValidator(f"[^{BLANK_CHARS}]", message="This field must contain text.")
@@ -44,7 +53,7 @@ class TextField(serializers.CharField):
 
     def run_validation(self, data=empty):
         value = super().run_validation(data)
-        return value.replace("\x00", "") if isinstance(value, str) else value
+        return validation.drop_nul(value) if isinstance(value, str) else value
 
     def to_internal_value(self, data):
         # DRF would turn 12 or 1.5 into "12"/"1.5"; the schema says string.
@@ -84,7 +93,7 @@ class NulFreeCharField(forms.CharField):
 
     def to_python(self, value):
         value = super().to_python(value)
-        return value.replace("\x00", "") if value else value
+        return validation.drop_nul(value) if value else value
 
 
 class TextFilter(CharFilter):

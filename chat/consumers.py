@@ -13,7 +13,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import generation as gen
-from . import leases
+from . import leases, validation
+from .layers import release_channel
+from .models import Conversation
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,16 @@ SNAPSHOT_TIMEOUT_S = 1.0
 _load_state = database_sync_to_async(gen.load_state, thread_sensitive=False)
 
 
+def _owner_id(conversation_id) -> int | None:
+    """The conversation's owner's id; None when it does not exist."""
+    return (
+        Conversation.objects.filter(id=conversation_id).values_list("owner_id", flat=True).first()
+    )
+
+
+_load_owner_id = database_sync_to_async(_owner_id, thread_sensitive=False)
+
+
 class ChatConsumer(AsyncWebsocketConsumer):
     """One browser tab on one conversation.
 
@@ -35,10 +47,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
     joins mid-stream sees every character exactly once. A delta whose seq skips one (a
     group message was lost, e.g. a Redis channel over capacity) is never forwarded with
     its gap: the socket is resynchronised with a fresh ``state`` frame instead.
+
+    Authorization (issue 9, item 1): frames are acted on only once ``connect`` found
+    the user may use the conversation (its owner, or any user on an id not created yet,
+    whose first message creates it for them). A refused socket (4401/4403) may still
+    have frames queued behind its close; they are ignored, as are group frames. A
+    socket that joined an id before it existed checks the owner on its first group
+    frame, and is closed with 4403 if another user created it meanwhile. The actions
+    themselves check the owner again (chat.generation: request_stop, request_snapshot,
+    prepare_run).
+
+    Every exception of a frame handler is caught at the frame boundary (``receive``):
+    logged once, answered with an ``error`` frame (code ``internal``), and the socket
+    stays open; no frame closes it with 1011.
     """
 
     generation: gen.Generation | None = None
     group: str | None = None
+    authorized = False
+    # The conversation did not exist when this socket connected (see above).
+    _owner_unverified = False
 
     async def __call__(self, scope, receive, send):
         # The server may tear the application down (shutdown, crash of the connection)
@@ -47,6 +75,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await super().__call__(scope, receive, send)
         finally:
             self._cancel_own_generation("teardown")
+            # After the consumer's last receive: RedisPubSubChannelLayer keeps a
+            # channel subscribed whose last receive returned a message (chat.layers).
+            await release_channel(
+                getattr(self, "channel_layer", None), getattr(self, "channel_name", None)
+            )
 
     # -- connection ---------------------------------------------------------------
     async def connect(self):
@@ -85,10 +118,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self._state = state
+        self.authorized = True
+        self._owner_unverified = state["conversation"] is None
         if state["streaming"] is None:
             await self._send_state(None)
             return
-        snapshot = await gen.request_snapshot(self.conversation_id, self.channel_name)
+        snapshot = await gen.request_snapshot(
+            self.conversation_id, self.channel_name, user_id=self.user.id
+        )
         if snapshot is not None:
             await self._send_state(snapshot)
         else:
@@ -117,7 +154,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._resync()
 
     async def generation_snapshot(self, event):
-        if not self._state_sent:
+        if self.authorized and not self._state_sent:
             await self._send_state(event["generation"])
 
     async def _send_state(self, generation):
@@ -157,14 +194,49 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.generation is not None:
             self.generation.cancel(reason)
 
+    async def _refuse(self, frame: dict | None = None) -> None:
+        """Someone else owns the conversation (created after this socket connected to
+        its id): send ``frame`` (a ``forbidden`` error), leave the group, close 4403;
+        later frames are ignored."""
+        self.authorized = False
+        if frame is not None:
+            await self.send_json(frame)
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            self.group = None
+        await self.close(code=CLOSE_FORBIDDEN)
+
     # -- client frames ------------------------------------------------------------
     async def receive(self, text_data=None, bytes_data=None):
+        """One client frame: ignored unless authorized; any failure answered with an
+        ``error`` frame, never a close."""
+        if not self.authorized:
+            return
+        try:
+            await self.handle_frame(text_data, bytes_data)
+        except gen.Forbidden as exc:
+            await self._refuse(exc.to_frame())
+        except gen.GenerationError as exc:
+            await self.send_json(exc.to_frame())
+        except validation.TextRejected as exc:
+            await self.send_error(exc.code, exc.message)
+        except Exception:
+            logger.exception(
+                "frame failed on %s (conversation %s)", self.channel_name, self.conversation_id
+            )
+            await self.send_error("internal", "The server failed to handle this frame.")
+
+    async def handle_frame(self, text_data=None, bytes_data=None):
+        """Parse, validate and dispatch one frame of an authorized socket. Raises
+        GenerationError and validation.TextRejected for the client's mistakes."""
         if text_data is None:
             return await self.send_error("bad_frame", "Frames must be JSON text.")
         if len(text_data) > settings.CHAT_MAX_MESSAGE_CHARS * 4 + 1024:
             return await self.send_error("too_large", "The frame is too large.")
         try:
             frame = json.loads(text_data)
+        except RecursionError:
+            return await self.send_error("bad_json", "The frame is nested too deeply.")
         except ValueError:
             return await self.send_error("bad_json", "The frame is not valid JSON.")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
@@ -181,41 +253,38 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await handler(frame)
 
     async def on_message(self, frame):
-        content = frame.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return await self.send_error("empty", 'A message needs a non-empty "content".')
-        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
-            return await self.send_error(
-                "too_large",
-                f"A message is at most {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
-            )
+        limit = settings.CHAT_MAX_MESSAGE_CHARS
+        content = validation.clean_text(frame.get("content"), max_chars=limit)
         create = {}
         for key in ("model", "system_prompt"):
-            if frame.get(key) is not None and not isinstance(frame[key], str):
-                return await self.send_error("bad_frame", f'"{key}" must be a string.')
-            create[key] = frame.get(key)
+            value = frame.get(key)
+            if value is not None:
+                value = validation.clean_text(value, max_chars=limit, required=False, name=key)
+            create[key] = value
         await self._start(content, "message", create)
 
     async def on_regenerate(self, frame):
         await self._start(None, "regenerate")
 
     async def on_edit(self, frame):
-        content = frame.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return await self.send_error("empty", 'An edit needs a non-empty "content".')
+        content = validation.clean_text(
+            frame.get("content"), max_chars=settings.CHAT_MAX_MESSAGE_CHARS
+        )
         await self._start(content, "edit")
 
     async def _start(self, content, mode, create=None):
-        try:
-            self.generation = await gen.start_generation(
-                self.user, self.conversation_id, content, mode=mode, create=create,
-                layer=self.channel_layer,
-            )
-        except gen.GenerationError as exc:
-            await self.send_json(exc.to_frame())
+        self.generation = await gen.start_generation(
+            self.user, self.conversation_id, content, mode=mode, create=create,
+            layer=self.channel_layer,
+        )
+        # prepare_run checked the owner (it created the conversation for this user, or
+        # found it theirs): the group frames that follow need no check.
+        self._owner_unverified = False
 
     async def on_stop(self, frame):
-        await gen.request_stop(self.conversation_id, reason="stop", layer=self.channel_layer)
+        await gen.request_stop(
+            self.conversation_id, user_id=self.user.id, reason="stop", layer=self.channel_layer
+        )
 
     async def on_sync(self, frame):
         """Resend the ``state`` frame (a client that detected a gap in seq asks this)."""
@@ -233,7 +302,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self._state["streaming"] is None:
             return await self._send_state(None)
         self._last_seq.clear()
-        snapshot = await gen.request_snapshot(self.conversation_id, self.channel_name)
+        snapshot = await gen.request_snapshot(
+            self.conversation_id, self.channel_name, user_id=self.user.id
+        )
         if snapshot is not None:
             await self._send_state(snapshot)
         else:
@@ -241,6 +312,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # -- group frames -------------------------------------------------------------
     async def chat_frame(self, event):
+        if not self.authorized:
+            return
         frame = event["frame"]
         if not self._state_sent:
             self._held.append(frame)
@@ -248,6 +321,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._forward(frame)
 
     async def _forward(self, frame):
+        if not self.authorized:
+            return
+        if self._owner_unverified:
+            owner_id = await _load_owner_id(self.conversation_id)
+            if owner_id is None:
+                return  # deleted again: nothing of it to show
+            if owner_id != self.user.id:
+                return await self._refuse(
+                    gen.Forbidden("This conversation belongs to someone else.").to_frame()
+                )
+            self._owner_unverified = False
         if frame["type"] == "delta":
             message_id = frame["message_id"]
             if message_id in self._closed:

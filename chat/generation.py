@@ -23,6 +23,7 @@ frame and one ``UsageRecord``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
@@ -38,7 +39,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import accounting
+from . import accounting, validation
+from .layers import release_channel
 from .models import Conversation, Message, UsageRecord
 
 logger = logging.getLogger(__name__)
@@ -479,12 +481,25 @@ class Generation:
 
     # -- public API ---------------------------------------------------------------
     def cancel(self, reason: str = "stop") -> bool:
-        """Cancel the task (idempotent). Returns False when it was already ending."""
-        if self._finishing or self.task is None or self.task.done() or self.cancel_reason:
+        """Cancel the task (idempotent). Returns False when it was already ending.
+
+        A run still being launched is cancelled as soon as its task exists, and a task
+        that has not taken its first step yet just after that step: a task cancelled
+        before its first step never runs its body, so it would end without its
+        ``generation.end``, its usage record, or releasing its channels."""
+        if self._finishing or self.cancel_reason or (self.task is not None and self.task.done()):
             return False
         self.cancel_reason = reason
-        self.task.cancel()
+        if self.task is not None:
+            self._cancel_task()
         return True
+
+    def _cancel_task(self) -> None:
+        if inspect.getcoroutinestate(self.task.get_coro()) == inspect.CORO_CREATED:
+            # Its first step is already scheduled; this runs after it.
+            self.task.get_loop().call_soon(self.task.cancel)
+        else:
+            self.task.cancel()
 
     def snapshot(self) -> dict:
         """``{"message_id", "content", "seq"}``: text of every delta up to ``seq``."""
@@ -568,17 +583,25 @@ class Generation:
     # -- background helpers --------------------------------------------------------
     async def _control(self) -> None:
         channel = self._control_channel
-        while True:
-            message = await self.layer.receive(channel)
-            kind = message.get("type")
-            if kind == "generation.stop":
-                if message.get("message_id") in (None, self.message_id):
-                    self.cancel(message.get("reason") or "stop")
-            elif kind == "generation.sync" and message.get("reply_channel"):
-                await self.layer.send(
-                    message["reply_channel"],
-                    {"type": "generation.snapshot", "generation": self.snapshot()},
-                )
+        try:
+            while True:
+                message = await self.layer.receive(channel)
+                kind = message.get("type")
+                # Only the run's owner may stop it or read it (request_stop,
+                # request_snapshot): the control group is reachable by any process.
+                if message.get("user_id") != self.run.user_id:
+                    continue
+                if kind == "generation.stop":
+                    if message.get("message_id") in (None, self.message_id):
+                        self.cancel(message.get("reason") or "stop")
+                elif kind == "generation.sync" and message.get("reply_channel"):
+                    await self.layer.send(
+                        message["reply_channel"],
+                        {"type": "generation.snapshot", "generation": self.snapshot()},
+                    )
+        finally:
+            # Cancelled while answering a sync, the layer would keep it subscribed.
+            await release_channel(self.layer, channel)
 
     # -- the task -----------------------------------------------------------------
     async def _run(self) -> None:
@@ -697,10 +720,17 @@ class Generation:
         # (an async view under a sync middleware) carries asgiref's per-request
         # executor in its context, which quits when the request ends.
         self._publisher_task = asyncio.create_task(self._publisher(), context=Context())
-        # The default prefix on purpose: channels-redis polls one Redis list per prefix
-        # and process, so a second prefix would starve the consumers' channels.
-        self._control_channel = await self.layer.new_channel()
-        await self.layer.group_add(control_group_name(self.conversation_id), self._control_channel)
+        try:
+            # The default prefix on purpose: channels-redis polls one Redis list per
+            # prefix and process, so a second prefix would starve the consumers' channels.
+            self._control_channel = await self.layer.new_channel()
+            await self.layer.group_add(
+                control_group_name(self.conversation_id), self._control_channel
+            )
+        except BaseException:
+            self._publisher_task.cancel()
+            await release_channel(self.layer, self._control_channel)
+            raise
         # Checkpoints and lease heartbeats of every run of this process are written
         # together, in one statement per interval (chat.leases.checkpoint_running).
         from .leases import ensure_checkpointer
@@ -711,6 +741,8 @@ class Generation:
             self._run(), name=f"generation-{self.message_id}", context=Context()
         )
         self.task.add_done_callback(_log_task_end)
+        if self.cancel_reason:
+            self._cancel_task()  # cancelled while launching
 
 
 def _api_message(exc: openai.APIStatusError) -> str:
@@ -740,18 +772,23 @@ async def start_generation(
     Returns the running :class:`Generation` (its frames already queued: ``message``
     unless regenerating, then ``generation.start``). Raises :class:`GenerationError`
     subclasses (Forbidden, Busy, InvalidRequest, QuotaExceeded) before anything is sent
-    upstream; nothing is saved then.
+    upstream; nothing is saved then. Text follows chat.validation (lone surrogates
+    refused, NUL dropped), whichever door it came through.
     """
     if mode not in ("message", "regenerate", "edit"):
         raise InvalidRequest(f"Unknown mode {mode!r}.")
-    if mode != "regenerate":
-        content = (content or "").strip()
-        if not content:
-            raise InvalidRequest("The message is empty.")
-        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
-            raise InvalidRequest(
-                f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters."
-            )
+    try:
+        if mode != "regenerate":
+            content = validation.clean_text(
+                content or "", max_chars=settings.CHAT_MAX_MESSAGE_CHARS
+            ).strip()
+        if create and create.get("system_prompt") is not None:
+            create = {**create, "system_prompt": validation.clean_text(
+                create["system_prompt"], max_chars=settings.CHAT_MAX_MESSAGE_CHARS,
+                required=False, name="system_prompt",
+            )}
+    except validation.TextRejected as exc:
+        raise InvalidRequest(exc.message) from None
     from .leases import ensure_sweeper
 
     ensure_sweeper(layer)
@@ -774,46 +811,79 @@ async def start_generation(
             {"type": "message", "message": run.user_message, "conversation": run.conversation}
         )
     generation.publish({"type": "generation.start", "message": run.assistant_message})
+    # Shielded: a caller cancelled now (its socket torn down) must not leave a run half
+    # wired (channels subscribed, row streaming, no task); it is stopped once launched.
+    launch = asyncio.ensure_future(generation._launch())
     try:
-        await generation._launch()
+        await asyncio.shield(launch)
+    except asyncio.CancelledError:
+        launch.add_done_callback(lambda _: _after_launch(generation, launch, "disconnect"))
+        raise
     except BaseException:
-        _running.pop(uuid.UUID(run.conversation["id"]), None)
+        _after_launch(generation, launch, None)
         raise
     return generation
 
 
-async def request_stop(conversation_id, *, reason: str = "stop", layer=None) -> bool:
-    """Stop the running generation of a conversation, in whichever process it runs.
+def _after_launch(generation: Generation, launch: asyncio.Future, cancel: str | None) -> None:
+    """A launch whose caller went away: forget a run that did not launch, and cancel
+    (reason ``cancel``) one that did."""
+    if launch.cancelled() or launch.exception() is not None:
+        _running.pop(uuid.UUID(generation.conversation_id), None)
+    elif cancel:
+        generation.cancel(cancel)
 
-    Cancels it directly when it runs here (returns True), and otherwise sends
-    ``generation.stop`` to the conversation's control group (returns False: whether a
-    generation was running elsewhere is not known here).
+
+async def request_stop(
+    conversation_id, *, user_id: int, reason: str = "stop", layer=None
+) -> bool:
+    """Stop the running generation of a conversation, in whichever process it runs, if
+    ``user_id`` (the requesting user's id) owns it.
+
+    Cancels it directly when it runs here and is the requester's (returns True); a run
+    here of another user is left alone (returns False). Otherwise sends
+    ``generation.stop`` with ``user_id`` to the conversation's control group, whose run
+    checks the owner itself (returns False: whether a generation was running elsewhere
+    is not known here). The owner is checked here, where the run is stopped, and not
+    only by the caller (issue 9, item 1: a refused socket could stop others' runs).
     """
     generation = running_generation(conversation_id)
     if generation is not None:
+        if generation.run.user_id != user_id:
+            logger.warning(
+                "user %s may not stop generation %s", user_id, generation.message_id
+            )
+            return False
         generation.cancel(reason)
         return True
     layer = layer or get_channel_layer()
     await layer.group_send(
-        control_group_name(conversation_id), {"type": "generation.stop", "reason": reason}
+        control_group_name(conversation_id),
+        {"type": "generation.stop", "reason": reason, "user_id": user_id},
     )
     return False
 
 
-async def request_snapshot(conversation_id, reply_channel: str, *, layer=None) -> dict | None:
-    """The text so far of the conversation's running generation.
+async def request_snapshot(
+    conversation_id, reply_channel: str, *, user_id: int, layer=None
+) -> dict | None:
+    """The text so far of the conversation's running generation, for its owner
+    ``user_id`` only.
 
     Answers at once (returns the snapshot) when it runs in this process; otherwise asks
     the owning process to send ``{"type": "generation.snapshot", "generation": {...}}``
-    to ``reply_channel`` and returns None.
+    to ``reply_channel`` (which it does only if ``user_id`` owns the run) and returns
+    None. Another user's run here gets None and no request.
     """
     generation = running_generation(conversation_id)
+    if generation is not None and generation.run.user_id != user_id:
+        return None
     if generation is not None and not generation._finishing:
         return generation.snapshot()
     layer = layer or get_channel_layer()
     await layer.group_send(
         control_group_name(conversation_id),
-        {"type": "generation.sync", "reply_channel": reply_channel},
+        {"type": "generation.sync", "reply_channel": reply_channel, "user_id": user_id},
     )
     return None
 

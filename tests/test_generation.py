@@ -78,7 +78,8 @@ async def test_stop_through_the_control_group_cancels_the_run(alice, upstream):
     generation = await gen.start_generation(alice, uuid.uuid4(), "hi")
     await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written >= 2)
     await generation.layer.group_send(
-        gen.control_group_name(generation.conversation_id), {"type": "generation.stop"}
+        gen.control_group_name(generation.conversation_id),
+        {"type": "generation.stop", "user_id": alice.id},
     )
     end = await asyncio.wait_for(generation.wait(), 5)
     assert end["status"] == "cancelled"
@@ -94,7 +95,7 @@ async def test_snapshot_request_is_answered_on_the_reply_channel(alice, upstream
     reply = await layer.new_channel("test.")
     await layer.group_send(
         gen.control_group_name(generation.conversation_id),
-        {"type": "generation.sync", "reply_channel": reply},
+        {"type": "generation.sync", "reply_channel": reply, "user_id": alice.id},
     )
     answer = await asyncio.wait_for(layer.receive(reply), 2)
     assert answer["type"] == "generation.snapshot"

@@ -356,7 +356,9 @@ class StopView(APIView):
         if streaming is not None:
             # Sync views run in a worker thread under ASGI; async_to_sync runs this on
             # the server's event loop, where a local generation's task lives.
-            async_to_sync(gen.request_stop)(conversation.id, reason="stop")
+            async_to_sync(gen.request_stop)(
+                conversation.id, user_id=request.user.id, reason="stop"
+            )
         return Response(
             {"running": streaming is not None, "message_id": streaming.id if streaming else None}
         )

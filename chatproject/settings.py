@@ -129,6 +129,13 @@ ASGI_APPLICATION = "chatproject.asgi.application"
 # SQLite in WAL mode with IMMEDIATE transactions: writers take the lock at BEGIN, so two
 # concurrent "start a generation" transactions serialise instead of failing with
 # "database is locked" on upgrade (Django 5.1+ `transaction_mode`, SQLite docs on WAL).
+# Applied to every SQLite database below, however configured: DATABASE_URL=sqlite:///
+# without them ran in journal mode `delete` and failed under churn (issue 9, item 4).
+SQLITE_OPTIONS = {
+    "transaction_mode": "IMMEDIATE",
+    "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 20),
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+}
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     # Persistent connections (DATABASE_CONN_MAX_AGE s) save a PostgreSQL connection per
@@ -147,15 +154,14 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
-            "OPTIONS": {
-                "transaction_mode": "IMMEDIATE",
-                "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 20),
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
             # A file, not :memory:, so live server processes in tests share it.
             "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(BASE_DIR / ".test-db.sqlite3"))},
         }
     }
+for _database in DATABASES.values():
+    if _database["ENGINE"] == "django.db.backends.sqlite3":
+        # Options given in the URL's query string win.
+        _database["OPTIONS"] = {**SQLITE_OPTIONS, **_database.get("OPTIONS", {})}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -1,5 +1,6 @@
 """Nothing leaks on RedisPubSubChannelLayer: every channel a socket or a run subscribes
-to in Redis is released however it ends (issue 9, item 5).
+to in Redis is released however it ends (issue 9, item 5), and a run stopped before it
+started still ends as any run does (generation.end, usage record, channels released).
 
 The live server always uses Redis here (``REDIS_URL``, default
 ``redis://127.0.0.1:6379/0``) with a channel prefix of its own, so the Redis pub/sub
@@ -16,7 +17,9 @@ import pytest
 import redis
 import websockets
 from asgiref.sync import sync_to_async
+from channels.layers import InMemoryChannelLayer
 
+from chat import generation as gen
 from chat.models import Message
 from tests.conftest import session_cookie
 
@@ -82,3 +85,83 @@ async def test_sockets_that_disconnect_right_after_sending_a_message_leave_no_su
     assert left == baseline, f"{len(left) - len(baseline)} subscriptions left behind: {left}"
     # And every run those sockets started did end (cancelled by the disconnect).
     assert not await Message.objects.filter(status="streaming").aexists()
+
+
+# --- runs cancelled before they started ---------------------------------------------------
+class SlowJoinLayer(InMemoryChannelLayer):
+    """An in-memory layer whose group_add takes a while (a Redis round trip under load):
+    the window in which a run is registered but not launched yet."""
+
+    def __init__(self, delay, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+        self.joining = asyncio.Event()
+
+    async def group_add(self, group, channel):
+        if group.startswith("chatctl."):  # a run's control group
+            self.joining.set()
+            await asyncio.sleep(self.delay)
+        await super().group_add(group, channel)
+
+
+def control_members(layer, generation) -> dict:
+    return layer.groups.get(gen.control_group_name(generation.conversation_id), {})
+
+
+async def until_saved_as(message_id, status, timeout=10) -> Message:
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await Message.objects.select_related("usage").aget(id=message_id)
+        if message.status == status or time.monotonic() > deadline:
+            return message
+        await asyncio.sleep(0.05)
+
+
+async def test_a_stop_while_the_run_is_being_launched_is_not_lost(alice, upstream):
+    upstream.answer = ANSWER
+    layer = SlowJoinLayer(delay=0.3)
+    conversation = uuid.uuid4()
+    starting = asyncio.create_task(
+        gen.start_generation(alice, conversation, "hi", layer=layer)
+    )
+    await asyncio.wait_for(layer.joining.wait(), 10)
+    assert gen.running_generation(conversation) is not None
+    assert await gen.request_stop(conversation, user_id=alice.id)
+    generation = await starting
+    end = await asyncio.wait_for(generation.wait(), 10)
+    assert end["status"] == "cancelled"
+    assert end["usage"] is not None
+    assert control_members(layer, generation) == {}
+
+
+async def test_a_run_whose_caller_is_cancelled_while_launching_still_ends_and_lets_go(
+    alice, upstream
+):
+    # A socket torn down while its message was starting a run.
+    upstream.answer = ANSWER
+    layer = SlowJoinLayer(delay=0.3)
+    conversation = uuid.uuid4()
+    starting = asyncio.create_task(
+        gen.start_generation(alice, conversation, "hi", layer=layer)
+    )
+    await asyncio.wait_for(layer.joining.wait(), 10)
+    generation = gen.running_generation(conversation)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    saved = await until_saved_as(generation.message_id, "cancelled")
+    assert saved.status == "cancelled" and saved.usage is not None
+    await asyncio.wait_for(generation.wait(), 10)
+    assert gen.running_generation(conversation) is None
+    assert control_members(layer, generation) == {}
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == f"generation-{saved.id}"]
+
+
+async def test_a_run_cancelled_at_once_ends_with_its_usage_and_lets_go(alice, upstream):
+    upstream.answer = ANSWER
+    layer = InMemoryChannelLayer()
+    generation = await gen.start_generation(alice, uuid.uuid4(), "hi", layer=layer)
+    assert generation.cancel("disconnect")
+    end = await asyncio.wait_for(generation.wait(), 10)
+    assert end["status"] == "cancelled" and end["usage"] is not None
+    assert control_members(layer, generation) == {}

@@ -481,33 +481,47 @@ def finish_stale(conversation_id=None) -> list[dict]:
     """Mark streaming messages whose process stopped heartbeating as ``interrupted``
     (keeping their last checkpointed text) and give each its estimated UsageRecord.
 
-    Returns the ``generation.end`` frames to publish, one per message finished.
+    Returns the ``generation.end`` frames to publish, one per message finished (a
+    message its own run finished meanwhile is left as it is and gets none).
     """
     stale = Message.objects.stale().select_related("conversation")
     if conversation_id is not None:
         stale = stale.filter(conversation_id=conversation_id)
     frames = []
+    error = "The server process running this generation stopped responding."
     for message in stale:
         conversation = message.conversation
-        duration_ms = int((timezone.now() - message.created_at).total_seconds() * 1000)
+        now = timezone.now()
+        duration_ms = int((now - message.created_at).total_seconds() * 1000)
         record = finalize_message(
             message.id,
             user_id=conversation.owner_id,
             conversation_id=conversation.id,
             model=message.model,
-            content=message.content,
+            content=None,  # the text of the last checkpoint, read under the row lock
             status=Message.Status.INTERRUPTED,
             finish_reason="error",
-            error="The server process running this generation stopped.",
+            error=error,
             prompt=build_prompt_safe(conversation, before=message.created_at),
             usage=None,
             ttft_ms=None,
             duration_ms=duration_ms,
         )
+        if record.status != Message.Status.INTERRUPTED:
+            continue
         frames.append(_end_frame(message.id, Message.Status.INTERRUPTED, "error",
-                                 record.to_dict(), "The server process running this "
-                                 "generation stopped."))
-        logger.warning("generation %s interrupted (worker %s gone)", message.id, message.worker)
+                                 record.to_dict(), error))
+        # What is known is the silence, not why: the worker may be alive but stalled
+        # (a blocked event loop, a database it cannot reach), or this very process.
+        silence = (
+            f"no checkpoint for {(now - message.heartbeat_at).total_seconds():.0f} s"
+            if message.heartbeat_at else "never checkpointed"
+        )
+        logger.warning(
+            "generation %s interrupted: %s (lease %s s), worker %s%s",
+            message.id, silence, settings.CHAT_LEASE_S, message.worker or "unknown",
+            " (this process)" if message.worker == WORKER_ID else "",
+        )
     return frames
 
 

@@ -9,7 +9,8 @@ SDK path as a real provider, so the demo exercises the real streaming and cancel
 It stops generating as soon as the client closes the connection, and it records every
 request (chunks written, when the client closed), which makes it the loopback upstream
 of the tests and of ``bench.load`` as well. Failure modes for those: ``fail_status``
-(answer an HTTP error) and ``drop_after`` (cut the connection after N content chunks).
+(answer an HTTP error), ``drop_after`` (cut the connection after N content chunks) and
+``fault`` (one of :data:`FAULTS`: what real providers and proxies were seen to send).
 """
 
 from __future__ import annotations
@@ -26,6 +27,38 @@ from dataclasses import dataclass, field
 
 TOKEN_RE = re.compile(r"\s*\S+|\s+")
 _ids = itertools.count(1)
+
+# Faults UpstreamServer can produce (its ``fault`` knob); "mid-stream" ones happen after
+# ``fault_after`` content chunks.
+FAULTS = (
+    "unauthorized",         # HTTP 401 with an OpenAI-style error body
+    "rate_limited",         # HTTP 429 with Retry-After: ``retry_after`` seconds
+    "server_error",         # HTTP 500
+    "hang_before_headers",  # reads the request, then sends nothing until the client leaves
+    "drop_mid_stream",      # aborts the TCP connection mid-stream
+    "stall_mid_stream",     # sends nothing more mid-stream until the client leaves
+    "end_mid_stream",       # ends the body cleanly mid-stream: no finish_reason, no [DONE]
+    "malformed_json",       # a mid-stream event whose data is not JSON
+    "no_choices",           # a mid-stream chunk without "choices"; "choices": null on usage
+    "error_event",          # a mid-stream {"error": {...}} event, then the end of the body
+    "no_done_close",        # finish_reason and usage, then closes without [DONE] or body end
+    "no_done_hang",         # finish_reason and usage, then sends nothing until the client leaves
+    "nul",                  # a mid-stream delta containing NUL (JSON "\u0000")
+    "lone_surrogate",       # a mid-stream delta containing a lone surrogate (JSON "\udcff")
+)
+# The extra delta the "nul" and "lone_surrogate" faults send.
+POISON = {"nul": " nul\x00here", "lone_surrogate": " lone\udcffhere"}
+# The body of the HTTP error faults: (status, OpenAI-style error).
+FAULT_ERRORS = {
+    "unauthorized": (401, {"message": "Incorrect API key provided.",
+                           "type": "invalid_request_error", "code": "invalid_api_key"}),
+    "rate_limited": (429, {"message": "Rate limit reached for requests.",
+                           "type": "requests", "code": "rate_limit_exceeded"}),
+    "server_error": (500, {"message": "The server had an error while processing your request.",
+                           "type": "server_error", "code": None}),
+}
+ERROR_EVENT = {"message": "The model is overloaded; the stream was interrupted.",
+               "type": "server_error", "code": "overloaded"}
 
 
 @dataclass
@@ -109,7 +142,9 @@ class UpstreamServer:
     to the answer text; ``fail_status`` answers every completion request with that HTTP
     status and an OpenAI-style error body; ``drop_after`` aborts the TCP connection after
     that many content chunks; ``response_delay`` (s) waits before the response headers
-    (a slow provider). All may be changed between requests.
+    (a slow provider); ``fault`` (one of :data:`FAULTS`, None for none) misbehaves the
+    way it names, mid-stream ones after ``fault_after`` content chunks, ``rate_limited``
+    with a Retry-After of ``retry_after`` s. All may be changed between requests.
     """
 
     def __init__(
@@ -123,6 +158,9 @@ class UpstreamServer:
         drop_after: int | None = None,
         response_delay: float = 0.0,
         model: str = "demo",
+        fault: str | None = None,
+        fault_after: int = 3,
+        retry_after: float = 1,
     ):
         self.host = host
         self.port = port
@@ -132,11 +170,25 @@ class UpstreamServer:
         self.drop_after = drop_after
         self.response_delay = response_delay
         self.model = model
+        self.fault = fault
+        self.fault_after = fault_after
+        self.retry_after = retry_after
         self.requests: list[UpstreamRequest] = []
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def fault(self) -> str | None:
+        """The fault every following request gets (one of :data:`FAULTS`) or None."""
+        return self._fault
+
+    @fault.setter
+    def fault(self, value: str | None) -> None:
+        if value is not None and value not in FAULTS:
+            raise ValueError(f"unknown fault {value!r}; one of {FAULTS}")
+        self._fault = value
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -233,11 +285,14 @@ class UpstreamServer:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _send_json(self, writer, status: int, payload: dict) -> None:
+    async def _send_json(self, writer, status: int, payload: dict, headers: str = "") -> None:
         data = json.dumps(payload).encode()
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}.get(status, "Error")
+        reason = {
+            200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            429: "Too Many Requests", 500: "Internal Server Error",
+        }.get(status, "Error")
         writer.write(
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{headers}"
             f"Content-Length: {len(data)}\r\n\r\n".encode() + data
         )
         await writer.drain()
@@ -258,6 +313,13 @@ class UpstreamServer:
             return True
         record = UpstreamRequest(id=next(_ids), body=request_body, started_at=time.monotonic())
         self.requests.append(record)
+        if self.fault in FAULT_ERRORS:
+            status, error = FAULT_ERRORS[self.fault]
+            record.status = status
+            record.finished_at = time.monotonic()
+            headers = f"Retry-After: {self.retry_after:g}\r\n" if status == 429 else ""
+            await self._send_json(writer, status, {"error": error}, headers)
+            return True
         if self.fail_status:
             record.status = self.fail_status
             record.finished_at = time.monotonic()
@@ -292,8 +354,9 @@ class UpstreamServer:
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": choices,
             }
+            if choices is not _NO_CHOICES:
+                payload["choices"] = choices
             if with_usage_key:
                 payload["usage"] = usage
             return f"data: {json.dumps(payload)}\n\n"
@@ -327,6 +390,9 @@ class UpstreamServer:
             if streamer.result() == "dropped":
                 writer.transport.abort()
                 return False
+            if streamer.result() == "closed":  # no terminating chunk: the body is cut
+                writer.close()
+                return False
             record.completed = True
             with contextlib.suppress(ConnectionError):
                 writer.write(b"0\r\n\r\n")
@@ -343,7 +409,10 @@ class UpstreamServer:
     async def _write_tokens(self, record, tokens, chunk, send, finish_reason, messages, usage):
         from .accounting import count_prompt_tokens
 
+        fault = self.fault
         delay = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0
+        if fault == "hang_before_headers":
+            await asyncio.Event().wait()  # until _stream sees the client leave
         if self.response_delay:
             await asyncio.sleep(self.response_delay)
         await send(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -353,6 +422,10 @@ class UpstreamServer:
                 await asyncio.sleep(delay)
             if self.drop_after is not None and record.chunks_written >= self.drop_after:
                 return "dropped"
+            if record.chunks_written == self.fault_after and fault is not None:
+                outcome = await self._mid_stream_fault(fault, record, chunk, send)
+                if outcome:
+                    return outcome
             await send(chunk([{"index": 0, "delta": {"content": token}, "finish_reason": None}]))
             record.chunks_written += 1
             record.text_written.append(token)
@@ -361,14 +434,44 @@ class UpstreamServer:
         await send(chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason}]))
         if usage:
             prompt_tokens = count_prompt_tokens(messages)
-            await send(chunk([], {
+            await send(chunk(None if fault == "no_choices" else [], {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens),
                 "total_tokens": prompt_tokens + len(tokens),
             }))
+        if fault == "no_done_close":
+            return "closed"
+        if fault == "no_done_hang":
+            await asyncio.Event().wait()
         await send("data: [DONE]\n\n")
         return "done"
 
+    async def _mid_stream_fault(self, fault, record, chunk, send) -> str | None:
+        """Send what ``fault`` sends in the middle of a stream; returns how the response
+        ends (``"dropped"``, ``"done"``) or None to go on streaming."""
+        if fault == "drop_mid_stream":
+            return "dropped"
+        if fault == "stall_mid_stream":
+            await asyncio.Event().wait()
+        if fault == "end_mid_stream":
+            return "done"
+        if fault == "malformed_json":
+            await send('data: {"id": "chatcmpl-broken", "choices": [{"delta": {"content\n\n')
+        elif fault == "no_choices":
+            await send(chunk(_NO_CHOICES))
+        elif fault == "error_event":
+            await send(f"data: {json.dumps({'error': ERROR_EVENT})}\n\n")
+            return "done"
+        elif fault in POISON:
+            poison = POISON[fault]
+            await send(chunk([{"index": 0, "delta": {"content": poison}, "finish_reason": None}]))
+            record.chunks_written += 1
+            record.text_written.append(poison)
+        return None
+
+
+# A chunk() argument: leave the "choices" key out of the chunk.
+_NO_CHOICES = object()
 
 _demo_servers: dict[asyncio.AbstractEventLoop, UpstreamServer] = {}
 _demo_lock = threading.Lock()

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -134,17 +136,118 @@ async def get_client() -> openai.AsyncOpenAI:
     else:
         # Local servers (vLLM, Ollama, llama.cpp) accept any key but the SDK wants one.
         base_url, api_key = settings.OPENAI_BASE_URL or None, settings.OPENAI_API_KEY or "none"
-    key = (id(asyncio.get_running_loop()), base_url, hash(api_key))
+    # httpx's connect timeout is the first-byte budget: a provider that cannot even be
+    # connected to fails as soon as one that never sends its headers (see _run, which
+    # bounds the wait for the headers, retries included).
+    timeout = openai.Timeout(
+        settings.OPENAI_TIMEOUT_S, connect=settings.OPENAI_FIRST_BYTE_TIMEOUT_S
+    )
+    key = (
+        id(asyncio.get_running_loop()), base_url, hash(api_key),
+        settings.OPENAI_TIMEOUT_S, settings.OPENAI_FIRST_BYTE_TIMEOUT_S,
+        settings.OPENAI_MAX_RETRIES,
+    )
     client = _clients.get(key)
     if client is None:
         client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
-            timeout=settings.OPENAI_TIMEOUT_S,
+            timeout=timeout,
             max_retries=settings.OPENAI_MAX_RETRIES,
         )
         _clients[key] = client
     return client
+
+
+# --- what the provider sends (untrusted input) ----------------------------------------
+# Lone UTF-16 surrogates (a JSON escape such as "\udcff") cannot be encoded as UTF-8 by
+# any database driver, and PostgreSQL refuses NUL in text.
+_UNSAFE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def clean_provider_text(text: str) -> str:
+    """Provider text made safe to store and send: each lone surrogate becomes U+FFFD
+    (the Unicode replacement character, as a UTF-8 decoder does with bad bytes) and NUL
+    characters are dropped. Anything else, control characters included, is kept.
+
+    Applied where chunks are read (``Generation._run``) to content, finish reasons and
+    error messages, so one provider's bad output cannot fail a database write shared
+    with other runs (the batched checkpoint, chat.leases.checkpoint_many). Python
+    strings hold code points, so a surrogate here is always unpaired: ``json.loads``
+    already joins escaped pairs.
+    """
+    if not _UNSAFE_TEXT.search(text):
+        return text
+    return _UNSAFE_TEXT.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", text)
+
+
+def _provider_message(value, limit: int = 300) -> str:
+    """A provider's message (any JSON value) as clean text of at most ``limit`` chars;
+    the configured API key is masked should a provider or proxy echo it."""
+    text = clean_provider_text(str(value or "").strip())
+    key = settings.OPENAI_API_KEY
+    if key and len(key) >= 8:
+        text = text.replace(key, "***")
+    return text[:limit]
+
+
+def _reported_usage(usage) -> dict | None:
+    """``{"prompt_tokens", "completion_tokens"}`` from a chunk's ``usage``, or None when
+    it is missing or not two non-negative integers (then the tokens are estimated)."""
+    if usage is None:
+        return None
+    counts = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
+        # Above 10**9 a count is not believable, and would overflow UsageRecord's fields.
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
+            return None
+        counts[name] = value
+    return counts
+
+
+def _read_chunk(chunk) -> tuple[str, str, dict | None]:
+    """``(content, finish_reason, usage)`` of one streamed chunk, all cleaned.
+
+    Tolerates what real providers send beside the reference format: no ``choices``
+    (Azure's prompt-filter chunks), ``choices: null`` (some usage chunks), a choice
+    without ``delta``, non-string content. ``finish_reason`` fits Message.finish_reason.
+    """
+    content: list[str] = []
+    finish_reason = ""
+    for choice in getattr(chunk, "choices", None) or ():
+        delta = getattr(choice, "delta", None)
+        text = getattr(delta, "content", None)
+        if isinstance(text, str) and text:
+            content.append(clean_provider_text(text))
+        reason = getattr(choice, "finish_reason", None)
+        if reason:
+            finish_reason = _provider_message(reason, 32)
+    return "".join(content), finish_reason, _reported_usage(getattr(chunk, "usage", None))
+
+
+def _retry_hint(exc: openai.APIStatusError) -> str:
+    """The sentence ``" Retry after N s."`` when a 429/503 answer carries a numeric
+    Retry-After header (RFC 9110 section 10.2.3; an HTTP-date is left out), else ``""``."""
+    if exc.status_code not in (429, 503):
+        return ""
+    value = (exc.response.headers.get("retry-after") or "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return ""
+    return f" Retry after {seconds:g} s." if 0 <= seconds < 86400 else ""
+
+
+# After finish_reason and usage, how long (s) to wait for [DONE] before ending the run as
+# completed anyway (at most CHAT_STREAM_IDLE_TIMEOUT_S). Providers send [DONE] in the same
+# write as the usage chunk; the wait only keeps the connection reusable.
+_DONE_GRACE_S = 2.0
+
+
+class UpstreamTimeout(Exception):
+    """The provider did not start answering, or went silent, for too long (the
+    message says which; settings OPENAI_FIRST_BYTE_TIMEOUT_S, CHAT_STREAM_IDLE_TIMEOUT_S)."""
 
 
 # --- preparing a run (database, synchronous) ------------------------------------------
@@ -308,7 +411,7 @@ def finalize_message(
     user_id,
     conversation_id,
     model: str,
-    content: str,
+    content: str | None,
     status: str,
     finish_reason: str,
     error: str,
@@ -321,7 +424,9 @@ def finalize_message(
 
     ``usage`` is the API's report ({"prompt_tokens", "completion_tokens"}) or None, in
     which case the tokens are estimated from ``prompt`` and ``content`` and the record is
-    marked ``estimated``. Idempotent: a message that already has its record keeps it.
+    marked ``estimated``. ``content`` None keeps the text saved so far (the last
+    checkpoint): the fallback when the text itself cannot be saved (Generation._finish).
+    Idempotent: a message that already has its record keeps it.
     """
     with transaction.atomic():
         # Conversation first, then message: the order prepare_run and the lease sweeper
@@ -332,7 +437,9 @@ def finalize_message(
         if existing is not None:
             return existing
         now = timezone.now()
-        message.content = content
+        if content is not None:
+            message.content = content
+        content = message.content
         message.status = status
         message.finish_reason = finish_reason
         message.error = error
@@ -376,33 +483,47 @@ def finish_stale(conversation_id=None) -> list[dict]:
     """Mark streaming messages whose process stopped heartbeating as ``interrupted``
     (keeping their last checkpointed text) and give each its estimated UsageRecord.
 
-    Returns the ``generation.end`` frames to publish, one per message finished.
+    Returns the ``generation.end`` frames to publish, one per message finished (a
+    message its own run finished meanwhile is left as it is and gets none).
     """
     stale = Message.objects.stale().select_related("conversation")
     if conversation_id is not None:
         stale = stale.filter(conversation_id=conversation_id)
     frames = []
+    error = "The server process running this generation stopped responding."
     for message in stale:
         conversation = message.conversation
-        duration_ms = int((timezone.now() - message.created_at).total_seconds() * 1000)
+        now = timezone.now()
+        duration_ms = int((now - message.created_at).total_seconds() * 1000)
         record = finalize_message(
             message.id,
             user_id=conversation.owner_id,
             conversation_id=conversation.id,
             model=message.model,
-            content=message.content,
+            content=None,  # the text of the last checkpoint, read under the row lock
             status=Message.Status.INTERRUPTED,
             finish_reason="error",
-            error="The server process running this generation stopped.",
+            error=error,
             prompt=build_prompt_safe(conversation, before=message.created_at),
             usage=None,
             ttft_ms=None,
             duration_ms=duration_ms,
         )
+        if record.status != Message.Status.INTERRUPTED:
+            continue
         frames.append(_end_frame(message.id, Message.Status.INTERRUPTED, "error",
-                                 record.to_dict(), "The server process running this "
-                                 "generation stopped."))
-        logger.warning("generation %s interrupted (worker %s gone)", message.id, message.worker)
+                                 record.to_dict(), error))
+        # What is known is the silence, not why: the worker may be alive but stalled
+        # (a blocked event loop, a database it cannot reach), or this very process.
+        silence = (
+            f"no checkpoint for {(now - message.heartbeat_at).total_seconds():.0f} s"
+            if message.heartbeat_at else "never checkpointed"
+        )
+        logger.warning(
+            "generation %s interrupted: %s (lease %s s), worker %s%s",
+            message.id, silence, settings.CHAT_LEASE_S, message.worker or "unknown",
+            " (this process)" if message.worker == WORKER_ID else "",
+        )
     return frames
 
 
@@ -470,6 +591,8 @@ class Generation:
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _helpers: list[asyncio.Task] = field(default_factory=list)
     _control_channel: str | None = None
+    # Set by fail(): the error the run ends with instead of `cancelled`.
+    _failure: str | None = None
 
     @property
     def message_id(self) -> str:
@@ -613,52 +736,121 @@ class Generation:
         cancelled = False
         try:
             client = await get_client()
-            stream = await client.chat.completions.create(
-                model=self.run.model,
-                messages=self.run.prompt,
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=self.run.max_tokens,
-            )
+            first_byte_s = settings.OPENAI_FIRST_BYTE_TIMEOUT_S
+            idle_s = settings.CHAT_STREAM_IDLE_TIMEOUT_S
+            try:
+                # create() returns once the response headers are in; the SDK's retries
+                # (429, 5xx, a dropped connection) spend the same budget.
+                async with asyncio.timeout(first_byte_s):
+                    stream = await client.chat.completions.create(
+                        model=self.run.model,
+                        messages=self.run.prompt,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        max_tokens=self.run.max_tokens,
+                    )
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"The model provider did not start answering within {first_byte_s:g} s."
+                ) from None
             # `async with` closes the HTTP response on every exit, including a
             # CancelledError raised at any await inside the block.
             async with stream:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = {
-                            "prompt_tokens": chunk.usage.prompt_tokens,
-                            "completion_tokens": chunk.usage.completion_tokens,
-                        }
-                    for choice in chunk.choices:
-                        if choice.delta and choice.delta.content:
-                            if ttft_ms is None:
-                                ttft_ms = int((time.monotonic() - self.started_at) * 1000)
-                            self._append(choice.delta.content)
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
+                chunks = aiter(stream)
+                while True:
+                    # Once finish_reason and usage are both in, the answer is whole:
+                    # [DONE] gets a short grace, and whatever follows (silence, a cut
+                    # connection, garbage) cannot turn it into a failure.
+                    whole = bool(finish_reason) and usage is not None
+                    try:
+                        async with asyncio.timeout(
+                            min(_DONE_GRACE_S, idle_s) if whole else idle_s
+                        ):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        if whole:
+                            logger.info("generation %s: no [DONE] after its usage; "
+                                        "ending it as completed", self.message_id)
+                            break
+                        raise UpstreamTimeout(
+                            f"The model provider sent nothing for {idle_s:g} s."
+                        ) from None
+                    except Exception:
+                        if whole:
+                            logger.info("generation %s: stream broke after its usage; "
+                                        "ending it as completed", self.message_id,
+                                        exc_info=True)
+                            break
+                        raise
+                    content, reason, reported = _read_chunk(chunk)
+                    if reported is not None:
+                        usage = reported
+                    if content:
+                        if ttft_ms is None:
+                            ttft_ms = int((time.monotonic() - self.started_at) * 1000)
+                        self._append(content)
+                    if reason:
+                        finish_reason = reason
                     if self._outbox.qsize() >= settings.CHAT_OUTBOX_LIMIT:
                         # Back-pressure: a slow channel layer slows our reading (and so
                         # the provider, through TCP) instead of growing memory.
                         await self._outbox.join()
+            if not finish_reason:
+                # A clean end of the HTTP body without a finish_reason: the provider
+                # (or a proxy) cut the answer short.
+                status, finish_reason = Message.Status.FAILED, "error"
+                error = "The model provider ended the answer before it was complete."
         except asyncio.CancelledError:
-            cancelled = True
-            status, finish_reason, usage = Message.Status.CANCELLED, "cancelled", None
+            if self._failure is None:
+                cancelled = True
+                status, finish_reason = Message.Status.CANCELLED, "cancelled"
+            else:  # Generation.fail: a run this process had to end
+                status, finish_reason, error = Message.Status.FAILED, "error", self._failure
+        except UpstreamTimeout as exc:
+            status, finish_reason, error = Message.Status.FAILED, "error", str(exc)
         except openai.APIStatusError as exc:
-            status, finish_reason, usage = Message.Status.FAILED, "error", None
-            error = f"The model provider answered HTTP {exc.status_code}: {_api_message(exc)}"
+            status, finish_reason = Message.Status.FAILED, "error"
+            error = (
+                f"The model provider answered HTTP {exc.status_code}: "
+                f"{_provider_message(_api_message(exc))}{_retry_hint(exc)}"
+            )
         except openai.APITimeoutError:
-            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            status, finish_reason = Message.Status.FAILED, "error"
             error = "The model provider did not answer in time."
         except openai.APIConnectionError:
-            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            status, finish_reason = Message.Status.FAILED, "error"
             error = "The connection to the model provider was lost."
+        except openai.APIError as exc:
+            # An {"error": {...}} event in the stream (the SDK raises it as APIError).
+            status, finish_reason = Message.Status.FAILED, "error"
+            error = f"The model provider reported an error: {_provider_message(exc.message)}"
+        except json.JSONDecodeError:
+            logger.warning("generation %s: the provider sent a chunk that is not JSON",
+                           self.message_id)
+            status, finish_reason = Message.Status.FAILED, "error"
+            error = "The model provider sent a malformed chunk."
         except Exception as exc:  # noqa: BLE001 - any failure ends the run as failed
             logger.exception("generation %s failed", self.message_id)
-            status, finish_reason, usage = Message.Status.FAILED, "error", None
+            status, finish_reason = Message.Status.FAILED, "error"
             error = f"The generation failed ({type(exc).__name__})."
+        # Usage the provider reported is kept whatever the end: it is what was billed.
         await self._finish(status, finish_reason or "stop", error, usage, ttft_ms)
         if cancelled:
             raise asyncio.CancelledError
+
+    def fail(self, error: str) -> bool:
+        """End the run as ``failed`` with ``error`` (shown to the user), closing the
+        upstream stream as a stop does; for a run this process cannot carry on (its
+        text cannot be saved: chat.leases.checkpoint_running). Returns False when the
+        run was already ending."""
+        if self._finishing or self.task is None or self.task.done() or self.cancel_reason:
+            return False
+        self.cancel_reason = "failed"
+        self._failure = error
+        self.task.cancel()
+        return True
 
     async def _finish(self, status, finish_reason, error, usage, ttft_ms) -> None:
         self._finishing = True
@@ -670,30 +862,45 @@ class Generation:
             self.status = status
             duration_ms = int((time.monotonic() - self.started_at) * 1000)
             content = "".join(self.text)
+            save = database_sync_to_async(finalize_message, thread_sensitive=False)
+            common = {
+                "user_id": self.run.user_id, "conversation_id": self.conversation_id,
+                "model": self.run.model, "prompt": self.run.prompt, "usage": usage,
+                "ttft_ms": ttft_ms, "duration_ms": duration_ms,
+            }
+            record = None
             try:
-                record = await database_sync_to_async(finalize_message, thread_sensitive=False)(
-                    self.message_id,
-                    user_id=self.run.user_id,
-                    conversation_id=self.conversation_id,
-                    model=self.run.model,
-                    content=content,
-                    status=status,
-                    finish_reason=finish_reason,
-                    error=error,
-                    prompt=self.run.prompt,
-                    usage=usage,
-                    ttft_ms=ttft_ms,
-                    duration_ms=duration_ms,
+                record = await save(
+                    self.message_id, content=content, status=status,
+                    finish_reason=finish_reason, error=error, **common,
                 )
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("could not save the end of generation %s", self.message_id)
+                # Never tell the tabs an answer ended well when it is not saved: save it
+                # as failed, with its text, or else with the last checkpointed text (the
+                # text may be what the database refused). A row left streaming would
+                # answer `busy` until its lease expired.
+                status, finish_reason = Message.Status.FAILED, "error"
+                error = f"The answer could not be saved ({type(exc).__name__})."
+                for kept, note in ((content, ""), (None, " Only its last saved part is kept.")):
+                    try:
+                        record = await save(
+                            self.message_id, content=kept, status=status,
+                            finish_reason=finish_reason, error=error + note, **common,
+                        )
+                        error += note
+                        break
+                    except Exception:  # noqa: BLE001
+                        logger.exception("could not save generation %s as failed",
+                                         self.message_id)
+            self.status = status
+            usage_dict = None
+            if record is not None:
                 usage_dict = record.to_dict()
                 if record.status != status:
                     # Finished elsewhere (a lease sweep): report the recorded end.
                     status = self.status = record.status
                     finish_reason, error = "error", "The generation lost its lease."
-            except Exception:  # noqa: BLE001
-                logger.exception("could not save the end of generation %s", self.message_id)
-                usage_dict = None
-                error = error or "The answer could not be saved."
             self.end_frame = _end_frame(self.message_id, status, finish_reason, usage_dict, error)
             self.publish(self.end_frame)
             self.publish(None)

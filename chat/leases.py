@@ -30,6 +30,7 @@ import random
 import uuid
 import weakref
 from contextvars import Context
+from typing import NamedTuple
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -53,25 +54,60 @@ _checkpointers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --- checkpoints (the lease's heartbeat) -----------------------------------------------
-def checkpoint_many(contents: dict[str, str]) -> set[str]:
+class Checkpoint(NamedTuple):
+    """What :func:`checkpoint_many` found: ``lost``, ids whose row is no longer
+    ``streaming`` (a sweeper finished them as ``interrupted`` while this process was too
+    slow); ``unsaved``, ids whose text the database refused (their lease was refreshed
+    all the same)."""
+
+    lost: set[str]
+    unsaved: set[str]
+
+
+def checkpoint_many(contents: dict[str, str]) -> Checkpoint:
     """Save the text so far of streaming messages and refresh their lease, in ONE
     UPDATE statement: ``{message_id: content}``. Rows already final are left alone.
-    Returns the ids whose row is no longer ``streaming``: their lease was lost (a
-    sweeper finished them as ``interrupted`` while this process was too slow).
 
     One statement per process and interval instead of one per run: with a run per
     UPDATE (each with its connection and commit), checkpoints took a quarter of a
-    worker's CPU in bench.load profiles at 100 streams per worker (docs/scale.md)."""
+    worker's CPU in bench.load profiles at 100 streams per worker (docs/scale.md).
+
+    One run's text must not fail the others (issue 9: a lone surrogate in one answer
+    made every run of the process miss its heartbeats and be swept): when the batch
+    fails, each row is written on its own, and a row whose text is refused gets its
+    lease refreshed without it and is reported in ``unsaved``. Raises only when even
+    that fails (the database itself is unavailable; the next interval tries again).
+    """
     if not contents:
-        return set()
-    with transaction.atomic():
-        alive = {
-            str(mid) for mid in Message.objects.select_for_update().filter(
-                id__in=list(contents), status=Message.Status.STREAMING
-            ).values_list("id", flat=True)
-        }
-        _update_contents({mid: text for mid, text in contents.items() if mid in alive})
-    return set(contents) - alive
+        return Checkpoint(set(), set())
+    try:
+        with transaction.atomic():
+            alive = {
+                str(mid) for mid in Message.objects.select_for_update().filter(
+                    id__in=list(contents), status=Message.Status.STREAMING
+                ).values_list("id", flat=True)
+            }
+            _update_contents({mid: text for mid, text in contents.items() if mid in alive})
+        return Checkpoint(set(contents) - alive, set())
+    except Exception:  # noqa: BLE001 - any row may be the cause; find it row by row
+        logger.warning("batched checkpoint of %d runs failed; saving them one by one",
+                       len(contents), exc_info=True)
+    lost, unsaved = set(), set()
+    for mid, text in contents.items():
+        streaming = Message.objects.filter(id=mid, status=Message.Status.STREAMING)
+        try:
+            with transaction.atomic():
+                updated = streaming.update(content=text, heartbeat_at=timezone.now())
+        except Exception:  # noqa: BLE001
+            # If the heartbeat alone cannot be written either, the database is the
+            # problem, not this row: let it raise.
+            with transaction.atomic():
+                updated = streaming.update(heartbeat_at=timezone.now())
+            logger.error("the text of generation %s cannot be saved", mid, exc_info=True)
+            unsaved.add(mid)
+        if not updated:
+            lost.add(mid)
+    return Checkpoint(lost, unsaved - lost)
 
 
 def _update_contents(contents: dict[str, str]) -> None:
@@ -100,16 +136,25 @@ async def checkpoint_running() -> set[str]:
     """Checkpoint every generation running on this loop (see :func:`checkpoint_many`).
 
     A run whose lease was lost is cancelled: it was declared dead and accounted for, so
-    it must not keep streaming (and paying) unseen. Returns the ids of those runs."""
+    it must not keep streaming (and paying) unseen. A run whose text cannot be saved
+    is ended as failed (its end keeps the last text that could be saved). A run that
+    began finishing while the statement ran is neither: its own end is saved anyway.
+    Returns the ids of the runs whose lease was lost."""
     running = running_here()
     contents = {g.message_id: "".join(g.text) for g in running}
     if not contents:
         return set()
-    lost = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
+    result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
+    lost = set()
     for generation in running:
-        if generation.message_id in lost:
+        if generation._finishing or generation.task.done():
+            continue
+        if generation.message_id in result.lost:
+            lost.add(generation.message_id)
             logger.warning("generation %s lost its lease; stopping it", generation.message_id)
             generation.cancel("lease_lost")
+        elif generation.message_id in result.unsaved:
+            generation.fail("The answer could not be saved: the database refused its text.")
     return lost
 
 

@@ -9,6 +9,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
+from chat import generation as gen
 from chat import leases
 from chat.models import Conversation, Message, UsageRecord
 
@@ -107,3 +108,39 @@ async def test_a_run_whose_lease_was_lost_stops_streaming_and_ends_once(alice, u
     saved = await Message.objects.aget(id=message_id)
     assert saved.status == "interrupted"
     assert await UsageRecord.objects.filter(message_id=message_id).acount() == 1
+
+
+# --- log lines that must be true ----------------------------------------------------------
+async def test_a_run_that_ends_during_a_checkpoint_is_not_said_to_have_lost_its_lease(
+    alice, upstream, monkeypatch, caplog
+):
+    upstream.answer = "a short answer"
+    generation = await gen.start_generation(alice, uuid.uuid4(), "hi")
+    await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written)
+    real_checkpoint_many = leases.checkpoint_many
+
+    def after_the_run_has_ended(contents):
+        # A slow database: the batch runs only once the run has saved its own end.
+        ended = Message.objects.filter(id=generation.message_id).exclude(status="streaming")
+        assert upstream.wait_for(ended.exists, 10)
+        return real_checkpoint_many(contents)
+
+    monkeypatch.setattr(leases, "checkpoint_many", after_the_run_has_ended)
+    assert generation.message_id in {g.message_id for g in leases.running_here()}
+    assert await leases.checkpoint_running() == set()
+    end = await generation.wait()
+    assert end["status"] == "completed" and end["error"] is None
+    assert "lost its lease" not in caplog.text
+
+
+async def test_a_stale_run_of_a_live_worker_is_not_said_to_be_gone(alice, caplog):
+    # prepare_run and the sweepers finish runs whose lease expired; the process that
+    # ran them may be alive (a stalled loop), this one included: say what is known.
+    message = await sync_to_async(orphan_run)(alice)
+    await Message.objects.filter(id=message.id).aupdate(worker=gen.WORKER_ID)
+    frames = await sync_to_async(gen.finish_stale)(conversation_id=message.conversation_id)
+    assert [f["status"] for f in frames] == ["interrupted"]
+    lines = [r.getMessage() for r in caplog.records if str(message.id) in r.getMessage()]
+    assert len(lines) == 1
+    assert "gone" not in lines[0]
+    assert "no checkpoint for" in lines[0] and "(this process)" in lines[0]

@@ -1,0 +1,180 @@
+"""The first hour of a new user (issue 13, "Frictions"): the words on the pages match the
+README, the scripts say where to go next and make an admin without knowing about
+.venv, there is a site icon, amounts read the same everywhere, the admin's user filter
+has no stray entry, and the API schema opens readably in a browser."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import time
+import urllib.request
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from chat.models import Conversation, UsageRecord
+
+from .live import free_port
+
+pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parent.parent
+CHANGELIST = "admin:chat_usagerecord_changelist"
+# What Chromium sends when a person opens a link.
+BROWSER_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
+    "image/apng,*/*;q=0.8"
+)
+
+
+def record(user, *, cost="0.001", model="gpt-4o-mini", title="A chat"):
+    conversation = Conversation.objects.create(owner=user, title=title, model=model)
+    return UsageRecord.objects.create(
+        user=user, conversation=conversation, model=model, status="completed",
+        prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_usd=Decimal(cost),
+        duration_ms=100, created_at=timezone.now(),
+    )
+
+
+def text_of(html: str) -> str:
+    """The visible text of a page, roughly: tags dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+# --- one wording ----------------------------------------------------------------------------
+def test_the_readme_and_the_pages_both_say_create_an_account(client):
+    readme = (ROOT / "README.md").read_text()
+    assert "create an account" in readme
+    assert "sign up" not in readme.lower()
+
+    login = client.get("/accounts/login/").content.decode()
+    assert re.search(r'<a href="/accounts/signup/">Create an account</a>', login)
+
+    signup = client.get("/accounts/signup/").content.decode()
+    assert "<title>Create an account · Chat</title>" in signup
+    assert "<h1>Create an account</h1>" in signup
+    assert re.search(r'<button type="submit"[^>]*>Create account</button>', signup)
+    for page in (login, signup):
+        assert "sign up" not in text_of(page).lower()
+
+
+# --- scripts: next steps and manage.py without .venv -------------------------------------------
+def script_env(directory: Path) -> dict[str, str]:
+    """The scripts on a throwaway SQLite file in ``directory`` and the in-memory layer:
+    never the test database, the shared PostgreSQL or Redis, whatever configuration the
+    tests run in."""
+    return {
+        **os.environ,
+        "DATABASE_URL": "",
+        "SQLITE_PATH": str(directory / "first-hour.sqlite3"),
+        "REDIS_URL": "",
+        "DEBUG": "1",
+        "OPENAI_API_KEY": "",
+        "OPENAI_BASE_URL": "",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def manage(directory: Path, *args, env=None) -> subprocess.CompletedProcess:
+    # Run from another directory: the script must not depend on the current one.
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "manage.sh"), *args],
+        cwd=directory, env=env or script_env(directory), capture_output=True, text=True,
+        timeout=180,
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """A directory whose SQLite database ``scripts/manage.sh migrate`` has set up (once
+    for the module: migrating takes seconds)."""
+    directory = tmp_path_factory.mktemp("first-hour")
+    migrated = manage(directory, "migrate", "--noinput")
+    assert migrated.returncode == 0, migrated.stderr
+    return directory
+
+
+def test_manage_sh_makes_an_admin_without_knowing_about_the_virtualenv(site):
+    tmp_path = site
+    env = {
+        **script_env(tmp_path),
+        "DJANGO_SUPERUSER_USERNAME": "root",
+        "DJANGO_SUPERUSER_EMAIL": "root@example.com",
+        "DJANGO_SUPERUSER_PASSWORD": "a-long-admin-pass-7",
+    }
+    made = manage(tmp_path, "createsuperuser", "--noinput", env=env)
+    assert made.returncode == 0, made.stderr
+    shown = manage(
+        tmp_path, "shell", "-c",
+        "from django.contrib.auth.models import User; "
+        "u = User.objects.get(username='root'); print(u.is_staff, u.is_superuser)",
+    )
+    assert shown.stdout.strip().splitlines()[-1] == "True True"
+
+
+def read_until(process: subprocess.Popen, pattern: str, timeout: float) -> str:
+    """The process's output up to the first match of ``pattern``; fails at ``timeout``
+    seconds or when the output ends first."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([process.stdout], [], [], left)
+        chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
+        if not chunk:
+            break
+        seen += chunk.decode(errors="replace")
+        if re.search(pattern, seen):
+            return seen
+    raise AssertionError(f"no {pattern!r} in the output of run.sh:\n{seen[-3000:]}")
+
+
+def get(url: str):
+    """GET without following redirects: (status, Location header)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(url, timeout=10) as response:
+            return response.status, response.headers.get("Location")
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Location")
+
+
+def test_run_sh_prints_the_url_and_next_steps_once_the_server_answers(site):
+    port = free_port()
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "run.sh")],
+        env={**script_env(site), "HOST": "127.0.0.1", "PORT": str(port)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,  # runserver's reloader child goes with the group
+    )
+    try:
+        output = read_until(process, r"API docs:.*\n", timeout=120)
+        url = f"http://127.0.0.1:{port}"
+        steps = output[output.index("Next steps"):]
+        assert f"Chat is running at {url}/" in output
+        assert "create an account" in steps
+        assert "bash scripts/manage.sh createsuperuser" in steps
+        assert f"{url}/admin/" in steps and f"{url}/api/docs/" in steps
+        # Printed once the port answers, so every address in it works at once.
+        assert get(f"{url}/")[0] == 302
+        assert get(f"{url}/admin/") == (302, "/admin/login/?next=/admin/")
+        assert get(f"{url}/api/docs/")[0] == 200
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+        process.stdout.close()
+

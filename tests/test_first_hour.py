@@ -178,3 +178,26 @@ def test_run_sh_prints_the_url_and_next_steps_once_the_server_answers(site):
         process.wait(timeout=20)
         process.stdout.close()
 
+
+# --- a site icon ------------------------------------------------------------------------------
+def test_favicon_ico_is_answered_with_the_site_icon(client, settings):
+    settings.DEBUG = True  # whitenoise serves static files from the finders, as in run.sh
+    response = client.get("/favicon.ico")
+    assert response.status_code == 302
+    assert response["Location"] == "/static/chat/favicon.svg"
+    icon = client.get(response["Location"])
+    assert icon.status_code == 200
+    assert icon["Content-Type"] == "image/svg+xml"
+    assert b"".join(icon.streaming_content).startswith(b"<svg")
+
+
+def test_every_page_links_the_icon(client, alice, admin_client):
+    link = '<link rel="icon" href="/static/chat/favicon.svg" type="image/svg+xml">'
+    for path in ("/accounts/login/", "/accounts/signup/", reverse("admin:login")):
+        assert link in client.get(path).content.decode(), path
+    client.force_login(alice)
+    for path in (reverse("chat:index"), reverse("chat:tokens")):
+        assert link in client.get(path, follow=True).content.decode(), path
+    for path in (reverse("admin:index"), reverse(CHANGELIST)):
+        assert link in admin_client.get(path).content.decode(), path
+

@@ -23,6 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from chat.models import Conversation, UsageRecord
+from chat.money import format_usd, plain_decimal
 
 from .live import free_port
 
@@ -200,4 +201,76 @@ def test_every_page_links_the_icon(client, alice, admin_client):
         assert link in client.get(path, follow=True).content.decode(), path
     for path in (reverse("admin:index"), reverse(CHANGELIST)):
         assert link in admin_client.get(path).content.decode(), path
+
+
+# --- one USD format for people, plain decimals for files ------------------------------------------
+@pytest.mark.parametrize("amount, shown", [
+    ("0", "$0"),
+    ("0E-8", "$0"),
+    ("0.00000001", "<$0.000001"),
+    ("0.0000075", "$0.000008"),
+    ("0.000225", "$0.000225"),
+    ("0.0075", "$0.0075"),
+    ("0.00999999", "$0.0100"),
+    ("0.0123456", "$0.0123"),
+    ("0.5", "$0.5000"),
+    ("1234.56789", "$1,234.5679"),
+    ("-0.25", "-$0.2500"),
+    (None, "—"),
+])
+def test_amounts_for_people_follow_one_rule(amount, shown):
+    assert format_usd(None if amount is None else Decimal(amount)) == shown
+
+
+def test_plain_decimals_never_use_an_exponent():
+    assert plain_decimal(Decimal("0E-8")) == "0.00000000"
+    assert plain_decimal(Decimal("1.5E-7")) == "0.00000015"
+    assert plain_decimal(Decimal("0.00022500")) == "0.00022500"
+
+
+def test_the_csv_writes_a_zero_cost_as_a_plain_decimal(admin_client, alice):
+    record(alice, cost="0")
+    response = admin_client.get(reverse("admin:chat_usagerecord_export"))
+    text = b"".join(response.streaming_content).decode()
+    (row,) = csv.DictReader(io.StringIO(text))
+    assert row["cost_usd"] == "0.00000000"
+    assert row["input_usd_per_mtok"] == "0.000000"
+    assert not re.search(r"\dE-?\d", text)
+
+
+def test_the_api_gives_zero_costs_as_plain_decimals(client, alice):
+    rec = record(alice, cost="0")
+    client.force_login(alice)
+    usage = client.get("/api/usage/").json()
+    assert usage["totals"]["cost_usd"] == "0.00000000"
+    assert rec.to_dict()["cost_usd"] == "0.00000000"
+
+
+def test_the_usage_list_totals_and_report_show_amounts_in_the_one_format(admin_client, alice,
+                                                                         bob):
+    record(alice, cost="0.000225")
+    record(alice, cost="0.0075")
+    record(bob, cost="0.0000075")
+    html = admin_client.get(reverse(CHANGELIST)).content.decode()
+    cells = re.findall(r'<td class="field-cost">([^<]*)</td>', html)
+    assert sorted(cells) == ["$0.000008", "$0.000225", "$0.0075"]
+    assert re.search(r'data-total="cost_usd">\$0\.007733<', html)
+
+    report = admin_client.get(reverse("admin:chat_usagerecord_report")).content.decode()
+    assert "45 tokens, $0.007733;" in report
+    top_users = report[report.index('id="top-users"'):report.index('id="top-models"')]
+    assert '<td class="num">$0.007725</td>' in top_users  # alice
+    assert '<td class="num">$0.000008</td>' in top_users  # bob
+    daily = report[report.index('id="daily"'):]
+    assert '<td class="num">$0.007733</td>' in daily
+    assert not re.search(r">\s*0\.\d{5,}\s*<", report)  # no bare 6- or 8-place numbers
+
+
+def test_conversations_and_records_in_the_admin_use_the_one_format(admin_client, alice):
+    rec = record(alice, cost="0.000225", title="Priced")
+    conversations = admin_client.get(reverse("admin:chat_conversation_changelist"))
+    assert '<td class="field-total_cost">$0.000225</td>' in conversations.content.decode()
+    page = admin_client.get(reverse("admin:chat_conversation_change", args=[rec.conversation_id]))
+    assert page.status_code == 200
+    assert str(rec) == "gpt-4o-mini completed: 15 tokens, $0.000225"
 

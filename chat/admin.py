@@ -59,6 +59,32 @@ def _export_name() -> str:
 
 
 # --- usage records ------------------------------------------------------------------------
+DELETED_USER = "(deleted user)"
+
+
+class UserWithRecordsFilter(admin.RelatedOnlyFieldListFilter):
+    """"By user": the users who have records, then "(deleted user)" only if some records
+    lost their user (``UsageRecord.user`` is set to NULL when its user is deleted).
+
+    Django's related filter offers an "empty" choice for every nullable foreign key,
+    labelled with the admin's empty mark ``-``: a stray entry when every record has a
+    user, and an unreadable one when some do not. One ``EXISTS`` query per page."""
+
+    def __init__(self, field, request, params, model, model_admin, field_path):
+        super().__init__(field, request, params, model, model_admin, field_path)
+        self.empty_value_display = DELETED_USER
+        # Kept while selected, so a bookmarked "(deleted user)" view can be left again.
+        self.has_orphans = bool(self.lookup_val_isnull) or (
+            model_admin.get_queryset(request)
+            .filter(**{self.lookup_kwarg_isnull: True})
+            .exists()
+        )
+
+    @property
+    def include_empty_choice(self):
+        return getattr(self, "has_orphans", False)
+
+
 class ReadOnlyMixin:
     """No add, change or delete, for anyone: audit records and transcripts are kept
     as they were written (viewing needs the model's view permission)."""
@@ -86,7 +112,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "total_tokens", "cost", "status", "estimated", "ttft_ms", "duration_ms",
     )
     list_filter = (
-        "model", "status", "estimated", ("user", admin.RelatedOnlyFieldListFilter),
+        "model", "status", "estimated", ("user", UserWithRecordsFilter),
     )
     date_hierarchy = "created_at"
     search_fields = ("user__username", "conversation__title")

@@ -274,3 +274,31 @@ def test_conversations_and_records_in_the_admin_use_the_one_format(admin_client,
     assert page.status_code == 200
     assert str(rec) == "gpt-4o-mini completed: 15 tokens, $0.000225"
 
+
+# --- the "By user" filter -------------------------------------------------------------------------
+def user_filter_choices(response) -> list[tuple[str, str]]:
+    changelist = response.context["cl"]
+    (spec,) = [spec for spec in changelist.filter_specs if spec.title == "user"]
+    return [(choice["display"], choice["query_string"]) for choice in spec.choices(changelist)]
+
+
+def test_the_by_user_filter_lists_the_users_with_records_and_nothing_else(admin_client, alice,
+                                                                          bob):
+    record(alice)
+    record(bob)
+    response = admin_client.get(reverse(CHANGELIST))
+    shown = [display for display, _ in user_filter_choices(response)]
+    assert shown == ["All", "alice", "bob"]
+
+
+def test_records_of_a_deleted_user_are_filtered_as_deleted_user(admin_client, alice, bob):
+    record(alice)
+    record(bob, cost="0.5")
+    record(bob, cost="0.25")
+    bob.delete()  # his records stay, their user cleared
+    choices = dict(user_filter_choices(admin_client.get(reverse(CHANGELIST))))
+    assert list(choices) == ["All", "alice", "(deleted user)"]
+    response = admin_client.get(reverse(CHANGELIST) + choices["(deleted user)"])
+    assert response.context["cl"].result_count == 2
+    assert response.context["usage_totals"]["cost_usd"] == Decimal("0.75")
+

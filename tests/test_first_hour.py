@@ -302,3 +302,49 @@ def test_records_of_a_deleted_user_are_filtered_as_deleted_user(admin_client, al
     assert response.context["cl"].result_count == 2
     assert response.context["usage_totals"]["cost_usd"] == Decimal("0.75")
 
+
+# --- the API schema in a browser ----------------------------------------------------------------
+def test_a_browser_opening_the_schema_is_sent_to_the_api_docs(client):
+    response = client.get("/api/schema/", headers={"accept": BROWSER_ACCEPT})
+    assert response.status_code == 302
+    assert response["Location"] == "/api/docs/"
+    docs = client.get("/api/docs/", headers={"accept": BROWSER_ACCEPT})
+    assert docs.status_code == 200
+    # The docs load the JSON schema, so the schema link they show opens inline too.
+    assert docs.data["schema_url"] == "/api/schema/?format=json"
+
+
+def test_the_json_schema_opens_inline_in_a_browser(client):
+    response = client.get("/api/schema/?format=json", headers={"accept": BROWSER_ACCEPT})
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
+    assert response["Content-Disposition"].startswith("inline")
+    assert json.loads(response.content)["openapi"].startswith("3.")
+
+
+@pytest.mark.parametrize("accept, content_type", [
+    (None, "application/vnd.oai.openapi; charset=utf-8"),
+    ("*/*", "application/vnd.oai.openapi; charset=utf-8"),
+    ("application/vnd.oai.openapi+json", "application/vnd.oai.openapi+json"),
+    ("application/yaml", "application/yaml; charset=utf-8"),
+])
+def test_tools_still_get_the_schema_they_ask_for(client, accept, content_type):
+    response = client.get("/api/schema/", headers={"accept": accept} if accept else {})
+    assert response.status_code == 200
+    assert response["Content-Type"] == content_type
+
+
+def test_people_are_pointed_at_the_api_docs(client, alice, admin_user):
+    readme = (ROOT / "README.md").read_text()
+    api_md = (ROOT / "docs" / "api.md").read_text()
+    assert "http://127.0.0.1:8000/api/docs/" in readme and "?format=json" in readme
+    assert "/api/schema/?format=json" in api_md
+    assert "bash scripts/manage.sh createsuperuser" in readme
+
+    client.force_login(alice)
+    page = client.get(reverse("chat:index"), follow=True).content.decode()
+    assert '<a href="/api/docs/" id="api-docs-link">API docs</a>' in page
+    assert 'id="admin-link"' not in page  # only staff see the admin link
+    client.force_login(admin_user)
+    page = client.get(reverse("chat:index"), follow=True).content.decode()
+    assert '<a href="/admin/" id="admin-link">Admin</a>' in page

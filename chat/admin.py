@@ -34,12 +34,9 @@ from django.utils.html import format_html
 
 from . import budgets, charts, usage
 from .models import Conversation, Message, ModelPrice, UsageRecord, UserBudget
+from .money import format_usd
 
 REPORT_DAYS = 30
-
-
-def _money(value) -> str:
-    return f"${value:,.4f}" if value is not None else "—"
 
 
 def csv_response(request, queryset, filename: str) -> StreamingHttpResponse:
@@ -62,6 +59,32 @@ def _export_name() -> str:
 
 
 # --- usage records ------------------------------------------------------------------------
+DELETED_USER = "(deleted user)"
+
+
+class UserWithRecordsFilter(admin.RelatedOnlyFieldListFilter):
+    """"By user": the users who have records, then "(deleted user)" only if some records
+    lost their user (``UsageRecord.user`` is set to NULL when its user is deleted).
+
+    Django's related filter offers an "empty" choice for every nullable foreign key,
+    labelled with the admin's empty mark ``-``: a stray entry when every record has a
+    user, and an unreadable one when some do not. One ``EXISTS`` query per page."""
+
+    def __init__(self, field, request, params, model, model_admin, field_path):
+        super().__init__(field, request, params, model, model_admin, field_path)
+        self.empty_value_display = DELETED_USER
+        # Kept while selected, so a bookmarked "(deleted user)" view can be left again.
+        self.has_orphans = bool(self.lookup_val_isnull) or (
+            model_admin.get_queryset(request)
+            .filter(**{self.lookup_kwarg_isnull: True})
+            .exists()
+        )
+
+    @property
+    def include_empty_choice(self):
+        return getattr(self, "has_orphans", False)
+
+
 class ReadOnlyMixin:
     """No add, change or delete, for anyone: audit records and transcripts are kept
     as they were written (viewing needs the model's view permission)."""
@@ -89,7 +112,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "total_tokens", "cost", "status", "estimated", "ttft_ms", "duration_ms",
     )
     list_filter = (
-        "model", "status", "estimated", ("user", admin.RelatedOnlyFieldListFilter),
+        "model", "status", "estimated", ("user", UserWithRecordsFilter),
     )
     date_hierarchy = "created_at"
     search_fields = ("user__username", "conversation__title")
@@ -101,7 +124,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description="Cost (USD)", ordering="cost_usd")
     def cost(self, record):
-        return f"{record.cost_usd:.6f}"
+        return format_usd(record.cost_usd)
 
     # -- totals above the list ---------------------------------------------------------
     def changelist_view(self, request, extra_context=None):
@@ -159,7 +182,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
             ),
             "cost_chart": charts.stacked_daily_svg(
                 "Cost per day (USD, UTC), by model", days, series, "cost_usd",
-                value_formatter=lambda v: f"${v:,.4f}",
+                value_formatter=format_usd,
             ),
             "daily": daily,
             "top_users": usage.top(records, "user_id", "user__username"),
@@ -235,7 +258,7 @@ class TranscriptInline(ReadOnlyMixin, admin.TabularInline):
     @admin.display(description="cost (USD)")
     def cost(self, message):
         record = getattr(message, "usage", None) if message.role == "assistant" else None
-        return f"{record.cost_usd:.6f}" if record else ""
+        return format_usd(record.cost_usd) if record else ""
 
 
 @admin.register(Conversation)
@@ -295,7 +318,7 @@ class ConversationAdmin(admin.ModelAdmin):
 
     @admin.display(description="total cost (USD)", ordering="total_cost")
     def total_cost(self, conversation):
-        return f"{conversation.total_cost or 0:.6f}"
+        return format_usd(conversation.total_cost or 0)
 
     @admin.display(description="last run", ordering="last_run_status")
     def last_run_status(self, conversation):
@@ -368,6 +391,11 @@ class ModelPriceAdmin(admin.ModelAdmin):
 UNLIMITED = "Empty: unlimited. A request counts its prompt plus max_tokens."
 
 
+def _limit(usd) -> str | None:
+    # None lets the admin show its "empty" mark, as for the token limits beside it.
+    return None if usd is None else format_usd(usd)
+
+
 class UserBudgetForm(forms.ModelForm):
     """Budget limits; empty means unlimited, negative USD limits are refused."""
 
@@ -400,7 +428,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
     number of generations allowed at once (users without a row get 1)."""
 
     list_display = (
-        "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
+        "user", "tokens_per_day", "usd_day", "tokens_per_month", "usd_month",
         "max_concurrent",
     )
     list_select_related = ("user",)
@@ -416,6 +444,14 @@ class UserBudgetAdmin(admin.ModelAdmin):
         ("Usage", {"fields": ("used_now",)}),
     )
 
+    @admin.display(description="USD per day", ordering="usd_per_day")
+    def usd_day(self, budget):
+        return _limit(budget.usd_per_day)
+
+    @admin.display(description="USD per month", ordering="usd_per_month")
+    def usd_month(self, budget):
+        return _limit(budget.usd_per_month)
+
     @admin.display(description="used so far")
     def used_now(self, budget):
         if budget is None or budget.user_id is None:
@@ -425,7 +461,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
         return format_html(
             "Today: {} tokens, {}. This month: {} tokens, {}. "
             '<a href="{}?user__id__exact={}">Usage records</a>',
-            f"{used.tokens_day:,}", _money(used.usd_day),
-            f"{used.tokens_month:,}", _money(used.usd_month),
+            f"{used.tokens_day:,}", format_usd(used.usd_day),
+            f"{used.tokens_month:,}", format_usd(used.usd_month),
             reverse("admin:chat_usagerecord_changelist"), budget.user_id,
         )

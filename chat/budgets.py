@@ -34,6 +34,7 @@ from django.utils import timezone
 from . import accounting
 from .generation import Busy, QuotaExceeded, build_prompt_safe
 from .models import Message, UsageRecord, UserBudget
+from .money import format_usd
 
 UTC = dt.UTC
 # Quota fields of UserBudget, in the order they are reported.
@@ -206,10 +207,11 @@ def check(
     first = exceeded[0]
     unit = "tokens" if first.startswith("tokens") else "USD"
     period = "daily" if first.endswith("day") else "monthly"
+    left = remaining[first] if unit == "tokens" else format_usd(Decimal(remaining[first]))
     raise QuotaExceeded(
-        f"This request may use up to {requested_tokens} tokens (${requested_usd:.4f}), "
+        f"This request may use up to {requested_tokens} tokens ({format_usd(requested_usd)}), "
         f"more than what is left of your {period} {unit} limit "
-        f"({remaining[first]}). It resets at {resets_at:%Y-%m-%d %H:%M} UTC.",
+        f"({left}). It resets at {resets_at:%Y-%m-%d %H:%M} UTC.",
         limit=first,
         remaining=remaining,
         requested={"tokens": requested_tokens, "usd": f"{requested_usd:.8f}"},

@@ -13,6 +13,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from .money import format_usd
+
 
 class ConversationQuerySet(models.QuerySet):
     """Conversations, scoped to their owner."""
@@ -223,7 +225,7 @@ class UsageRecord(models.Model):
     def __str__(self):
         return (
             f"{self.model} {self.status}: {self.total_tokens} tokens, "
-            f"${self.cost_usd:.6f}{' (estimated)' if self.estimated else ''}"
+            f"{format_usd(self.cost_usd)}{' (estimated)' if self.estimated else ''}"
         )
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from .models import Message
+from .money import plain_decimal
 
 UTC = dt.UTC
 STOPPED = Message.Status.CANCELLED
@@ -132,9 +133,9 @@ def _csv_row(record) -> list:
         record.completion_tokens,
         record.total_tokens,
         "true" if record.estimated else "false",
-        record.input_price_per_mtok,
-        record.output_price_per_mtok,
-        record.cost_usd,
+        plain_decimal(record.input_price_per_mtok),
+        plain_decimal(record.output_price_per_mtok),
+        plain_decimal(record.cost_usd),
         "" if record.ttft_ms is None else record.ttft_ms,
         record.duration_ms,
     ]

@@ -8,8 +8,10 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.shortcuts import get_object_or_404, redirect, render
+from django.templatetags.static import static
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods
+from django.views.generic import RedirectView
 
 from .generation import uses_demo_model
 from .models import Conversation
@@ -64,3 +66,18 @@ def conversation(request, conversation_id):
         "chat/chat.html",
         {"config": config, "conversations": conversations, "conversation_id": conversation_id},
     )
+
+
+class FaviconView(RedirectView):
+    """``/favicon.ico``: a temporary redirect (302) to the SVG icon in ``static/``.
+
+    Pages link the icon (``templates/base.html``), but browsers still ask for
+    ``/favicon.ico`` on responses without such a link (JSON, the Redoc page, a file
+    opened directly), which used to log ``Not Found: /favicon.ico`` each time. Not
+    permanent: with ``DEBUG`` off the static name carries a content hash that changes
+    with the file, so the target is looked up on each request."""
+
+    permanent = False
+
+    def get_redirect_url(self, *args, **kwargs):
+        return static("chat/favicon.svg")

@@ -1,7 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from chat.views import FaviconView
+
 urlpatterns = [
+    path("favicon.ico", FaviconView.as_view(), name="favicon"),
     path("admin/", admin.site.urls),
     path("accounts/", include("chat.auth_urls")),
     path("api/", include("chat.api.urls")),

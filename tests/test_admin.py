@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from chat import generation, usage
 from chat.models import Conversation, Message, ModelPrice, UsageRecord, UserBudget
+from chat.money import format_usd
 
 pytestmark = pytest.mark.django_db
 
@@ -167,7 +168,7 @@ def test_totals_above_the_list_match_the_filtered_records(admin_client, records,
     shown = dict(re.findall(r'data-total="(\w+)">([^<]*)<', html))
     assert shown["runs"] == str(expected["runs"])
     assert shown["total_tokens"] == str(expected["total_tokens"])
-    assert shown["cost_usd"] == f"{expected['cost_usd']:.8f}"
+    assert shown["cost_usd"] == format_usd(expected["cost_usd"])
     share = round(100 * expected["stopped"] / expected["runs"]) if rows else 0
     assert shown["stopped_share"] == f"{expected['stopped']} ({share}%)"
 
@@ -343,7 +344,7 @@ def test_conversations_show_message_count_cost_and_last_run(admin_client, alice,
     assert rows[second.pk].message_count == 2 and rows[second.pk].last_run_status == "failed"
     assert rows[empty.pk].message_count == 0 and rows[empty.pk].last_run_status is None
     html = response.content.decode()
-    assert "0.002000" in html and "alice" in html
+    assert ">$0.002<" in html and "alice" in html
 
 
 @pytest.mark.parametrize("status, expected", [

@@ -153,7 +153,7 @@ def test_sign_up_send_watch_stream_stop_and_the_partial_answer_survives_a_reload
     page.get_by_label("Username").fill("carol")
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_label("Password confirmation").fill(PASSWORD)
-    page.get_by_role("button", name="Sign up").click()
+    page.get_by_role("button", name="Create account").click()
     page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"))
     expect_online(page)
 

@@ -1,10 +1,9 @@
 """URLs of the REST API, included under ``api/``."""
 
 from django.urls import path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from . import sse, views
+from . import schema, sse, views
 
 router = SimpleRouter()
 router.register("conversations", views.ConversationViewSet, basename="conversation")
@@ -24,7 +23,7 @@ urlpatterns = [
          name="conversation-stop"),
     path("usage/", views.UsageView.as_view(), name="usage"),
     *router.urls,
-    path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
-    path("redoc/", SpectacularRedocView.as_view(url_name="api:schema"), name="redoc"),
+    path("schema/", schema.SchemaView.as_view(), name="schema"),
+    path("docs/", schema.SwaggerView.as_view(), name="docs"),
+    path("redoc/", schema.RedocView.as_view(), name="redoc"),
 ]

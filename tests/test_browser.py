@@ -67,18 +67,34 @@ def asgi_server(asgi_servers):
     return asgi_servers(DJANGO_ALLOW_ASYNC_UNSAFE="")
 
 
-@pytest.fixture
-def context(browser, asgi_server):
-    """A fresh browser profile (cookies, storage) on the live server; records page
-    errors so a test can assert that nothing unexpected ran or broke."""
-    context = browser.new_context(
-        base_url=asgi_server.url, viewport={"width": 1280, "height": 820}
-    )
+def new_context(browser, server, *, test_hooks: bool):
+    """A fresh browser profile (cookies, storage) on ``server``; records page errors so
+    a test can assert that nothing unexpected ran or broke. ``test_hooks`` asks the
+    page for ``window.chatDebug`` (docs/ui.md) by setting ``__CHAT_TEST_HOOKS__``
+    before any of the page's scripts run."""
+    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 820})
     context.set_default_timeout(15_000)
     context.page_errors = []
     context.on("page", lambda page: page.on(
         "pageerror", lambda err: context.page_errors.append(str(err))
     ))
+    if test_hooks:
+        context.add_init_script("window.__CHAT_TEST_HOOKS__ = true;")
+    return context
+
+
+@pytest.fixture
+def context(browser, asgi_server):
+    """A browser profile whose pages offer the test hooks."""
+    context = new_context(browser, asgi_server, test_hooks=True)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def plain_context(browser, asgi_server):
+    """A browser profile as a user has it: no test hooks asked for."""
+    context = new_context(browser, asgi_server, test_hooks=False)
     yield context
     context.close()
 
@@ -602,6 +618,27 @@ def test_without_an_api_key_the_page_says_the_demo_model_answers(
         expect(answer(page).locator(".msg-usage")).to_contain_text("tokens")
     finally:
         context.close()
+
+
+def test_a_plain_page_has_no_test_hooks_and_never_downloads_them(
+    plain_context, alice, asgi_server, upstream
+):
+    name, value = session_cookie(alice).split("=", 1)
+    plain_context.add_cookies([{"name": name, "value": value, "url": asgi_server.url}])
+    page = plain_context.new_page()
+    scripts = []
+    page.on("request", lambda request: scripts.append(request.url)
+            if request.resource_type == "script" else None)
+    page.goto("/")
+    expect_online(page)
+    assert page.evaluate("() => typeof window.chatDebug") == "undefined"
+    assert any(url.endswith("/static/chat/main.js") for url in scripts), scripts
+    assert not any("test-hooks" in url for url in scripts), scripts
+    # The page works without them.
+    upstream.tokens_per_second = 400
+    send(page, "Hello without hooks")
+    expect(answer(page)).to_have_attribute("data-status", "completed")
+    assert plain_context.page_errors == []
 
 
 def test_another_users_conversation_is_not_found(alice_context, bob, upstream):

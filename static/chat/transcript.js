@@ -1,0 +1,273 @@
+// The transcript: one <article class="msg"> per visible message, drawn from the model
+// in state.js. User text goes in with textContent; answers are markdown, sanitized by
+// markdown.js. Renders of a streaming answer are coalesced to one per animation frame,
+// and the view follows the end unless the reader has scrolled up.
+
+import { copyText, decorateCodeBlocks, renderMarkdown } from "./markdown.js";
+import { $, element } from "./page.js";
+import { findMessage, lastOfRole, onRefresh, refresh, state } from "./state.js";
+
+// Within this many pixels of the bottom the view counts as "at the end" and follows
+// the stream; further up, the user is reading and is left alone.
+const FOLLOW_SLACK_PX = 48;
+
+/** The mark of an answer that did not complete, by status. */
+export const STATUS_LABELS = {
+  cancelled: "Stopped",
+  failed: "Failed",
+  interrupted: "Interrupted",
+};
+
+// Said under the mark when the server gave no error text.
+const STATUS_DETAILS = {
+  cancelled: "The answer was stopped; the text above is what was written before.",
+  interrupted: "The server running this answer went away.",
+};
+
+const ACTION_LABELS = { "copy-answer": "Copy", regenerate: "Regenerate", edit: "Edit" };
+
+// What the buttons under a message do, by name. composer.js registers regenerate and
+// edit (they send frames), so this module needs no socket.
+const actionHandlers = {
+  "copy-answer": (message, button) => copyText(message.content, button),
+};
+
+const renderQueued = new Set();
+
+// --- formatting -----------------------------------------------------------------------
+
+function formatCost(costUsd) {
+  const value = Number(costUsd);
+  if (!Number.isFinite(value)) return "";
+  if (value === 0) return "$0";
+  if (value < 0.01) return `$${value.toFixed(6).replace(/0+$/, "")}`;
+  return `$${value.toFixed(4)}`;
+}
+
+/** "N tokens (in · out) · $cost[ · estimated]" from a message's `usage` dict. */
+function formatUsage(usage) {
+  if (!usage) return "";
+  const parts = [
+    `${usage.total_tokens} tokens (${usage.prompt_tokens} in · ${usage.completion_tokens} out)`,
+    formatCost(usage.cost_usd),
+  ];
+  if (usage.estimated) parts.push("estimated");
+  return parts.filter(Boolean).join(" · ");
+}
+
+// --- the parts of a message --------------------------------------------------------------
+// A message element is this list of parts, top to bottom. Each part is made once with
+// the element (make) and brought up to date from the message dict at every render
+// (update, if the part changes). A part to come is one more entry here: an answer's
+// reasoning ("Thinking", collapsible, streaming like the text) goes between the role
+// and the body; a notice under an answer ("Stopped: the answer was repeating itself")
+// goes after the status.
+
+const PARTS = [
+  { className: "msg-role", make: makeRole },
+  { className: "msg-body", make: makeBody, update: updateBody },
+  { className: "msg-status", make: () => element("div", "msg-status"), update: updateStatus },
+  { className: "msg-meta", make: makeMeta, update: updateUsage },
+];
+
+function makeRole(message) {
+  return element("div", "msg-role", message.role === "user" ? "You" : (message.model || "Assistant"));
+}
+
+function makeBody(message) {
+  return element("div", message.role === "assistant" ? "msg-body markdown" : "msg-body plain");
+}
+
+function updateBody(body, message) {
+  if (message.role !== "assistant") {
+    body.textContent = message.content;
+    return;
+  }
+  body.replaceChildren(renderMarkdown(message.content));
+  decorateCodeBlocks(body);
+  if (message.status === "streaming") appendCaret(body);
+}
+
+/** The blinking caret at the end of the text still being written. */
+function appendCaret(body) {
+  const caret = element("span", "caret");
+  caret.setAttribute("aria-hidden", "true");
+  let tail = body.lastElementChild || body;
+  if (tail.tagName === "PRE") tail = tail.querySelector("code") || tail;
+  tail.append(caret);
+}
+
+/** A queued user message's note, or the Stopped/Failed/Interrupted mark and why. */
+function updateStatus(status, message) {
+  status.replaceChildren();
+  if (message.pending) {
+    status.textContent = message.pending;
+    return;
+  }
+  const label = STATUS_LABELS[message.status];
+  if (!label) return;
+  status.append(element("span", `badge badge-${message.status}`, label));
+  const why = message.error || STATUS_DETAILS[message.status];
+  if (why) status.append(element("span", "status-detail", why));
+}
+
+function makeMeta() {
+  const meta = element("div", "msg-meta");
+  meta.append(element("span", "msg-usage"), element("span", "msg-actions"));
+  return meta;
+}
+
+/** Tokens and cost under a finished answer. */
+function updateUsage(meta, message) {
+  meta.querySelector(".msg-usage").textContent =
+    message.role === "assistant" && message.status !== "streaming" ? formatUsage(message.usage) : "";
+}
+
+function buildMessage(message) {
+  const article = element("article", `msg msg-${message.role}`);
+  article.dataset.id = message.id;
+  article.append(...PARTS.map((part) => part.make(message)));
+  updateMessageElement(article, message);
+  return article;
+}
+
+function updateMessageElement(article, message) {
+  article.dataset.status = message.status;
+  article.classList.toggle("pending", Boolean(message.pending));
+  if (message.role === "assistant") {
+    // Screen readers wait for the whole answer instead of reading every delta.
+    article.setAttribute("aria-busy", message.status === "streaming" ? "true" : "false");
+  }
+  for (const part of PARTS) {
+    if (part.update) part.update(article.querySelector(`:scope > .${part.className}`), message);
+  }
+}
+
+// --- the transcript ----------------------------------------------------------------------
+
+export function messageElement(id) {
+  return document.querySelector(`.msg[data-id="${CSS.escape(id)}"]`);
+}
+
+/** Build the whole transcript from state.messages (after a `state` frame). */
+export function renderTranscript() {
+  const transcript = $("transcript");
+  for (const el of transcript.querySelectorAll(".msg")) el.remove();
+  for (const message of state.messages) {
+    if (message.role === "system") continue;
+    transcript.append(buildMessage(message));
+  }
+  refresh();
+  // The first state jumps to the end; a later one (reconnect, resync) leaves a reader
+  // who scrolled up where they are.
+  scrollToEndIfFollowing(state.stateFrames <= 1);
+}
+
+/** Redraw one message from its dict (a delta arrived, or the answer ended). */
+export function renderMessage(id) {
+  const message = findMessage(id);
+  const el = messageElement(id);
+  if (!message || !el) return;
+  updateMessageElement(el, message);
+  refreshActions();
+  scrollToEndIfFollowing();
+}
+
+/** Coalesce renders of a streaming answer to one per animation frame. */
+export function queueRender(id) {
+  if (renderQueued.has(id)) return;
+  renderQueued.add(id);
+  requestAnimationFrame(() => {
+    renderQueued.delete(id);
+    renderMessage(id);
+  });
+}
+
+/** Add a message at the end of the model and of the transcript. */
+export function appendMessage(message) {
+  state.messages.push(message);
+  if (message.role !== "system") $("transcript").append(buildMessage(message));
+  refresh();
+  scrollToEndIfFollowing(message.role === "user");
+}
+
+/** Remove the messages matching ``predicate`` from the model and the transcript. */
+export function removeMessages(predicate) {
+  const removed = state.messages.filter(predicate);
+  state.messages = state.messages.filter((m) => !predicate(m));
+  for (const m of removed) messageElement(m.id)?.remove();
+}
+
+// --- actions under messages --------------------------------------------------------------
+
+/** Make the button ``name`` ("regenerate", "edit") call ``fn(message, button)``. */
+export function onMessageAction(name, fn) {
+  actionHandlers[name] = fn;
+}
+
+function actionButton(name, message) {
+  const button = element("button", `link-btn action-${name}`, ACTION_LABELS[name]);
+  button.type = "button";
+  button.addEventListener("click", () => actionHandlers[name]?.(message, button));
+  return button;
+}
+
+/** Copy under every finished answer; Regenerate on the last answer and Edit on the last
+ *  user message, only while nothing streams. */
+function refreshActions() {
+  const busy = Boolean(state.streamingId);
+  const lastUser = lastOfRole("user");
+  const lastAssistant = lastOfRole("assistant");
+  for (const el of document.querySelectorAll(".msg")) {
+    const actions = el.querySelector(".msg-actions");
+    actions.replaceChildren();
+    const message = findMessage(el.dataset.id);
+    if (!message || message.pending) continue;
+    if (message.role === "assistant" && message.status !== "streaming") {
+      actions.append(actionButton("copy-answer", message));
+      if (message === lastAssistant && !busy && lastUser
+          && state.messages.indexOf(lastUser) < state.messages.indexOf(message)) {
+        actions.append(actionButton("regenerate", message));
+      }
+    }
+    if (message.role === "user" && message === lastUser && !busy) {
+      actions.append(actionButton("edit", message));
+    }
+  }
+}
+
+function refreshTranscript() {
+  $("empty-state").hidden = state.messages.length > 0;
+  refreshActions();
+}
+
+// --- scrolling ---------------------------------------------------------------------------
+
+function atEnd() {
+  const t = $("transcript");
+  return t.scrollHeight - t.scrollTop - t.clientHeight <= FOLLOW_SLACK_PX;
+}
+
+/** Scroll to the end if the view follows it (``force``: follow it again from now on);
+ *  otherwise show the "Jump to the latest" button. */
+function scrollToEndIfFollowing(force = false) {
+  const t = $("transcript");
+  if (force) state.follow = true;
+  if (state.follow) {
+    t.scrollTop = t.scrollHeight;
+    $("jump").hidden = true;
+  } else {
+    $("jump").hidden = false;
+  }
+}
+
+function onTranscriptScroll() {
+  state.follow = atEnd();
+  if (state.follow) $("jump").hidden = true;
+}
+
+export function initTranscript() {
+  $("transcript").addEventListener("scroll", onTranscriptScroll, { passive: true });
+  $("jump").addEventListener("click", () => scrollToEndIfFollowing(true));
+  onRefresh(refreshTranscript);
+}

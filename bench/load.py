@@ -32,52 +32,32 @@ import json
 import os
 import random
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import (
+    ROOT,
+    cleanup_redis,
+    free_port,
+    query_workers,
+    recreate_database,
+    session_cookies,
+    start_upstream,
+    stop_process,
+    upstream_stats,
+    wait_port,
+)
+
 ARTIFACTS = ROOT / "artifacts" / "bench"
 
 
 # --- processes ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, process: subprocess.Popen, name: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{name} did not listen on {port} in {timeout} s")
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time (s) a process has used so far (Linux /proc)."""
     try:
@@ -106,16 +86,6 @@ def service_pids() -> dict[str, list[int]]:
 
 def cpu_snapshot(named: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in named.items()}
-
-
-def recreate_database(postgres: str, name: str) -> str:
-    """Drop and create database ``name``; returns its URL."""
-    import psycopg
-
-    with psycopg.connect(f"{postgres}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{postgres}/{name}"
 
 
 # --- the plan -------------------------------------------------------------------------
@@ -518,22 +488,13 @@ def main(argv=None) -> int:
     import django
 
     django.setup()
-    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
     from django.contrib.auth.models import User
-    from django.contrib.sessions.backends.db import SessionStore
     from django.db import connections
 
     users = User.objects.bulk_create(
         [User(username=f"bench{i}", password="!") for i in range(args.streams)]
     )
-    cookies = []
-    for user in User.objects.filter(id__in=[u.id for u in users]).order_by("id"):
-        session = SessionStore()
-        session[SESSION_KEY] = str(user.pk)
-        session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-        session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-        session.create()
-        cookies.append(f"sessionid={session.session_key}")
+    cookies = session_cookies(User.objects.filter(id__in=[u.id for u in users]).order_by("id"))
     connections.close_all()
 
     processes: list[subprocess.Popen] = []
@@ -541,13 +502,9 @@ def main(argv=None) -> int:
     try:
         log = open(ARTIFACTS / "upstream.log", "wb")  # noqa: SIM115
         logs.append(log)
-        upstream = subprocess.Popen(
-            [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port),
-             "--tokens-per-second", str(args.tokens_per_second), "--tokens", str(args.tokens)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        upstream = start_upstream(env, upstream_port, tokens_per_second=args.tokens_per_second,
+                                  tokens=args.tokens, log=log)
         processes.append(upstream)
-        wait_port(upstream_port, upstream, "upstream")
         ports = []
         for n in range(args.workers):
             port = free_port()
@@ -609,10 +566,9 @@ def main(argv=None) -> int:
                 "tokens": [k for k, _ in parse_tokens(message.content)],
                 "usage": usage is not None,
             }
-        with urllib.request.urlopen(f"http://127.0.0.1:{upstream_port}/stats", timeout=30) as r:
-            upstream_stats = json.load(r)
+        upstream = upstream_stats(upstream_port)
         workers = asyncio.run(query_workers(args.workers))
-        summary = summarize(args, results, saved, upstream_stats, workers, elapsed)
+        summary = summarize(args, results, saved, upstream, workers, elapsed)
         summary["cpu_s"] = cpu
         loadavg = os.getloadavg()
         summary["machine_load"] = [round(x, 1) for x in loadavg]
@@ -626,40 +582,6 @@ def main(argv=None) -> int:
         for log in logs:
             log.close()
         cleanup_redis(args.redis, prefix)
-
-
-async def query_workers(expected: int, timeout: float = 5.0) -> list[dict]:
-    """Ask every worker (channel-layer group ``chat.workers``) what it still runs."""
-    from channels.layers import get_channel_layer
-
-    from chat.leases import WORKERS_GROUP
-
-    layer = get_channel_layer()
-    reply_channel = await layer.new_channel()
-    await layer.group_send(
-        WORKERS_GROUP, {"type": "worker.stats", "reply_channel": reply_channel, "stacks": True}
-    )
-    replies = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(replies) < expected:
-                replies.append(await layer.receive(reply_channel))
-    except TimeoutError:
-        pass
-    return replies
-
-
-def cleanup_redis(url: str, prefix: str) -> None:
-    """Delete the run's channel-layer keys (groups otherwise live a day)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 if __name__ == "__main__":

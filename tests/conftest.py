@@ -80,7 +80,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"realmodel: {realmodel.REQUESTED_HELP}")
     for item in items:
-        if "realmodel" in item.keywords:
+        if item.get_closest_marker("realmodel") is not None:
             item.add_marker(skip)
 
 

@@ -16,6 +16,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from chat.demo_model import UpstreamServer
+from tests import realmodel
 from tests.live import LiveServer
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", ""}
@@ -65,6 +66,31 @@ def pytest_configure(config):
     socket.socket.connect = _guarded_connect
     socket.socket.connect_ex = _guarded_connect_ex
     socket.getaddrinfo = _guarded_getaddrinfo
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--realmodel", action="store_true", default=False,
+        help="run the tests marked realmodel against llama-server (also REALMODEL=1)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if realmodel.requested(config):
+        return
+    skip = pytest.mark.skip(reason=f"realmodel: {realmodel.REQUESTED_HELP}")
+    for item in items:
+        if item.get_closest_marker("realmodel") is not None:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not realmodel.FIGURES:
+        return
+    terminalreporter.section("realmodel figures (llama-server, SmolLM2-135M-Instruct)")
+    for name, figures in realmodel.FIGURES:
+        shown = ", ".join(f"{key}={value}" for key, value in figures.items())
+        terminalreporter.write_line(f"{name}: {shown}")
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +150,35 @@ def upstream(settings):
     settings.CHAT_CHECKPOINT_MS = 200
     yield server
     server.stop_thread()
+
+
+# --- a real inference engine (issue 12 §4) ---------------------------------------------
+@pytest.fixture(scope="session")
+def llama_server(request):
+    """llama.cpp's llama-server serving SmolLM2-135M-Instruct on a loopback port, for
+    the whole session (tests/realmodel.py). Skipped unless the realmodel tests were
+    requested; fails if they were and the engine cannot be built or started."""
+    if not realmodel.requested(request.config):
+        pytest.skip(f"realmodel: {realmodel.REQUESTED_HELP}")
+    binary, gguf = realmodel.build()
+    server = realmodel.LlamaServer(binary, gguf).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def engine(llama_server, settings):
+    """The app pointed at the real engine (in this process's settings): its served
+    model, answers capped at 200 tokens (under 10 s at the 25-30 tokens/s one thread
+    decodes on a loaded 2-core machine), the engine's context size."""
+    settings.OPENAI_BASE_URL = llama_server.base_url
+    settings.OPENAI_API_KEY = "test-key-not-secret"
+    settings.OPENAI_MAX_RETRIES = 0
+    settings.CHAT_MODEL = llama_server.model
+    settings.CHAT_MODELS = [llama_server.model]
+    settings.CHAT_MAX_TOKENS = 200
+    settings.CHAT_CONTEXT_TOKENS = llama_server.context
+    return llama_server
 
 
 # --- WebSocket clients ------------------------------------------------------------------

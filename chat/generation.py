@@ -1035,6 +1035,8 @@ async def start_generation(
 def _after_launch(generation: Generation, launch: asyncio.Future, cancel: str | None) -> None:
     """A launch whose caller went away: forget a run that did not launch, and cancel
     (reason ``cancel``) one that did."""
+    if not launch.done():
+        return
     if launch.cancelled() or launch.exception() is not None:
         _running.pop(uuid.UUID(generation.conversation_id), None)
     elif cancel:

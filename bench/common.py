@@ -140,7 +140,7 @@ async def query_workers(expected: int, timeout: float = 5.0, stacks: bool = True
     from channels.layers import get_channel_layer
     from channels_redis.pubsub import RedisPubSubChannelLayer
 
-    from chat.leases import WORKERS_GROUP
+    from chat.generation.frames import WORKERS_GROUP
 
     layer = get_channel_layer()
     replies = []

@@ -472,21 +472,3 @@ class UpstreamServer:
 
 # A chunk() argument: leave the "choices" key out of the chunk.
 _NO_CHOICES = object()
-
-_demo_servers: dict[asyncio.AbstractEventLoop, UpstreamServer] = {}
-_demo_lock = threading.Lock()
-
-
-async def ensure_demo_server(tokens_per_second: float) -> UpstreamServer:
-    """The demo model server of the running event loop, started on first use."""
-    loop = asyncio.get_running_loop()
-    server = _demo_servers.get(loop)
-    if server is None:
-        server = UpstreamServer(tokens_per_second=tokens_per_second)
-        await server.start()
-        with _demo_lock:
-            _demo_servers[loop] = server
-    # Keep the record list small in a long-running process.
-    if len(server.requests) > 1000:
-        server.requests = [r for r in server.requests if r.open]
-    return server

@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from chat import generation as gen
-from chat import leases
+from chat.generation import leases
 from chat.models import Conversation, Message, UsageRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)

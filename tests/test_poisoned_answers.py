@@ -15,7 +15,7 @@ import pytest
 from django.utils import timezone
 
 from chat import generation as gen
-from chat import leases
+from chat.generation import leases
 from chat.models import Conversation, Message, UsageRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -119,7 +119,7 @@ async def test_an_answer_whose_text_cannot_be_saved_ends_failed_and_frees_the_co
     await ws.receive_type("state")
     message_id = await ask(ws, "question")
     await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 3)
-    running = next(g for g in gen._running.values() if g.message_id == message_id)
+    running = next(g for g in gen.Runtime.current().running() if g.message_id == message_id)
     checkpointed = ""
     for _ in range(100):  # a checkpoint (every 200 ms) has saved some text
         checkpointed = (await Message.objects.aget(id=message_id)).content

@@ -18,8 +18,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.utils import timezone
 
-from chat import budgets
-from chat.generation import QuotaExceeded
+from chat.generation import QuotaExceeded, budgets
 from chat.models import Conversation, Message, ModelPrice, UsageRecord, UserBudget
 from tests.conftest import session_cookie
 

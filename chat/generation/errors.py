@@ -49,7 +49,7 @@ class InvalidRequest(GenerationError):
 
 
 class QuotaExceeded(GenerationError):
-    """Over the user's token/USD budget (``quota_exceeded``; HTTP 429); chat.budgets."""
+    """Over the user's token/USD budget (``quota_exceeded``; HTTP 429); chat.generation.budgets."""
 
     code = "quota_exceeded"
     http_status = 429
@@ -57,7 +57,7 @@ class QuotaExceeded(GenerationError):
 
 class ConcurrencyLimit(Busy):
     """The user already runs ``max_concurrent`` generations (``concurrency_limit``; the
-    frame also carries ``limit`` and ``running``); chat.budgets.
+    frame also carries ``limit`` and ``running``); chat.generation.budgets.
 
     HTTP 400, as the REST API answered before its status map moved here (the map was
     keyed by exact type and did not list this subclass); see docs/api.md."""

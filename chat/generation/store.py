@@ -21,9 +21,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import Case, TextField, Value, When
 from django.utils import timezone
 
-from .. import accounting, budgets
+from .. import accounting
 from ..models import Conversation, Message, UsageRecord
-from . import frames
+from . import budgets, frames
 from .errors import Busy, Forbidden, InvalidRequest
 from .outcome import Outcome
 from .prompt import build_prompt, prompt_for_estimate
@@ -103,7 +103,7 @@ def _lock_conversation(user, conversation_id, *, create: dict | None) -> Convers
 
 
 def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int) -> None:
-    """Per-user budgets (see chat.budgets): raises QuotaExceeded or ConcurrencyLimit."""
+    """Per-user budgets (see chat.generation.budgets): raises QuotaExceeded or ConcurrencyLimit."""
     budgets.check(
         user, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
         model=conversation.model or settings.CHAT_MODEL,

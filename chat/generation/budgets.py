@@ -31,11 +31,11 @@ from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import accounting
-from .generation.errors import ConcurrencyLimit, QuotaExceeded
-from .generation.prompt import prompt_for_estimate
-from .models import Message, UsageRecord, UserBudget
-from .money import format_usd
+from .. import accounting
+from ..models import Message, UsageRecord, UserBudget
+from ..money import format_usd
+from .errors import ConcurrencyLimit, QuotaExceeded
+from .prompt import prompt_for_estimate
 
 UTC = dt.UTC
 # Quota fields of UserBudget, in the order they are reported.

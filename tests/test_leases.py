@@ -12,6 +12,7 @@ from django.utils import timezone
 from chat import generation as gen
 from chat.generation import leases
 from chat.models import Conversation, Message, UsageRecord
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,7 +35,10 @@ async def test_a_streaming_answer_is_checkpointed_while_it_streams(alice, upstre
     await ws.send({"type": "message", "content": "go"})
     message_id = (await ws.receive_type("generation.start"))["message"]["id"]
     await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 5)
-    await asyncio.sleep(0.5)  # checkpoints every 200 ms in the upstream fixture
+    async def checkpointed():  # checkpoints every 200 ms in the upstream fixture
+        return (await Message.objects.aget(id=message_id)).content.startswith("w0 w1")
+
+    await eventually(checkpointed)
     saved = await Message.objects.aget(id=message_id)
     assert saved.status == "streaming"
     assert saved.content.startswith("w0 w1")

@@ -77,6 +77,12 @@ class Generation:
         """True once the run has begun ending (its text is final)."""
         return self._finishing
 
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for the channel layer; the run stops reading upstream at
+        ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
+        return self._outbox.qsize()
+
     def is_streaming(self) -> bool:
         """Launched and neither done nor ending: its text may still grow."""
         return self.task is not None and not self.task.done() and not self._finishing

@@ -1,5 +1,5 @@
 """Leases: a streaming answer is checkpointed while it streams, and a run whose process
-stopped heartbeating is finished by any worker's sweeper (chat/leases.py)."""
+stopped heartbeating is finished by any worker's sweeper (chat/generation/leases.py)."""
 
 import asyncio
 import uuid

@@ -2,7 +2,7 @@
 
 Processes on loopback ports, a fresh PostgreSQL database, logged-in users, the loopback
 upstream of ``bench.upstream`` in a process of its own, the ``worker.stats`` question to
-every worker (``chat.leases``), and the figures read from outside a process: resident
+every worker (``chat.generation.leases``), and the figures read from outside a process: resident
 memory (``/proc``) and Redis pub/sub subscriptions. Nothing here reaches the network.
 """
 
@@ -130,8 +130,8 @@ def upstream_stats(port: int) -> dict:
 # --- workers over the channel layer ---------------------------------------------------
 async def query_workers(expected: int, timeout: float = 5.0, stacks: bool = True) -> list[dict]:
     """Ask every worker (channel-layer group ``chat.workers``, answered by
-    ``chat.leases``) what it still runs; returns the replies that came within
-    ``timeout`` s, at most ``expected``. Each is ``chat.leases.worker_stats()``.
+    ``chat.generation.leases``) what it still runs; returns the replies that came within
+    ``timeout`` s, at most ``expected``. Each is ``chat.generation.leases.worker_stats()``.
 
     Needs Django set up with the workers' Redis channel layer (an in-memory layer
     reaches no other process). On the pub/sub layer the reply channel is released
@@ -140,7 +140,7 @@ async def query_workers(expected: int, timeout: float = 5.0, stacks: bool = True
     from channels.layers import get_channel_layer
     from channels_redis.pubsub import RedisPubSubChannelLayer
 
-    from chat.leases import WORKERS_GROUP
+    from chat.generation.frames import WORKERS_GROUP
 
     layer = get_channel_layer()
     replies = []

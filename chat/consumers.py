@@ -1,19 +1,23 @@
 """The chat WebSocket: ``ws/conversations/<uuid>/`` (protocol in README.md).
 
-Thin on purpose: frames are validated here and handed to ``chat.generation``, which
-runs the generation and publishes its frames to the conversation's group.
+A thin adapter: it parses and validates client frames and hands them to
+``chat.generation`` (which runs generations and publishes their frames to the
+conversation's group), and it forwards group frames as the socket's
+:class:`~chat.generation.sequencer.FrameSequencer` decides. Frames are built by
+``chat.generation.frames`` only.
 """
 
 import asyncio
-import json
 import logging
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from . import generation as gen
-from . import leases, validation
+from . import validation
+from .generation import frames
+from .generation.sequencer import Action, FrameSequencer
 from .layers import release_channel
 from .models import Conversation
 
@@ -39,14 +43,20 @@ def _owner_id(conversation_id) -> int | None:
 _load_owner_id = database_sync_to_async(_owner_id, thread_sensitive=False)
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class BadFrame(Exception):
+    """A client frame that cannot be acted on; answered with an error frame."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
     """One browser tab on one conversation.
 
-    Frames from the group are held back until this socket's ``state`` frame is sent, and
-    deltas already included in that state (seq <= state seq) are dropped, so a tab that
-    joins mid-stream sees every character exactly once. A delta whose seq skips one (a
-    group message was lost, e.g. a Redis channel over capacity) is never forwarded with
-    its gap: the socket is resynchronised with a fresh ``state`` frame instead.
+    Group frames go through the socket's FrameSequencer (held until this socket's
+    ``state`` frame is sent, deltas already in it dropped, a seq gap repaired by a
+    fresh state), so a tab that joins mid-stream sees every character exactly once.
 
     Authorization (issue 9, item 1): frames are acted on only once ``connect`` found
     the user may use the conversation (its owner, or any user on an id not created yet,
@@ -55,18 +65,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
     socket that joined an id before it existed checks the owner on its first group
     frame, and is closed with 4403 if another user created it meanwhile. The actions
     themselves check the owner again (chat.generation: request_stop, request_snapshot,
-    prepare_run).
+    the store's prepare functions).
 
     Every exception of a frame handler is caught at the frame boundary (``receive``):
     logged once, answered with an ``error`` frame (code ``internal``), and the socket
     stays open; no frame closes it with 1011.
     """
 
-    generation: gen.Generation | None = None
+    generation = None
     group: str | None = None
     authorized = False
     # The conversation did not exist when this socket connected (see above).
     _owner_unverified = False
+    _fallback: asyncio.Future | None = None
 
     async def __call__(self, scope, receive, send):
         # The server may tear the application down (shutdown, crash of the connection)
@@ -92,22 +103,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
-        leases.ensure_sweeper(self.channel_layer)
-        self._state_sent = False
-        self._held: list[dict] = []
-        # Last seq forwarded per message; None: unknown (state taken from a checkpoint).
-        self._last_seq: dict[str, int | None] = {}
-        # Messages final in the last state sent: late deltas of them are dropped.
-        self._closed: set[str] = set()
-        # generation.end already forwarded (a swept run may end twice: sweep and task).
-        self._ended: set[str] = set()
-        self._fallback = None
-        self.repairs = 0
+        gen.leases.ensure_sweeper(self.channel_layer)
+        self.sequencer = FrameSequencer()
         # Accept before the database work: daphne drops a handshake not accepted within
         # --websocket_connect_timeout (5 s), which a busy worker reached in bench.load.
         # Frames are held until the state frame anyway.
         await self.accept()
-        self.group = gen.group_name(self.conversation_id)
+        self.group = frames.group_name(self.conversation_id)
         # Join before reading the state so no frame published meanwhile is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
         try:
@@ -117,12 +119,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.group = None
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        self._state = state
         self.authorized = True
         self._owner_unverified = state["conversation"] is None
+        await self._catch_up(state)
+
+    async def _resync(self):
+        """Send a fresh ``state`` frame: group frames are held from now until it is sent,
+        then decided on after it (those it already includes dropped)."""
+        self.sequencer.begin_resync()
+        if self._fallback is not None and self._fallback is not asyncio.current_task():
+            self._fallback.cancel()
+        await self._catch_up(await _load_state(self.user, self.conversation_id))
+
+    async def _catch_up(self, state: dict):
+        """Send ``state`` with the running generation's snapshot: at once when the run
+        is here or there is none, else when its process answers (generation_snapshot)
+        or, failing that, from the last checkpoint (_snapshot_fallback)."""
+        self._state = state
         if state["streaming"] is None:
-            await self._send_state(None)
-            return
+            return await self._send_state(None)
+        self.sequencer.begin_resync(forget_positions=True)
         snapshot = await gen.request_snapshot(
             self.conversation_id, self.channel_name, user_id=self.user.id
         )
@@ -133,19 +149,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _snapshot_fallback(self):
         await asyncio.sleep(SNAPSHOT_TIMEOUT_S)
-        if self._state_sent:
+        if self.sequencer.state_sent:
             return
         # The owning process did not answer: it died, or the run ended meanwhile. The
         # database has the final text then, or at least the last checkpoint.
-        self._state = await _load_state(
-            self.user, self.conversation_id
-        )
-        if self._state_sent:
+        self._state = await _load_state(self.user, self.conversation_id)
+        if self.sequencer.state_sent:
             return
         streaming = self._state["streaming"]
         await self._send_state(
             None if streaming is None
-            else {"message_id": streaming["id"], "content": streaming["content"], "seq": None}
+            else frames.snapshot(streaming["id"], streaming["content"], None)
         )
         if streaming is not None:
             # The run is still streaming somewhere (a busy process) or its process died
@@ -154,36 +168,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._resync()
 
     async def generation_snapshot(self, event):
-        if self.authorized and not self._state_sent:
+        if self.authorized and not self.sequencer.state_sent:
             await self._send_state(event["generation"])
 
     async def _send_state(self, generation):
-        state = self._state
-        self._closed = {m["id"] for m in state["messages"] if m["status"] != "streaming"}
-        if generation is not None:
-            self._last_seq[generation["message_id"]] = generation["seq"]
-            for message in state["messages"]:
-                if message["id"] == generation["message_id"]:
-                    message["content"] = generation["content"]
-        await self.send_json(
-            {
-                "type": "state",
-                "conversation": state["conversation"],
-                "messages": state["messages"],
-                "generation": generation,
-            }
-        )
-        self._state_sent = True
-        held, self._held = self._held, []
-        for index, frame in enumerate(held):
-            if not self._state_sent:
-                # A gap among the held frames started another resync: keep the rest.
-                self._held.extend(held[index:])
-                break
-            await self._forward(frame)
+        await self.send_json(self.sequencer.state(self._state, generation))
+        while (frame := self.sequencer.next_held()) is not None:
+            await self._deliver(frame)
 
     async def disconnect(self, code):
-        if getattr(self, "_fallback", None) is not None:
+        if self._fallback is not None:
             self._fallback.cancel()
         # Cancel first: the upstream stream is closed without waiting for the layer.
         self._cancel_own_generation("disconnect")
@@ -209,38 +203,49 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # -- client frames ------------------------------------------------------------
     async def receive(self, text_data=None, bytes_data=None):
         """One client frame: ignored unless authorized; any failure answered with an
-        ``error`` frame, never a close."""
+        ``error`` frame, never a close. The raw text is checked (size, binary) before
+        it is parsed (decode_json)."""
         if not self.authorized:
             return
         try:
-            await self.handle_frame(text_data, bytes_data)
+            if text_data is None:
+                raise BadFrame("bad_frame", "Frames must be JSON text.")
+            await self.receive_json(await self.decode_json(text_data))
+        except BadFrame as exc:
+            await self.send_json(frames.error(exc.code, exc.detail))
         except gen.Forbidden as exc:
             await self._refuse(exc.to_frame())
         except gen.GenerationError as exc:
             await self.send_json(exc.to_frame())
         except validation.TextRejected as exc:
-            await self.send_error(exc.code, exc.message)
+            await self.send_json(frames.error(exc.code, exc.message))
         except Exception:
             logger.exception(
                 "frame failed on %s (conversation %s)", self.channel_name, self.conversation_id
             )
-            await self.send_error("internal", "The server failed to handle this frame.")
+            await self.send_json(
+                frames.error("internal", "The server failed to handle this frame.")
+            )
 
-    async def handle_frame(self, text_data=None, bytes_data=None):
-        """Parse, validate and dispatch one frame of an authorized socket. Raises
-        GenerationError and validation.TextRejected for the client's mistakes."""
-        if text_data is None:
-            return await self.send_error("bad_frame", "Frames must be JSON text.")
+    @classmethod
+    async def decode_json(cls, text_data):
+        """The frame object of ``text_data``; raises BadFrame (too large, not JSON,
+        nested too deeply, not an object with a string ``type``)."""
         if len(text_data) > settings.CHAT_MAX_MESSAGE_CHARS * 4 + 1024:
-            return await self.send_error("too_large", "The frame is too large.")
+            raise BadFrame("too_large", "The frame is too large.")
         try:
-            frame = json.loads(text_data)
+            frame = await super().decode_json(text_data)
         except RecursionError:
-            return await self.send_error("bad_json", "The frame is nested too deeply.")
+            raise BadFrame("bad_json", "The frame is nested too deeply.") from None
         except ValueError:
-            return await self.send_error("bad_json", "The frame is not valid JSON.")
+            raise BadFrame("bad_json", "The frame is not valid JSON.") from None
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            return await self.send_error("bad_frame", 'A frame is an object with a "type".')
+            raise BadFrame("bad_frame", 'A frame is an object with a "type".')
+        return frame
+
+    async def receive_json(self, frame):
+        """Dispatch one valid frame by its type. Raises GenerationError and
+        validation.TextRejected for the client's mistakes."""
         handler = {
             "message": self.on_message,
             "stop": self.on_stop,
@@ -249,7 +254,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             "sync": self.on_sync,
         }.get(frame["type"])
         if handler is None:
-            return await self.send_error("unknown_type", f"Unknown frame type {frame['type']!r}.")
+            raise BadFrame("unknown_type", f"Unknown frame type {frame['type']!r}.")
         await handler(frame)
 
     async def on_message(self, frame):
@@ -277,7 +282,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.user, self.conversation_id, content, mode=mode, create=create,
             layer=self.channel_layer,
         )
-        # prepare_run checked the owner (it created the conversation for this user, or
+        # The store checked the owner (it created the conversation for this user, or
         # found it theirs): the group frames that follow need no check.
         self._owner_unverified = False
 
@@ -290,37 +295,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Resend the ``state`` frame (a client that detected a gap in seq asks this)."""
         await self._resync()
 
-    async def _resync(self):
-        """Send a fresh ``state`` frame: group frames are held from now until it is sent,
-        then forwarded after it (those it already includes dropped)."""
-        self._state_sent = False
-        if self._fallback is not None and self._fallback is not asyncio.current_task():
-            self._fallback.cancel()
-        self._state = await _load_state(
-            self.user, self.conversation_id
-        )
-        if self._state["streaming"] is None:
-            return await self._send_state(None)
-        self._last_seq.clear()
-        snapshot = await gen.request_snapshot(
-            self.conversation_id, self.channel_name, user_id=self.user.id
-        )
-        if snapshot is not None:
-            await self._send_state(snapshot)
-        else:
-            self._fallback = asyncio.ensure_future(self._snapshot_fallback())
-
     # -- group frames -------------------------------------------------------------
     async def chat_frame(self, event):
-        if not self.authorized:
+        if not self.authorized or self.sequencer.hold(event["frame"]):
             return
-        frame = event["frame"]
-        if not self._state_sent:
-            self._held.append(frame)
-            return
-        await self._forward(frame)
+        await self._deliver(event["frame"])
 
-    async def _forward(self, frame):
+    async def _deliver(self, frame):
+        """Send ``frame`` as the sequencer decides, after checking the owner of a
+        conversation created since this socket connected."""
         if not self.authorized:
             return
         if self._owner_unverified:
@@ -332,41 +315,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     gen.Forbidden("This conversation belongs to someone else.").to_frame()
                 )
             self._owner_unverified = False
-        if frame["type"] == "delta":
-            message_id = frame["message_id"]
-            if message_id in self._closed:
-                return
-            last = self._last_seq.get(message_id, 0)
-            if last is None:
-                # Position unknown (state from a checkpoint): a resync is under way and
-                # its state will include this text.
-                return
-            if frame["seq"] <= last:
-                return
-            if frame["seq"] > last + 1:
-                # A group message was lost between the generation and this socket:
-                # repair from the source instead of showing text with a hole.
-                self.repairs += 1
-                logger.warning(
-                    "seq gap on %s (%s after %s): resynchronising %s",
-                    message_id, frame["seq"], last, self.channel_name,
-                )
-                self._held.append(frame)
-                return await self._resync()
-            self._last_seq[message_id] = frame["seq"]
-        if frame["type"] == "generation.end":
-            if frame["message_id"] in self._ended:
-                return
-            self._ended.add(frame["message_id"])
-        await self.send_json(frame)
-        if frame["type"] == "generation.end" and frame["status"] == "interrupted":
+        action = self.sequencer.decide(frame)
+        if action is Action.RESYNC:
+            # A group message was lost between the generation and this socket: repair
+            # from the source instead of showing text with a hole.
+            logger.warning(
+                "seq gap on %s (%s after %s): resynchronising %s", frame["message_id"],
+                frame["seq"], self.sequencer.last_seq(frame["message_id"]), self.channel_name,
+            )
+            return await self._resync()
+        if action in (Action.SEND, Action.SEND_THEN_RESYNC):
+            await self.send_json(frame)
+        if action is Action.SEND_THEN_RESYNC:
             # Finished by a lease sweep, not by the process that streamed it: the saved
             # text is the last checkpoint, which this socket may not match exactly.
             await self._resync()
-
-    # -- helpers ------------------------------------------------------------------
-    async def send_json(self, payload):
-        await self.send(text_data=json.dumps(payload))
-
-    async def send_error(self, code, detail):
-        await self.send_json({"type": "error", "code": code, "detail": detail})

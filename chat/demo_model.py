@@ -25,41 +25,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .accounting import count_prompt_tokens
+from .demo_faults import FAULT_ERRORS, FAULTS, NO_CHOICES, mid_stream_fault
+
+__all__ = ["FAULTS", "UpstreamRequest", "UpstreamServer", "demo_answer", "split_tokens"]
+
 TOKEN_RE = re.compile(r"\s*\S+|\s+")
 _ids = itertools.count(1)
-
-# Faults UpstreamServer can produce (its ``fault`` knob); "mid-stream" ones happen after
-# ``fault_after`` content chunks.
-FAULTS = (
-    "unauthorized",         # HTTP 401 with an OpenAI-style error body
-    "rate_limited",         # HTTP 429 with Retry-After: ``retry_after`` seconds
-    "server_error",         # HTTP 500
-    "hang_before_headers",  # reads the request, then sends nothing until the client leaves
-    "drop_mid_stream",      # aborts the TCP connection mid-stream
-    "stall_mid_stream",     # sends nothing more mid-stream until the client leaves
-    "end_mid_stream",       # ends the body cleanly mid-stream: no finish_reason, no [DONE]
-    "malformed_json",       # a mid-stream event whose data is not JSON
-    "no_choices",           # a mid-stream chunk without "choices"; "choices": null on usage
-    "error_event",          # a mid-stream {"error": {...}} event, then the end of the body
-    "no_done_close",        # finish_reason and usage, then closes without [DONE] or body end
-    "no_done_hang",         # finish_reason and usage, then sends nothing until the client leaves
-    "nul",                  # a mid-stream delta containing NUL (JSON "\u0000")
-    "lone_surrogate",       # a mid-stream delta containing a lone surrogate (JSON "\udcff")
-)
-# The extra delta the "nul" and "lone_surrogate" faults send.
-POISON = {"nul": " nul\x00here", "lone_surrogate": " lone\udcffhere"}
-# The body of the HTTP error faults: (status, OpenAI-style error).
-FAULT_ERRORS = {
-    "unauthorized": (401, {"message": "Incorrect API key provided.",
-                           "type": "invalid_request_error", "code": "invalid_api_key"}),
-    "rate_limited": (429, {"message": "Rate limit reached for requests.",
-                           "type": "requests", "code": "rate_limit_exceeded"}),
-    "server_error": (500, {"message": "The server had an error while processing your request.",
-                           "type": "server_error", "code": None}),
-}
-ERROR_EVENT = {"message": "The model is overloaded; the stream was interrupted.",
-               "type": "server_error", "code": "overloaded"}
-
 
 @dataclass
 class UpstreamRequest:
@@ -355,7 +327,7 @@ class UpstreamServer:
                 "created": created,
                 "model": model,
             }
-            if choices is not _NO_CHOICES:
+            if choices is not NO_CHOICES:
                 payload["choices"] = choices
             if with_usage_key:
                 payload["usage"] = usage
@@ -407,8 +379,6 @@ class UpstreamServer:
         return False
 
     async def _write_tokens(self, record, tokens, chunk, send, finish_reason, messages, usage):
-        from .accounting import count_prompt_tokens
-
         fault = self.fault
         delay = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0
         if fault == "hang_before_headers":
@@ -423,7 +393,7 @@ class UpstreamServer:
             if self.drop_after is not None and record.chunks_written >= self.drop_after:
                 return "dropped"
             if record.chunks_written == self.fault_after and fault is not None:
-                outcome = await self._mid_stream_fault(fault, record, chunk, send)
+                outcome = await mid_stream_fault(fault, record, chunk, send)
                 if outcome:
                     return outcome
             await send(chunk([{"index": 0, "delta": {"content": token}, "finish_reason": None}]))
@@ -445,48 +415,3 @@ class UpstreamServer:
             await asyncio.Event().wait()
         await send("data: [DONE]\n\n")
         return "done"
-
-    async def _mid_stream_fault(self, fault, record, chunk, send) -> str | None:
-        """Send what ``fault`` sends in the middle of a stream; returns how the response
-        ends (``"dropped"``, ``"done"``) or None to go on streaming."""
-        if fault == "drop_mid_stream":
-            return "dropped"
-        if fault == "stall_mid_stream":
-            await asyncio.Event().wait()
-        if fault == "end_mid_stream":
-            return "done"
-        if fault == "malformed_json":
-            await send('data: {"id": "chatcmpl-broken", "choices": [{"delta": {"content\n\n')
-        elif fault == "no_choices":
-            await send(chunk(_NO_CHOICES))
-        elif fault == "error_event":
-            await send(f"data: {json.dumps({'error': ERROR_EVENT})}\n\n")
-            return "done"
-        elif fault in POISON:
-            poison = POISON[fault]
-            await send(chunk([{"index": 0, "delta": {"content": poison}, "finish_reason": None}]))
-            record.chunks_written += 1
-            record.text_written.append(poison)
-        return None
-
-
-# A chunk() argument: leave the "choices" key out of the chunk.
-_NO_CHOICES = object()
-
-_demo_servers: dict[asyncio.AbstractEventLoop, UpstreamServer] = {}
-_demo_lock = threading.Lock()
-
-
-async def ensure_demo_server(tokens_per_second: float) -> UpstreamServer:
-    """The demo model server of the running event loop, started on first use."""
-    loop = asyncio.get_running_loop()
-    server = _demo_servers.get(loop)
-    if server is None:
-        server = UpstreamServer(tokens_per_second=tokens_per_second)
-        await server.start()
-        with _demo_lock:
-            _demo_servers[loop] = server
-    # Keep the record list small in a long-running process.
-    if len(server.requests) > 1000:
-        server.requests = [r for r in server.requests if r.open]
-    return server

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from channels_redis.pubsub import RedisPubSubChannelLayer
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,10 +38,6 @@ async def release_channel(layer, channel: str | None) -> None:
 
 
 async def _release(layer, channel: str) -> None:
-    try:
-        from channels_redis.pubsub import RedisPubSubChannelLayer
-    except ImportError:  # pragma: no cover - channels-redis is a requirement
-        RedisPubSubChannelLayer = ()  # noqa: N806
     if isinstance(layer, RedisPubSubChannelLayer):
         # The per-event-loop layer holds the subscriptions (pubsub.py: _get_layer).
         loop_layer = layer._get_layer()

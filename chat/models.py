@@ -5,7 +5,10 @@ with a *role*; one assistant message is produced by one *generation*, which stre
 *deltas* and ends with a *finish_reason* and a *usage* (prompt_tokens, completion_tokens).
 """
 
+import hashlib
+import secrets
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
@@ -24,6 +27,13 @@ class ConversationQuerySet(models.QuerySet):
         if not getattr(user, "is_authenticated", False):
             return self.none()
         return self.filter(owner=user)
+
+    def lock(self, conversation_id) -> "Conversation | None":
+        """The conversation row, locked for the current transaction (PostgreSQL row lock;
+        SQLite's IMMEDIATE transactions already serialise writers); None if it does not
+        exist. Every transaction that changes a run takes this lock first (prepare,
+        finalize, the lease sweep), so PostgreSQL cannot deadlock them."""
+        return self.select_for_update().filter(id=conversation_id).first()
 
 
 class Conversation(models.Model):
@@ -60,15 +70,18 @@ class Conversation(models.Model):
             return line
         return line[: cls.TITLE_CHARS - 1].rstrip() + "…"
 
-    def to_dict(self) -> dict:
-        """JSON-ready shape used by the WebSocket ``state`` frame and the UI."""
+    def to_dict(self, timestamp=datetime.isoformat) -> dict:
+        """The one JSON shape of a conversation: WebSocket frames, and the REST API
+        (chat.api.serializers.ConversationSerializer delegates here). ``timestamp``
+        formats datetimes: ISO 8601 as ``isoformat`` gives it in frames, DRF's format
+        (``Z`` for UTC) in the REST API."""
         return {
             "id": str(self.id),
             "title": self.title,
             "model": self.model,
             "system_prompt": self.system_prompt,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
+            "created_at": timestamp(self.created_at),
+            "updated_at": timestamp(self.updated_at),
         }
 
 
@@ -143,11 +156,29 @@ class Message(models.Model):
     def is_final(self) -> bool:
         return self.status != self.Status.STREAMING
 
-    def to_dict(self, usage: "UsageRecord | None" = None) -> dict:
-        """JSON-ready shape of the message (the ``message`` field of WebSocket frames).
+    def finish(self, status: str, finish_reason: str, error: str, content: str | None,
+               now) -> None:
+        """Save the end of a streaming answer (its final ``status``). ``content`` None
+        keeps the text saved so far (the last checkpoint). Call it with the row locked
+        (chat.generation.store.finalize)."""
+        if content is not None:
+            self.content = content
+        self.status = status
+        self.finish_reason = finish_reason
+        self.error = error
+        self.completed_at = now
+        self.heartbeat_at = now
+        self.save(update_fields=[
+            "content", "status", "finish_reason", "error", "completed_at", "heartbeat_at"
+        ])
+
+    def to_dict(self, usage: "UsageRecord | None" = None, timestamp=datetime.isoformat) -> dict:
+        """The one JSON shape of a message: the ``message`` field of WebSocket frames,
+        and the REST API (chat.api.serializers.MessageSerializer delegates here).
 
         ``usage`` is the generation's UsageRecord when the caller has it at hand;
-        otherwise the prefetched/related one is used if present.
+        otherwise the prefetched/related one is used if present. ``timestamp`` formats
+        datetimes (see Conversation.to_dict).
         """
         if usage is None and self.role == self.Role.ASSISTANT:
             try:
@@ -163,8 +194,8 @@ class Message(models.Model):
             "finish_reason": self.finish_reason or None,
             "model": self.model,
             "error": self.error or None,
-            "created_at": self.created_at.isoformat(),
-            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "created_at": timestamp(self.created_at),
+            "completed_at": timestamp(self.completed_at) if self.completed_at else None,
             "usage": usage.to_dict() if usage else None,
         }
 
@@ -326,16 +357,12 @@ class ApiToken(models.Model):
     @staticmethod
     def hash_key(key: str) -> str:
         """Hex SHA-256 of a key, as stored in ``key_hash``."""
-        import hashlib
-
         return hashlib.sha256(key.encode()).hexdigest()
 
     @classmethod
     def issue(cls, user, name: str) -> tuple["ApiToken", str]:
         """Create a token for ``user``; returns ``(token, key)``. The key (``chat_`` + 43
         URL-safe characters) is not stored and cannot be shown again."""
-        import secrets
-
         key = cls.KEY_PREFIX + secrets.token_urlsafe(32)
         token = cls.objects.create(
             user=user, name=name, key_hash=cls.hash_key(key), prefix=key[:12]

@@ -225,9 +225,21 @@ class ChatSocket:
         await self.comm.disconnect()
 
 
+async def close_left_open(sockets: list[ChatSocket]) -> None:
+    """Disconnect the sockets whose application still runs (a test may have closed
+    some, or torn them down by cancelling their application)."""
+    for sock in sockets:
+        if not sock.comm.future.done():
+            try:
+                await sock.comm.disconnect()
+            except (Exception, asyncio.CancelledError):  # noqa: BLE001 - best effort
+                pass
+
+
 @pytest.fixture
-def connect():
-    """``await connect(user, conversation_id)`` -> (connected, close_code, ChatSocket)."""
+async def connect():
+    """``await connect(user, conversation_id)`` -> (connected, close_code, ChatSocket);
+    the sockets still open are closed at the end of the test."""
     from chatproject.asgi import application
 
     sockets: list[ChatSocket] = []
@@ -250,6 +262,7 @@ def connect():
         return connected, code, sock
 
     yield _connect
+    await close_left_open(sockets)
 
 
 # --- live servers -------------------------------------------------------------------------

@@ -395,10 +395,12 @@ def record_at_current_prices(alice, model="test-model"):
     conversation = Conversation.objects.create(owner=alice, title="priced", model=model)
     message = Message.objects.create(conversation=conversation, role="assistant",
                                      status="streaming", model=model)
-    return generation.finalize_message(
-        message.id, user_id=alice.id, conversation_id=conversation.id, model=model,
-        content="answer", status="completed", finish_reason="stop", error="", prompt=None,
-        usage={"prompt_tokens": 1000, "completion_tokens": 2000}, ttft_ms=10, duration_ms=20,
+    return generation.finalize(
+        generation.RunRef(message.id, conversation.id, alice.id, model, prompt=None),
+        generation.Outcome("completed", "stop", usage={"prompt_tokens": 1000,
+                                                       "completion_tokens": 2000},
+                           ttft_ms=10, duration_ms=20),
+        content="answer",
     )
 
 

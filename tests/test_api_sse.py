@@ -2,7 +2,6 @@
 daphne server, against the real loopback upstream: the deltas arrive as events, and
 closing the HTTP connection stops the generation and closes the upstream stream."""
 
-import asyncio
 import json
 import time
 
@@ -11,6 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import ApiToken, Conversation, Message, UsageRecord
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -102,14 +102,11 @@ async def test_closing_the_connection_cancels_and_closes_upstream(
     assert record.chunks_written < 150
 
     async def saved():
-        for _ in range(100):
-            message = await Message.objects.aget(id=message_id)
-            if message.status != "streaming":
-                return message
-            await asyncio.sleep(0.05)
-        return message
+        message = await Message.objects.aget(id=message_id)
+        return message if message.status != "streaming" else None
 
-    message = await saved()
+    await eventually(saved)
+    message = await Message.objects.aget(id=message_id)
     assert message.status == "cancelled"
     assert message.finish_reason == "cancelled"
     assert message.content.startswith(received)

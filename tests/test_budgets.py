@@ -18,10 +18,10 @@ from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.utils import timezone
 
-from chat import budgets
-from chat.generation import QuotaExceeded
+from chat.generation import QuotaExceeded, budgets
 from chat.models import Conversation, Message, ModelPrice, UsageRecord, UserBudget
 from tests.conftest import session_cookie
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -326,10 +326,11 @@ async def test_the_concurrency_limit_holds_across_two_server_processes(
             for ws in sockets:
                 await ws.close()  # closing the tab that started it stops the run
         streaming = Message.objects.filter(status="streaming")
-        for _ in range(100):
-            if not await streaming.aexists():
-                break
-            await asyncio.sleep(0.05)
+
+        async def none_streaming(streaming=streaming):
+            return not await streaming.aexists()
+
+        await eventually(none_streaming)
         assert not await streaming.aexists()
     assert outcomes == [["error", "generation.start"]] * 3
     # One request per attempt at most (a close right after generation.start may even

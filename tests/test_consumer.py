@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from chat.models import Conversation, Message, UsageRecord
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -167,11 +168,11 @@ async def test_server_teardown_without_disconnect_cancels_run(alice, upstream, c
     ws.comm.future.cancel()
     request = upstream.requests[-1]
     assert await upstream.until(lambda: request.client_closed_at is not None, timeout=1.0)
-    for _ in range(100):
-        message = await saved(message_id)
-        if message.status != Message.Status.STREAMING:
-            break
-        await asyncio.sleep(0.02)
+    async def ended():
+        return (await saved(message_id)).status != Message.Status.STREAMING
+
+    await eventually(ended)
+    message = await saved(message_id)
     assert message.status == Message.Status.CANCELLED
     assert await usage_of(message_id) is not None
 
@@ -297,11 +298,11 @@ async def test_streaming_answer_is_checkpointed_before_it_ends(alice, upstream, 
     await ws.receive_type("state")
     message_id = await start_run(ws)
     await receive_deltas(ws, 20)  # ~0.4 s at 50 tokens/s; checkpoints every 0.2 s here
-    for _ in range(50):
-        message = await saved(message_id)
-        if message.content:
-            break
-        await asyncio.sleep(0.05)
+    async def checkpointed():
+        return (await saved(message_id)).content
+
+    await eventually(checkpointed, timeout=2.5)
+    message = await saved(message_id)
     assert message.status == Message.Status.STREAMING
     assert message.content and upstream.answer  # partial text is in the database
     assert ws.text(message_id).startswith(message.content)

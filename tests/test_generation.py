@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from chat import generation as gen
 from chat.models import Conversation, Message, UsageRecord
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,7 +63,8 @@ async def test_cancel_while_waiting_for_slow_channel_layer_closes_upstream_at_on
     layer = SlowLayer(delay=0.3)
     generation = await gen.start_generation(alice, uuid.uuid4(), "hi", layer=layer)
     await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written >= 5)
-    await asyncio.sleep(0.1)
+    # The run waits on the slow layer (back-pressure): its outbox is full.
+    await eventually(lambda: generation.queued_frames >= settings.CHAT_OUTBOX_LIMIT)
     cancelled_at = time.monotonic()
     assert generation.cancel("stop")
     request = upstream.requests[-1]

@@ -1,5 +1,5 @@
 """Leases: a streaming answer is checkpointed while it streams, and a run whose process
-stopped heartbeating is finished by any worker's sweeper (chat/leases.py)."""
+stopped heartbeating is finished by any worker's sweeper (chat/generation/leases.py)."""
 
 import asyncio
 import uuid
@@ -10,8 +10,9 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from chat import generation as gen
-from chat import leases
+from chat.generation import leases
 from chat.models import Conversation, Message, UsageRecord
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,7 +35,10 @@ async def test_a_streaming_answer_is_checkpointed_while_it_streams(alice, upstre
     await ws.send({"type": "message", "content": "go"})
     message_id = (await ws.receive_type("generation.start"))["message"]["id"]
     await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 5)
-    await asyncio.sleep(0.5)  # checkpoints every 200 ms in the upstream fixture
+    async def checkpointed():  # checkpoints every 200 ms in the upstream fixture
+        return (await Message.objects.aget(id=message_id)).content.startswith("w0 w1")
+
+    await eventually(checkpointed)
     saved = await Message.objects.aget(id=message_id)
     assert saved.status == "streaming"
     assert saved.content.startswith("w0 w1")

@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 
 from chat.models import Message, UsageRecord
 from tests.conftest import session_cookie
+from tests.eventually import eventually
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.multiprocess]
 
@@ -188,7 +189,10 @@ async def test_a_killed_process_leaves_no_streaming_message_the_other_finishes_i
     a, b = two_servers(CHAT_LEASE_S="2", CHAT_SWEEP_S="1")
     on_a, on_b, message_id = await start_run_watched_from_b(a, b, open_socket)
     await on_b.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 10)
-    await asyncio.sleep(0.5)  # at least one checkpoint (every 200 ms) saved some text
+    async def checkpointed():  # at least one checkpoint (every 200 ms) saved some text
+        return (await Message.objects.aget(id=message_id)).content
+
+    await eventually(checkpointed)
 
     killed_at = time.monotonic()
     a.kill()

@@ -7,7 +7,6 @@ is cleaned where it is read; the batch isolates a row the database refuses anywa
 an answer that cannot be saved is never reported ``completed``.
 """
 
-import asyncio
 import uuid
 from datetime import timedelta
 
@@ -15,8 +14,9 @@ import pytest
 from django.utils import timezone
 
 from chat import generation as gen
-from chat import leases
+from chat.generation import leases
 from chat.models import Conversation, Message, UsageRecord
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,13 +119,11 @@ async def test_an_answer_whose_text_cannot_be_saved_ends_failed_and_frees_the_co
     await ws.receive_type("state")
     message_id = await ask(ws, "question")
     await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 3)
-    running = next(g for g in gen._running.values() if g.message_id == message_id)
-    checkpointed = ""
-    for _ in range(100):  # a checkpoint (every 200 ms) has saved some text
-        checkpointed = (await Message.objects.aget(id=message_id)).content
-        if checkpointed:
-            break
-        await asyncio.sleep(0.05)
+    running = next(g for g in gen.Runtime.current().running() if g.message_id == message_id)
+    async def saved_text():  # a checkpoint (every 200 ms) has saved some text
+        return (await Message.objects.aget(id=message_id)).content
+
+    checkpointed = await eventually(saved_text)
     assert checkpointed
     # Text the database refuses, put past the boundary that cleans provider text: the
     # run must not be reported completed, nor leave the conversation busy.

@@ -94,7 +94,7 @@ async def test_a_tab_joining_a_run_whose_process_is_silent_shows_the_checkpoint_
 ):
     from asgiref.sync import sync_to_async
 
-    from chat import leases
+    from chat.generation import leases
     from tests.test_leases import orphan_run
 
     # Its process died a moment ago: the lease has not expired, nobody answers snapshots.

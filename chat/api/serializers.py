@@ -1,7 +1,9 @@
 """Request and response shapes of the REST API.
 
-Messages and conversations have the same fields as in the WebSocket frames
-(``Message.to_dict()``, ``Conversation.to_dict()``; README, "WebSocket protocol").
+Messages and conversations are written by ONE serializer shared with the WebSocket
+frames: ``Message.to_dict()`` / ``Conversation.to_dict()`` (README, "WebSocket
+protocol"). The DRF serializers below declare the fields (for validation and the
+OpenAPI schema) and delegate their output there, with DRF's datetime format.
 """
 
 from django.conf import settings
@@ -23,6 +25,10 @@ class UsageSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+# DRF's rendering of datetimes (``Z`` for UTC), as the API has always answered.
+_drf_datetime = serializers.DateTimeField().to_representation
+
+
 class ConversationSerializer(serializers.ModelSerializer):
     """A conversation. ``model`` must be one of ``CHAT_MODELS`` (empty: the default model);
     all writable fields are optional."""
@@ -40,6 +46,9 @@ class ConversationSerializer(serializers.ModelSerializer):
 
     def validate_model(self, value):
         return value or settings.CHAT_MODEL
+
+    def to_representation(self, instance):
+        return instance.to_dict(timestamp=_drf_datetime)
 
     def validate_title(self, value):
         return " ".join(value.split())
@@ -66,21 +75,11 @@ class MessageSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def to_representation(self, instance):
-        data = super().to_representation(instance)
-        # Empty strings in the database mean "none yet", as in Message.to_dict().
-        data["finish_reason"] = data["finish_reason"] or None
-        data["error"] = data["error"] or None
-        return data
+        return instance.to_dict(timestamp=_drf_datetime)
 
     @extend_schema_field(UsageSerializer(allow_null=True))
-    def get_usage(self, message):
-        if message.role != Message.Role.ASSISTANT:
-            return None
-        try:
-            usage = message.usage
-        except UsageRecord.DoesNotExist:
-            return None
-        return UsageSerializer(usage).data if usage else None
+    def get_usage(self, message):  # documents the field; the output is Message.to_dict's
+        return message.to_dict()["usage"]
 
 
 class PostMessageSerializer(serializers.Serializer):

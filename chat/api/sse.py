@@ -20,14 +20,14 @@ does, so the upstream HTTP stream is closed and the partial answer saved as
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from asgiref.sync import sync_to_async
 from django.http import HttpResponse, StreamingHttpResponse
 from rest_framework.renderers import JSONRenderer
 
 from .. import generation as gen
+from ..generation import frames
 from ..models import Message
 from .renderers import EventStreamRenderer
 from .serializers import MessageSerializer, PostMessageSerializer
@@ -36,14 +36,6 @@ from .views import ConversationMessagesView
 # An SSE comment is sent after this many seconds without a frame, so proxies and
 # clients keep an idle stream (e.g. a slow first token) open.
 KEEPALIVE_S = 15.0
-
-# GenerationError subclass -> HTTP status of its JSON error body.
-ERROR_STATUS = {
-    gen.Busy: 409,
-    gen.Forbidden: 404,  # someone else's conversation: as if it did not exist
-    gen.InvalidRequest: 400,
-    gen.QuotaExceeded: 429,
-}
 
 _list_view = ConversationMessagesView.as_view()
 
@@ -95,10 +87,10 @@ async def post_message(request, conversation_id):
         return prepared
     user, wants_stream, content = prepared
     try:
-        generation, queue = await start_detached(user, conversation_id, content)
+        generation, queue = await gen.start_detached(user, conversation_id, content)
     except gen.GenerationError as exc:
         return json_response({"detail": exc.detail, "code": exc.code},
-                             ERROR_STATUS.get(type(exc), 400))
+                             exc.http_status)
     if wants_stream:
         response = StreamingHttpResponse(
             _events(generation, queue), content_type="text/event-stream; charset=utf-8"
@@ -115,51 +107,6 @@ async def post_message(request, conversation_id):
     return json_response(MessageSerializer(message).data, 201)
 
 
-_owners: set[asyncio.Task] = set()
-
-
-async def start_detached(user, conversation_id, content):
-    """``gen.start_generation`` in a task of its own that outlives the request, with its
-    own asgiref thread for database calls until the run has ended.
-
-    Why: a sync-only middleware (WhiteNoise) makes Django call this async view through
-    ``async_to_sync`` from a request thread; a task created here would inherit that
-    thread's executor (``AsyncToSync.executors.current``) and its database calls would
-    fail with "CurrentThreadExecutor already quit" once the request is over (an SSE
-    client that disconnected, say), or deadlock in-process. A fresh context and a
-    ``ThreadSensitiveContext`` held open until the run ends avoid both.
-    Returns ``(generation, queue)``, the queue subscribed before any await so that no
-    delta can be missed. Raises what start_generation raises. If the caller is
-    cancelled before the run started, the run is cancelled as soon as it exists.
-    """
-    started: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def owner():
-        async with ThreadSensitiveContext():
-            try:
-                generation = await gen.start_generation(user, conversation_id, content)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting view
-                if not started.done():
-                    started.set_exception(exc)
-                return
-            started.set_result((generation, generation.subscribe()))
-            await generation.wait()
-
-    task = asyncio.create_task(owner(), context=contextvars.Context())
-    _owners.add(task)
-    task.add_done_callback(_owners.discard)
-    try:
-        return await asyncio.shield(started)
-    except asyncio.CancelledError:
-        started.add_done_callback(_cancel_started)
-        raise
-
-
-def _cancel_started(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result()[0].cancel("disconnect")
-
-
 async def _events(generation: gen.Generation, queue: asyncio.Queue):
     """Yield the run's frames as SSE until ``generation.end``; cancel the run if the
     iteration stops earlier (client disconnect: task cancelled, or generator closed)."""
@@ -168,9 +115,8 @@ async def _events(generation: gen.Generation, queue: asyncio.Queue):
         run = generation.run
         # These two were queued before we could subscribe; send them from the run.
         if run.user_message is not None:
-            yield sse_event({"type": "message", "message": run.user_message,
-                             "conversation": run.conversation})
-        yield sse_event({"type": "generation.start", "message": run.assistant_message})
+            yield sse_event(frames.user_message(run.user_message, run.conversation))
+        yield sse_event(frames.generation_start(run.assistant_message))
         while True:
             try:
                 frame = await asyncio.wait_for(queue.get(), KEEPALIVE_S)

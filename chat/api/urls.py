@@ -3,7 +3,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from . import schema, sse, views
+from . import export, schema, sse, views
 
 router = SimpleRouter()
 router.register("conversations", views.ConversationViewSet, basename="conversation")
@@ -17,7 +17,7 @@ app_name = "api"
 urlpatterns = [
     path("conversations/<str:conversation_id>/messages/", sse.conversation_messages,
          name="conversation-messages"),
-    path("conversations/<str:conversation_id>/export", views.ExportView.as_view(),
+    path("conversations/<str:conversation_id>/export", export.ExportView.as_view(),
          name="conversation-export"),
     path("conversations/<str:conversation_id>/stop", views.StopView.as_view(),
          name="conversation-stop"),

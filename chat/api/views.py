@@ -23,12 +23,12 @@ from drf_spectacular.utils import (
 )
 from rest_framework import exceptions, generics, mixins, status, viewsets
 from rest_framework.generics import get_object_or_404
-from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .. import generation as gen
+from ..generation import frames
 from ..models import ApiToken, Conversation, Message, UsageRecord
 from . import filters, renderers, serializers
 
@@ -174,8 +174,8 @@ class ConversationViewSet(viewsets.ModelViewSet):
     def perform_update(self, serializer):
         conversation = serializer.save()
         # Other open tabs of this conversation show the new title/model/prompt at once.
-        async_to_sync(gen.broadcast)(
-            conversation.id, {"type": "conversation", "conversation": conversation.to_dict()}
+        async_to_sync(frames.send_to_group)(
+            conversation.id, frames.conversation_changed(conversation.to_dict())
         )
 
     def perform_destroy(self, instance):
@@ -185,9 +185,8 @@ class ConversationViewSet(viewsets.ModelViewSet):
             if instance.messages.streaming().exists():
                 raise Conflict("A generation is running; stop it first.")
             instance.delete()
-        async_to_sync(gen.broadcast)(
-            conversation_id,
-            {"type": "conversation.deleted", "conversation_id": str(conversation_id)},
+        async_to_sync(frames.send_to_group)(
+            conversation_id, frames.conversation_deleted(conversation_id)
         )
 
 
@@ -267,70 +266,6 @@ class ConversationMessagesView(generics.ListAPIView):
     def post(self, request, *args, **kwargs):
         # Never reached: the URL's async view handles POST itself (chat.api.sse).
         raise exceptions.MethodNotAllowed("POST")
-
-
-# --- export -------------------------------------------------------------------------------
-class ExportNegotiation(DefaultContentNegotiation):
-    """The transcript format comes from ``?format=`` only (default json); an unknown
-    format is a 400 naming the choices, not DRF's 404."""
-
-    def select_renderer(self, request, renderers, format_suffix=None):
-        wanted = request.query_params.get("format", "json")
-        for renderer in renderers:
-            if renderer.format == wanted:
-                return renderer, renderer.media_type
-        choices = ", ".join(r.format for r in renderers)
-        raise exceptions.ValidationError({"format": [f"Choose one of: {choices}."]})
-
-
-class ExportView(APIView):
-    """``/api/conversations/{id}/export``: the visible transcript as a JSON or Markdown
-    attachment (MarkdownRenderer), chosen by ``?format=`` (ExportNegotiation)."""
-
-    renderer_classes = [renderers.ExportJSONRenderer, renderers.MarkdownRenderer]
-    content_negotiation_class = ExportNegotiation
-
-    def handle_exception(self, exc):
-        # Errors are JSON whatever format the transcript was asked in.
-        self.request.accepted_renderer = renderers.ExportJSONRenderer()
-        self.request.accepted_media_type = "application/json"
-        return super().handle_exception(exc)
-
-    @extend_schema(
-        summary="Export a conversation",
-        description="The visible transcript as a download (`Content-Disposition: "
-        "attachment`): JSON (`format=json`, the default) or Markdown "
-        "(`format=markdown`).",
-        parameters=[
-            CONVERSATION_ID,
-            OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "markdown"],
-                             default="json", description="File format."),
-        ],
-        responses={
-            (200, "application/json"): serializers.ExportSerializer,
-            (200, "text/markdown"): OpenApiResponse(OpenApiTypes.STR,
-                                                    description="Markdown transcript."),
-            (400, "application/json"): BAD_REQUEST,
-            (404, "application/json"): NOT_FOUND,
-            (401, "application/json"): UNAUTHENTICATED,
-            (403, "application/json"): FORBIDDEN,
-        },
-    )
-    def get(self, request, conversation_id):
-        conversation = get_object_or_404(
-            Conversation.objects.for_user(request.user), id=conversation_id
-        )
-        messages = conversation.messages.visible().select_related("usage").order_by(
-            "created_at", "id"
-        )
-        data = serializers.ExportSerializer(
-            {"conversation": conversation, "messages": messages, "exported_at": timezone.now()}
-        ).data
-        extension = {"json": "json", "markdown": "md"}[request.accepted_renderer.format]
-        filename = f"conversation-{conversation.id}.{extension}"
-        return Response(
-            data, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
-        )
 
 
 # --- stop -------------------------------------------------------------------------------

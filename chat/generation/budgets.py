@@ -14,7 +14,7 @@ Two kinds of limit, both set per user in the admin:
   counts the user's assistant messages with status ``streaming`` whose lease is fresh
   (``MessageQuerySet.stale`` marks the others dead), which every process sees alike.
 
-:func:`check` runs inside the transaction of ``chat.generation.prepare_run`` that
+:func:`check` runs inside the transaction of ``chat.generation.store.prepare_*`` that
 creates the assistant row, so a refused request saves nothing and sends nothing
 upstream.
 """
@@ -31,22 +31,16 @@ from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import accounting
-from .generation import Busy, QuotaExceeded, build_prompt_safe
-from .models import Message, UsageRecord, UserBudget
-from .money import format_usd
+from .. import accounting
+from ..models import Message, UsageRecord, UserBudget
+from ..money import format_usd
+from .errors import ConcurrencyLimit, QuotaExceeded
+from .prompt import prompt_for_estimate
 
 UTC = dt.UTC
 # Quota fields of UserBudget, in the order they are reported.
 QUOTA_FIELDS = ("tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month")
 DEFAULT_MAX_CONCURRENT = 1
-
-
-class ConcurrencyLimit(Busy):
-    """The user already runs ``max_concurrent`` generations (error code
-    ``concurrency_limit``; the frame also carries ``limit`` and ``running``)."""
-
-    code = "concurrency_limit"
 
 
 @dataclass(frozen=True)
@@ -124,7 +118,7 @@ def reserved(messages, max_tokens: int) -> tuple[int, Decimal]:
     tokens, usd = 0, Decimal(0)
     for message in messages.select_related("conversation"):
         prompt = accounting.count_prompt_tokens(
-            build_prompt_safe(message.conversation, before=message.created_at)
+            prompt_for_estimate(message.conversation, before=message.created_at)
         )
         tokens += prompt + max_tokens
         usd += accounting.cost_usd(prompt, max_tokens, accounting.unit_prices(message.model))
@@ -159,7 +153,7 @@ def check(
     """
     if not transaction.get_connection().in_atomic_block:
         # Outside the transaction the lock would be released at once and the count race.
-        raise RuntimeError("budgets.check must run inside the transaction of prepare_run")
+        raise RuntimeError("budgets.check must run inside the transaction of store.prepare_*")
     now = now or timezone.now()
     # The lock is taken for every user, budget or not: max_concurrent applies to all.
     # FOR NO KEY UPDATE: it serialises checks of the same user but, unlike FOR UPDATE,

@@ -1,0 +1,77 @@
+"""Why a generation could not start: each error with its ``error`` frame code and the
+HTTP status the REST API answers with (README, "Error codes"; docs/api.md).
+
+Imports nothing of chat/ but the frames module (a leaf), so every layer may raise them.
+"""
+
+from __future__ import annotations
+
+from . import frames
+
+
+class GenerationError(Exception):
+    """A generation could not start; nothing was saved. ``code`` is the error frame's
+    code, ``http_status`` the REST API's status; ``extra`` goes into the frame."""
+
+    code = "error"
+    http_status = 400
+
+    def __init__(self, detail: str, **extra):
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def to_frame(self) -> dict:
+        """The ``error`` frame for the socket that asked."""
+        return frames.error(self.code, self.detail, **self.extra)
+
+
+class Busy(GenerationError):
+    """A generation already runs in this conversation (``busy``; HTTP 409)."""
+
+    code = "busy"
+    http_status = 409
+
+
+class Forbidden(GenerationError):
+    """The conversation belongs to another user (``forbidden``; HTTP 404: as if it did
+    not exist)."""
+
+    code = "forbidden"
+    http_status = 404
+
+
+class InvalidRequest(GenerationError):
+    """Empty, too long or otherwise unusable input (``invalid``; HTTP 400)."""
+
+    code = "invalid"
+    http_status = 400
+
+
+class QuotaExceeded(GenerationError):
+    """Over the user's token/USD budget (``quota_exceeded``; HTTP 429); chat.generation.budgets."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+
+class ConcurrencyLimit(Busy):
+    """The user already runs ``max_concurrent`` generations (``concurrency_limit``; the
+    frame also carries ``limit`` and ``running``); chat.generation.budgets.
+
+    HTTP 400, as the REST API answered before its status map moved here (the map was
+    keyed by exact type and did not list this subclass); see docs/api.md."""
+
+    code = "concurrency_limit"
+    http_status = 400
+
+
+class UpstreamFailure(Exception):
+    """A run failed because of its provider (HTTP error, timeout, lost connection,
+    malformed chunk, an error event); ``str(exc)`` is the clean, user-facing text
+    (provider text sanitized and the API key masked by chat.generation.upstream)."""
+
+
+class UpstreamTimeout(UpstreamFailure):
+    """The provider did not start answering, or went silent, for too long (the
+    message says which; settings OPENAI_FIRST_BYTE_TIMEOUT_S, CHAT_STREAM_IDLE_TIMEOUT_S)."""

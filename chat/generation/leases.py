@@ -1,0 +1,186 @@
+"""Leases of streaming generations, checked by every worker process.
+
+A process running a generation refreshes ``Message.heartbeat_at`` every
+``CHAT_CHECKPOINT_MS`` (:func:`checkpoint_running`, one UPDATE for all its runs, which
+saves their text too). When a process dies (SIGKILL, OOM, a lost machine) its
+``streaming`` messages stop being refreshed. Every worker process runs a *sweeper*
+that, every ``CHAT_SWEEP_S`` seconds (jittered by +-50% so N workers do not sweep in
+lockstep), finishes messages whose lease (``CHAT_LEASE_S``) has expired: status
+``interrupted``, the last checkpointed text kept, an estimated UsageRecord, and a
+``generation.end`` frame published to the conversation's group so open tabs (on any
+process) see the end. A message is thus finished at most
+``CHAT_LEASE_S + 1.5 * CHAT_SWEEP_S`` (+ one checkpoint) after its process died: 23.5 s
+with the defaults, well inside the 60 s the scale-out issue requires.
+
+daphne does not speak the ASGI lifespan protocol, so there is no start-up hook: the
+sweeper is started lazily, once per event loop (a service of the loop's Runtime), by
+:func:`ensure_sweeper`, called from the WebSocket consumer's ``connect`` and from
+``start_generation``; the checkpointer likewise by :func:`ensure_checkpointer`.
+
+The same per-loop task also answers ``worker.stats`` requests on the channel-layer
+group ``chat.workers`` (used by ``bench.load`` to count tasks left in each worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from . import frames, store
+from .frames import WORKERS_GROUP
+from .runtime import Runtime
+from .store import Checkpoint, checkpoint_many, finish_expired
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "WORKERS_GROUP", "Checkpoint", "checkpoint_many", "checkpoint_running", "ensure_checkpointer",
+    "ensure_sweeper", "finish_expired", "running_here", "sweep_once", "worker_stats",
+]
+
+
+# --- checkpoints (the lease's heartbeat) -----------------------------------------------
+def running_here() -> list:
+    """Generations of this process streaming on the current event loop."""
+    return Runtime.current().running()
+
+
+async def checkpoint_running() -> set[str]:
+    """Checkpoint every generation running on this loop (see store.checkpoint_many).
+
+    A run whose lease was lost is cancelled: it was declared dead and accounted for, so
+    it must not keep streaming (and paying) unseen. A run whose text cannot be saved
+    is ended as failed (its end keeps the last text that could be saved). A run that
+    began finishing while the statement ran is neither: its own end is saved anyway.
+    Returns the ids of the runs whose lease was lost."""
+    running = running_here()
+    contents = {g.message_id: "".join(g.text) for g in running}
+    if not contents:
+        return set()
+    result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
+    lost = set()
+    for generation in running:
+        if not generation.is_streaming():
+            continue
+        if generation.message_id in result.lost:
+            lost.add(generation.message_id)
+            logger.warning("generation %s lost its lease; stopping it", generation.message_id)
+            generation.cancel("lease_lost")
+        elif generation.message_id in result.unsaved:
+            generation.fail("The answer could not be saved: the database refused its text.")
+    return lost
+
+
+async def _checkpoint_forever() -> None:
+    # Runs while upstream is silent too: the lease must stay fresh (finish_stale).
+    while True:
+        await asyncio.sleep(settings.CHAT_CHECKPOINT_MS / 1000)
+        try:
+            await checkpoint_running()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the next interval tries again
+            logger.exception("checkpoint failed")
+
+
+def ensure_checkpointer() -> asyncio.Task:
+    """Start this event loop's checkpointer unless it runs already."""
+    return Runtime.current().ensure_service("lease-checkpointer", _checkpoint_forever)
+
+
+# --- the sweeper -------------------------------------------------------------------------
+async def sweep_once(layer=None) -> list[dict]:
+    """Run store.finish_expired in a thread and publish its frames to the groups of
+    the conversations concerned. Returns the ``generation.end`` frames published."""
+    finished = await database_sync_to_async(finish_expired, thread_sensitive=False)()
+    for conversation_id, frame in finished:
+        try:
+            await frames.send_to_group(conversation_id, frame, layer=layer)
+        except Exception:  # noqa: BLE001 - the row is final; a lost frame is repaired by sync
+            logger.exception("could not publish the end of %s", frame["message_id"])
+    return [frame for _, frame in finished]
+
+
+def worker_stats(stacks: bool = False) -> dict:
+    """What this process runs now: ``{"worker", "generations", "generation_tasks",
+    "tasks"}`` (counts of running Generation objects, live ``generation-*`` asyncio
+    tasks, and all asyncio tasks of the loop); with ``stacks``, also ``"stacks"``: the
+    innermost frames of each live generation task (to diagnose a stuck run)."""
+    tasks = asyncio.all_tasks()
+    live = [t for t in tasks if t.get_name().startswith("generation-") and not t.done()]
+    stats = {
+        "worker": store.WORKER_ID,
+        "generations": Runtime.current().count(),
+        "generation_tasks": len(live),
+        "tasks": len(tasks),
+    }
+    if stacks:
+        stats["stacks"] = {
+            t.get_name(): [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                           for f in t.get_stack(limit=30)]
+            for t in live
+        }
+    return stats
+
+
+async def _sweep_forever(layer) -> None:
+    interval = float(settings.CHAT_SWEEP_S)
+    while True:
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+        try:
+            await sweep_once(layer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a database hiccup must not end the sweeper
+            logger.exception("lease sweep failed")
+
+
+async def _answer_stats(layer) -> None:
+    # Default prefix: channels-redis polls one list per prefix (see Generation.launch).
+    channel = await layer.new_channel()
+    await layer.group_add(WORKERS_GROUP, channel)
+    try:
+        while True:
+            message = await layer.receive(channel)
+            if message.get("type") == "worker.stats" and message.get("reply_channel"):
+                stats = worker_stats(bool(message.get("stacks")))
+                await layer.send(message["reply_channel"], frames.stats_reply(stats))
+    finally:
+        try:
+            await layer.group_discard(WORKERS_GROUP, channel)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _supervise(layer) -> None:
+    """Run the sweeper and the stats listener; restart a listener that fails (Redis
+    restarting) after a pause, so neither dies for good."""
+
+    async def keep(coro_fn, name):
+        while True:
+            try:
+                await coro_fn(layer)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                logger.exception("%s failed; restarting in 1 s", name)
+                await asyncio.sleep(1)
+
+    await asyncio.gather(keep(_sweep_forever, "lease sweeper"), keep(_answer_stats, "stats"))
+
+
+def ensure_sweeper(layer=None) -> asyncio.Task | None:
+    """Start this event loop's sweeper unless it runs already (cheap; call it freely).
+
+    Returns the task, or None when ``CHAT_SWEEP_S`` is 0 (sweeping disabled).
+    """
+    if not settings.CHAT_SWEEP_S:
+        return None
+    return Runtime.current().ensure_service(
+        "lease-sweeper", lambda: _supervise(layer or get_channel_layer())
+    )

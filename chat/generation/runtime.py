@@ -1,0 +1,129 @@
+"""The per-event-loop state of this process: ONE :class:`Runtime` per event loop.
+
+It holds what used to be six module-level registries: the generations running here
+(by conversation), the provider clients (their connection pools are bound to the
+loop), the demo model server, the loop's background tasks (lease checkpointer and
+sweeper) and the tasks that own detached runs (the SSE view's). Tests run one loop per
+test and daphne one per process, so a Runtime lives and dies with its loop (weakly
+keyed: nothing outlives a closed loop).
+
+Only this module keeps mutable per-loop state; everything else asks
+``Runtime.current()`` through the public methods below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Coroutine
+from contextvars import Context
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+
+from ..demo_model import UpstreamServer
+from . import upstream
+
+if TYPE_CHECKING:
+    from .task import Generation
+
+_runtimes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+class Runtime:
+    """What this process runs on one event loop. Get it with :meth:`current`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._generations: dict[uuid.UUID, Generation] = {}
+        self._clients: dict[tuple, object] = {}
+        self._demo_server: UpstreamServer | None = None
+        self._services: dict[str, asyncio.Task] = {}
+        self._detached: set[asyncio.Task] = set()
+
+    @classmethod
+    def current(cls) -> Runtime:
+        """The Runtime of the running event loop (made on first use). Raises
+        RuntimeError outside a running loop."""
+        loop = asyncio.get_running_loop()
+        runtime = _runtimes.get(loop)
+        if runtime is None:
+            with _lock:
+                runtime = _runtimes.setdefault(loop, cls(loop))
+        return runtime
+
+    # -- running generations ----------------------------------------------------------
+    def get(self, conversation_id) -> Generation | None:
+        """The conversation's generation running on this loop, if any (ending ones
+        included, until their end is published)."""
+        return self._generations.get(uuid.UUID(str(conversation_id)))
+
+    def add(self, generation: Generation) -> None:
+        """Register a run being started (prepared, not yet launched)."""
+        self._generations[uuid.UUID(generation.conversation_id)] = generation
+
+    def discard(self, generation: Generation) -> None:
+        """Forget a run that ended or never launched (idempotent)."""
+        key = uuid.UUID(generation.conversation_id)
+        if self._generations.get(key) is generation:
+            del self._generations[key]
+
+    def running(self) -> list[Generation]:
+        """Runs whose task streams on this loop now: launched, not done, not ending
+        (the ones whose text is checkpointed)."""
+        return [g for g in list(self._generations.values()) if g.is_streaming()]
+
+    def count(self) -> int:
+        """Generations registered on this loop (starting, streaming or ending)."""
+        return len(self._generations)
+
+    # -- the provider --------------------------------------------------------------
+    async def client(self):
+        """The provider client of this loop for the current settings, pointed at the
+        configured provider or at this loop's demo model server."""
+        if upstream.uses_demo_model():
+            server = await self.demo_server(settings.DEMO_TOKENS_PER_SECOND)
+            base_url, api_key = server.base_url, "demo"
+        else:
+            base_url, api_key = upstream.configured_provider()
+        key = upstream.client_key(base_url, api_key)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = upstream.new_client(base_url, api_key)
+        return client
+
+    async def demo_server(self, tokens_per_second: float) -> UpstreamServer:
+        """This loop's demo model server, started on first use."""
+        server = self._demo_server
+        if server is None:
+            server = UpstreamServer(tokens_per_second=tokens_per_second)
+            await server.start()
+            self._demo_server = server
+        # Keep the record list small in a long-running process.
+        if len(server.requests) > 1000:
+            server.requests = [r for r in server.requests if r.open]
+        return server
+
+    # -- background tasks ------------------------------------------------------------
+    def ensure_service(
+        self, name: str, factory: Callable[[], Coroutine]
+    ) -> asyncio.Task:
+        """The loop's task ``name``, started from ``factory()`` unless it runs already
+        (the lease checkpointer and sweeper: chat.generation.leases)."""
+        task = self._services.get(name)
+        if task is None or task.done():
+            # A fresh context: this task lives as long as the loop, not as its first caller.
+            task = self.loop.create_task(
+                factory(), name=f"{name}-{uuid.uuid4().hex[:6]}", context=Context()
+            )
+            self._services[name] = task
+        return task
+
+    def keep(self, task: asyncio.Task) -> None:
+        """Hold a reference to a task that owns a detached run until it ends (asyncio
+        keeps only weak references to tasks)."""
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)

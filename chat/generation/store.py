@@ -1,0 +1,411 @@
+"""The transactions of a run: start (prepare), end (finalize), the sweep of runs whose
+process died, the checkpoints, and the state a new socket loads. Synchronous (call them
+through ``database_sync_to_async``); no asyncio, no channel layer.
+
+Every transaction that changes a run locks the conversation row first
+(``Conversation.objects.lock``), then its messages: one order, so PostgreSQL cannot
+deadlock two of them, and a run is finished exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Case, TextField, Value, When
+from django.utils import timezone
+
+from .. import accounting
+from ..models import Conversation, Message, UsageRecord
+from . import budgets, frames
+from .errors import Busy, Forbidden, InvalidRequest
+from .outcome import Outcome
+from .prompt import build_prompt, prompt_for_estimate
+
+logger = logging.getLogger(__name__)
+
+# Identifies this process in Message.worker (host:pid:random, unique across restarts).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+STALE_ERROR = "The server process running this generation stopped responding."
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What finalize needs to know of a run besides its outcome: ids, the model it was
+    priced at, and the prompt its tokens are estimated from (None: none)."""
+
+    message_id: str
+    conversation_id: str
+    user_id: int
+    model: str
+    prompt: list[dict] | None
+
+
+@dataclass
+class PreparedRun:
+    """What a prepare function saved and what the upstream request needs: dict shapes
+    are ``Conversation.to_dict()`` / ``Message.to_dict()``; ``max_tokens`` in tokens."""
+
+    user_id: int
+    conversation: dict
+    user_message: dict | None
+    assistant_message: dict
+    model: str
+    prompt: list[dict]
+    max_tokens: int
+    # generation.end frames of stale runs of this conversation finished on the way.
+    stale_ends: list[dict] = field(default_factory=list)
+
+    @property
+    def ref(self) -> RunRef:
+        return RunRef(self.assistant_message["id"], self.conversation["id"], self.user_id,
+                      self.model, self.prompt)
+
+
+# --- start -----------------------------------------------------------------------------
+def validate_model(model: str | None) -> str:
+    """The model to use: ``model`` if allowed (``settings.CHAT_MODELS``), the default
+    when empty. Raises InvalidRequest for a model the server does not allow."""
+    if not model:
+        return settings.CHAT_MODEL
+    if model not in settings.CHAT_MODELS:
+        raise InvalidRequest(f"Model {model!r} is not available here.")
+    return model
+
+
+def _lock_conversation(user, conversation_id, *, create: dict | None) -> Conversation | None:
+    """The conversation row, locked for this transaction. When it does not exist and
+    ``create`` is given (``{"model", "system_prompt"}``), it is created for ``user``.
+    Raises Forbidden for another user's conversation."""
+    conversation = Conversation.objects.lock(conversation_id)
+    if conversation is None and create is not None:
+        try:
+            with transaction.atomic():  # a savepoint: the insert may lose a race
+                conversation = Conversation.objects.create(
+                    id=conversation_id,
+                    owner=user,
+                    model=validate_model(create.get("model")),
+                    system_prompt=(create.get("system_prompt") or "").strip(),
+                )
+        except IntegrityError:
+            # Another tab created it first; wait for its transaction and use its row.
+            conversation = Conversation.objects.select_for_update().get(id=conversation_id)
+    if conversation is not None and conversation.owner_id != user.id:
+        raise Forbidden("This conversation belongs to someone else.")
+    return conversation
+
+
+def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int) -> None:
+    """Per-user budgets (see chat.generation.budgets): raises QuotaExceeded or ConcurrencyLimit."""
+    budgets.check(
+        user, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        model=conversation.model or settings.CHAT_MODEL,
+    )
+
+
+def _supersede_answers_of_last_user_message(conversation: Conversation) -> Message:
+    """Mark what follows the last visible user message as superseded; returns it.
+    Raises InvalidRequest when there is none."""
+    visible = conversation.messages.visible()
+    last_user = visible.filter(role=Message.Role.USER).order_by("-created_at").first()
+    if last_user is None:
+        raise InvalidRequest("There is no user message to answer again.")
+    visible.filter(created_at__gt=last_user.created_at).update(superseded=True)
+    return last_user
+
+
+def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
+    """The transaction every mode shares: lock (or create) the conversation, finish its
+    stale runs, refuse a busy one, let ``ask(conversation, now)`` save what the user
+    asked (returns ``(user_message or None, text the title comes from)``), check the
+    budget and create the streaming assistant row. Nothing is saved if it raises."""
+    now = timezone.now()
+    with transaction.atomic():
+        conversation = _lock_conversation(user, conversation_id, create=create)
+        if conversation is None:
+            raise InvalidRequest("This conversation has no messages yet.")
+        stale_ends = finish_stale(conversation_id=conversation.id)
+        if conversation.messages.streaming().exists():
+            raise Busy("A generation is already running in this conversation.")
+        user_message, title_text = ask(conversation, now)
+        if not conversation.title:
+            conversation.title = Conversation.title_from(title_text)
+        conversation.updated_at = now
+        conversation.save(update_fields=["title", "updated_at"])
+        prompt = build_prompt(conversation)
+        model = conversation.model or settings.CHAT_MODEL
+        check_budget(
+            user, conversation, accounting.count_prompt_tokens(prompt), settings.CHAT_MAX_TOKENS
+        )
+        assistant = Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, content="",
+            status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
+            heartbeat_at=now, worker=WORKER_ID,
+        )
+    return PreparedRun(
+        user_id=user.id,
+        conversation=conversation.to_dict(),
+        user_message=user_message.to_dict() if user_message else None,
+        assistant_message=assistant.to_dict(usage=None),
+        model=model,
+        prompt=prompt,
+        max_tokens=settings.CHAT_MAX_TOKENS,
+        stale_ends=stale_ends,
+    )
+
+
+def _add_user_message(conversation: Conversation, content: str, now) -> Message:
+    return Message.objects.create(
+        conversation=conversation, role=Message.Role.USER, content=content,
+        status=Message.Status.COMPLETED, created_at=now, completed_at=now,
+    )
+
+
+def prepare_message(user, conversation_id, content: str, create: dict | None) -> PreparedRun:
+    """Append ``content`` as a user message (creating the conversation for ``user``
+    with ``create`` = ``{"model", "system_prompt"}``, both optional, if it does not
+    exist) and start its answer. Raises Forbidden, Busy, InvalidRequest, QuotaExceeded
+    or ConcurrencyLimit; then nothing is saved."""
+    def ask(conversation, now):
+        return _add_user_message(conversation, content, now), content
+
+    return _prepare(user, conversation_id, create=create or {}, ask=ask)
+
+
+def prepare_regenerate(user, conversation_id) -> PreparedRun:
+    """Answer the last user message again; the old answer is kept but superseded.
+    Raises as prepare_message."""
+    def ask(conversation, now):
+        return None, _supersede_answers_of_last_user_message(conversation).content
+
+    return _prepare(user, conversation_id, create=None, ask=ask)
+
+
+def prepare_edit(user, conversation_id, content: str) -> PreparedRun:
+    """Replace the last user message by ``content`` (it and its answer are superseded)
+    and answer it. Raises as prepare_message."""
+    def ask(conversation, now):
+        last_user = _supersede_answers_of_last_user_message(conversation)
+        last_user.superseded = True
+        last_user.save(update_fields=["superseded"])
+        return _add_user_message(conversation, content, now), content
+
+    return _prepare(user, conversation_id, create=None, ask=ask)
+
+
+def prepare_run(
+    user, conversation_id, content: str | None, mode: str = "message", create: dict | None = None
+) -> PreparedRun:
+    """One of prepare_message / prepare_regenerate / prepare_edit by ``mode``."""
+    if mode == "message":
+        return prepare_message(user, conversation_id, content, create)
+    if mode == "regenerate":
+        return prepare_regenerate(user, conversation_id)
+    if mode == "edit":
+        return prepare_edit(user, conversation_id, content)
+    raise InvalidRequest(f"Unknown mode {mode!r}.")
+
+
+# --- end -------------------------------------------------------------------------------
+def finalize(run: RunRef, outcome: Outcome, content: str | None) -> UsageRecord:
+    """Write the final state of an assistant message and its one UsageRecord.
+
+    ``outcome.usage`` is the API's report (``{"prompt_tokens", "completion_tokens"}``)
+    or None, in which case the tokens are estimated from ``run.prompt`` and the text
+    and the record is marked ``estimated``. ``content`` None keeps the text saved so far
+    (the last checkpoint): the fallback when the text itself cannot be saved.
+    Idempotent: a message that already has its record keeps it (returned as it is; its
+    ``status`` then tells how it really ended).
+    """
+    with transaction.atomic():
+        Conversation.objects.lock(run.conversation_id)
+        message = Message.objects.select_for_update().get(id=run.message_id)
+        existing = UsageRecord.objects.filter(message_id=run.message_id).first()
+        if existing is not None:
+            return existing
+        now = timezone.now()
+        message.finish(outcome.status, outcome.finish_reason, outcome.error, content, now)
+        record = _settle(run, outcome, message, message.content)
+        Conversation.objects.filter(id=run.conversation_id).update(updated_at=now)
+    return record
+
+
+def _settle(run: RunRef, outcome: Outcome, message: Message, content: str) -> UsageRecord:
+    """The run's UsageRecord: reported tokens when the provider gave them (whatever the
+    end: it is what was billed), else estimated; priced at today's unit prices, which
+    the record keeps."""
+    if outcome.usage is not None:
+        prompt_tokens = int(outcome.usage.get("prompt_tokens") or 0)
+        completion_tokens = int(outcome.usage.get("completion_tokens") or 0)
+        estimated = False
+    else:
+        prompt_tokens = accounting.count_prompt_tokens(run.prompt or [])
+        completion_tokens = accounting.count_tokens(content)
+        estimated = True
+    prices = accounting.unit_prices(run.model)
+    return UsageRecord.objects.create(
+        user_id=run.user_id, conversation_id=run.conversation_id, message=message,
+        model=run.model, status=outcome.status, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+        estimated=estimated, input_price_per_mtok=prices[0], output_price_per_mtok=prices[1],
+        cost_usd=accounting.cost_usd(prompt_tokens, completion_tokens, prices),
+        ttft_ms=outcome.ttft_ms, duration_ms=outcome.duration_ms,
+    )
+
+
+def finish_stale(conversation_id=None) -> list[dict]:
+    """Mark streaming messages whose process stopped heartbeating as ``interrupted``
+    (keeping their last checkpointed text) and give each its estimated UsageRecord.
+
+    Returns the ``generation.end`` frames to publish, one per message finished (a
+    message its own run finished meanwhile is left as it is and gets none).
+    """
+    stale = Message.objects.stale().select_related("conversation")
+    if conversation_id is not None:
+        stale = stale.filter(conversation_id=conversation_id)
+    ends = []
+    for message in stale:
+        conversation = message.conversation
+        now = timezone.now()
+        ref = RunRef(message.id, conversation.id, conversation.owner_id, message.model,
+                     prompt_for_estimate(conversation, before=message.created_at))
+        outcome = Outcome(Message.Status.INTERRUPTED, "error", STALE_ERROR,
+                          duration_ms=int((now - message.created_at).total_seconds() * 1000))
+        # content None: the text of the last checkpoint, read under the row lock.
+        record = finalize(ref, outcome, content=None)
+        if record.status != Message.Status.INTERRUPTED:
+            continue
+        ends.append(frames.generation_end(message.id, Message.Status.INTERRUPTED, "error",
+                                          record.to_dict(), STALE_ERROR))
+        # What is known is the silence, not why: the worker may be alive but stalled
+        # (a blocked event loop, a database it cannot reach), or this very process.
+        silence = (
+            f"no checkpoint for {(now - message.heartbeat_at).total_seconds():.0f} s"
+            if message.heartbeat_at else "never checkpointed"
+        )
+        logger.warning(
+            "generation %s interrupted: %s (lease %s s), worker %s%s",
+            message.id, silence, settings.CHAT_LEASE_S, message.worker or "unknown",
+            " (this process)" if message.worker == WORKER_ID else "",
+        )
+    return ends
+
+
+def finish_expired() -> list[tuple[str, dict]]:
+    """Finish every streaming message whose lease expired, in any conversation.
+
+    Each conversation is handled in its own transaction holding the conversation row
+    lock (the lock the prepare functions take), so two processes sweeping at once, or a
+    sweep racing a new message in that conversation, finish a message exactly once and
+    publish exactly one ``generation.end`` for it.
+
+    Returns ``[(conversation_id, generation.end frame), ...]``.
+    """
+    conversation_ids = set(Message.objects.stale().values_list("conversation_id", flat=True))
+    finished = []
+    for conversation_id in conversation_ids:
+        with transaction.atomic():
+            if Conversation.objects.lock(conversation_id) is None:
+                continue
+            for frame in finish_stale(conversation_id=conversation_id):
+                finished.append((str(conversation_id), frame))
+    return finished
+
+
+# --- checkpoints (the lease's heartbeat) -----------------------------------------------
+class Checkpoint(NamedTuple):
+    """What :func:`checkpoint_many` found: ``lost``, ids whose row is no longer
+    ``streaming`` (a sweeper finished them as ``interrupted`` while this process was too
+    slow); ``unsaved``, ids whose text the database refused (their lease was refreshed
+    all the same)."""
+
+    lost: set[str]
+    unsaved: set[str]
+
+
+def checkpoint_many(contents: dict[str, str]) -> Checkpoint:
+    """Save the text so far of streaming messages and refresh their lease, in ONE
+    UPDATE statement: ``{message_id: content}``. Rows already final are left alone.
+
+    One statement per process and interval instead of one per run: with a run per
+    UPDATE (each with its connection and commit), checkpoints took a quarter of a
+    worker's CPU in bench.load profiles at 100 streams per worker (docs/scale.md).
+
+    One run's text must not fail the others (issue 9: a lone surrogate in one answer
+    made every run of the process miss its heartbeats and be swept): when the batch
+    fails, each row is written on its own, and a row whose text is refused gets its
+    lease refreshed without it and is reported in ``unsaved``. Raises only when even
+    that fails (the database itself is unavailable; the next interval tries again).
+    """
+    if not contents:
+        return Checkpoint(set(), set())
+    try:
+        with transaction.atomic():
+            alive = {
+                str(mid) for mid in Message.objects.select_for_update().filter(
+                    id__in=list(contents), status=Message.Status.STREAMING
+                ).values_list("id", flat=True)
+            }
+            _update_contents({mid: text for mid, text in contents.items() if mid in alive})
+        return Checkpoint(set(contents) - alive, set())
+    except Exception:  # noqa: BLE001 - any row may be the cause; find it row by row
+        logger.warning("batched checkpoint of %d runs failed; saving them one by one",
+                       len(contents), exc_info=True)
+    lost, unsaved = set(), set()
+    for mid, text in contents.items():
+        streaming = Message.objects.filter(id=mid, status=Message.Status.STREAMING)
+        try:
+            with transaction.atomic():
+                updated = streaming.update(content=text, heartbeat_at=timezone.now())
+        except Exception:  # noqa: BLE001
+            # If the heartbeat alone cannot be written either, the database is the
+            # problem, not this row: let it raise.
+            with transaction.atomic():
+                updated = streaming.update(heartbeat_at=timezone.now())
+            logger.error("the text of generation %s cannot be saved", mid, exc_info=True)
+            unsaved.add(mid)
+        if not updated:
+            lost.add(mid)
+    return Checkpoint(lost, unsaved - lost)
+
+
+def _update_contents(contents: dict[str, str]) -> None:
+    if not contents:
+        return
+    Message.objects.filter(id__in=list(contents), status=Message.Status.STREAMING).update(
+        content=Case(
+            *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in contents.items()),
+            output_field=TextField(),
+        ),
+        heartbeat_at=timezone.now(),
+    )
+
+
+# --- a socket's start-up state -----------------------------------------------------------
+def load_state(user, conversation_id) -> dict:
+    """What a newly connected socket needs: ``{"conversation": dict or None,
+    "messages": [dict, ...], "streaming": dict or None}`` (the visible messages, and
+    the streaming assistant message if any, as saved at the last checkpoint). Two
+    queries whatever the number of messages. Raises Forbidden for another user's
+    conversation."""
+    conversation = Conversation.objects.filter(id=conversation_id).first()
+    if conversation is None:
+        return {"conversation": None, "messages": [], "streaming": None}
+    if conversation.owner_id != user.id:
+        raise Forbidden("This conversation belongs to someone else.")
+    messages = list(
+        conversation.messages.visible().select_related("usage").order_by("created_at")
+    )
+    streaming = next((m for m in messages if m.status == Message.Status.STREAMING), None)
+    return {
+        "conversation": conversation.to_dict(),
+        "messages": [m.to_dict() for m in messages],
+        "streaming": streaming.to_dict() if streaming else None,
+    }

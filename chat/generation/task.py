@@ -1,0 +1,344 @@
+"""One running generation: its asyncio task, cancellation, delta coalescing and the
+publishing of its frames, in order, to the conversation's group and local subscribers.
+
+The task reads :class:`~chat.generation.upstream.StreamEvent` values (never SDK
+objects), produces one :class:`~chat.generation.outcome.Outcome` and hands it to
+``store.finalize``; every run, whatever its end, publishes exactly one
+``generation.end`` and writes one UsageRecord.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from contextvars import Context
+from dataclasses import dataclass, field
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from ..layers import release_channel
+from ..models import Message
+from . import frames, store, upstream
+from .outcome import Outcome, outcome_of
+from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+# Outbox marker: "a delta of the pending text goes here" (see Generation._flush).
+_DELTA = object()
+
+
+@dataclass
+class Generation:
+    """One streaming assistant answer, running as an asyncio task of ``runtime``'s loop.
+
+    ``text`` is all content received from upstream; ``published_text``/``seq`` what has
+    been sent as deltas (so a late joiner's snapshot is consistent with later deltas).
+    """
+
+    run: store.PreparedRun
+    layer: object
+    runtime: Runtime
+    started_at: float = field(default_factory=time.monotonic)
+    text: list[str] = field(default_factory=list)
+    published_text: list[str] = field(default_factory=list)
+    seq: int = 0
+    status: str = Message.Status.STREAMING
+    end_frame: dict | None = None
+    task: asyncio.Task | None = None
+    cancel_reason: str | None = None
+    _pending: list[str] = field(default_factory=list)
+    _flush_handle: asyncio.TimerHandle | None = None
+    _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _delta_queued: bool = False
+    _subscribers: list[asyncio.Queue] = field(default_factory=list)
+    _finishing: bool = False
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+    _helpers: list[asyncio.Task] = field(default_factory=list)
+    _control_channel: str | None = None
+    _publisher_task: asyncio.Task | None = None
+    # Set by fail(): the error the run ends with instead of `cancelled`.
+    _failure: str | None = None
+
+    @property
+    def message_id(self) -> str:
+        return self.run.assistant_message["id"]
+
+    @property
+    def conversation_id(self) -> str:
+        return self.run.conversation["id"]
+
+    @property
+    def finishing(self) -> bool:
+        """True once the run has begun ending (its text is final)."""
+        return self._finishing
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for the channel layer; the run stops reading upstream at
+        ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
+        return self._outbox.qsize()
+
+    def is_streaming(self) -> bool:
+        """Launched and neither done nor ending: its text may still grow."""
+        return self.task is not None and not self.task.done() and not self._finishing
+
+    # -- public API ---------------------------------------------------------------
+    def cancel(self, reason: str = "stop") -> bool:
+        """Cancel the task (idempotent). Returns False when it was already ending.
+
+        A run still being launched is cancelled as soon as its task exists, and a task
+        that has not taken its first step yet just after that step: a task cancelled
+        before its first step never runs its body, so it would end without its
+        ``generation.end``, its usage record, or releasing its channels."""
+        if self._finishing or self.cancel_reason or (self.task is not None and self.task.done()):
+            return False
+        self.cancel_reason = reason
+        if self.task is not None:
+            self._cancel_task()
+        return True
+
+    def fail(self, error: str) -> bool:
+        """End the run as ``failed`` with ``error`` (shown to the user), closing the
+        upstream stream as a stop does; for a run this process cannot carry on (its
+        text cannot be saved: chat.generation.leases.checkpoint_running). Returns False
+        when the run was already ending."""
+        if self._finishing or self.task is None or self.task.done() or self.cancel_reason:
+            return False
+        self.cancel_reason = "failed"
+        self._failure = error
+        self.task.cancel()
+        return True
+
+    def _cancel_task(self) -> None:
+        if inspect.getcoroutinestate(self.task.get_coro()) == inspect.CORO_CREATED:
+            # Its first step is already scheduled; this runs after it.
+            self.task.get_loop().call_soon(self.task.cancel)
+        else:
+            self.task.cancel()
+
+    def snapshot(self) -> dict:
+        """``{"message_id", "content", "seq"}``: text of every delta up to ``seq``."""
+        return frames.snapshot(self.message_id, "".join(self.published_text), self.seq)
+
+    def subscribe(self) -> asyncio.Queue:
+        """A queue that receives every frame published from now on, in order, ending
+        with ``generation.end``."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.append(queue)
+        return queue
+
+    async def wait(self) -> dict:
+        """Wait until the run has ended and its frames are published; returns the
+        ``generation.end`` frame. Cancelling the waiter does not cancel the run."""
+        await self._done.wait()
+        return self.end_frame
+
+    # -- publishing ---------------------------------------------------------------
+    def publish(self, frame: dict) -> None:
+        """Queue a frame for the group and the local subscribers, keeping order."""
+        self._outbox.put_nowait(frame)
+
+    async def _publisher(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            try:
+                if frame is None:
+                    return
+                if frame is _DELTA:
+                    frame = self._take_delta()
+                    if frame is None:
+                        continue
+                for queue in self._subscribers:
+                    queue.put_nowait(frame)
+                try:
+                    await frames.send_to_group(self.conversation_id, frame, layer=self.layer)
+                except Exception:  # noqa: BLE001 - a layer hiccup must not kill the run
+                    logger.exception("group_send failed for %s", self.message_id)
+            finally:
+                self._outbox.task_done()
+
+    def _append(self, content: str) -> None:
+        self.text.append(content)
+        self._pending.append(content)
+        if self._flush_handle is None:
+            window = settings.CHAT_DELTA_COALESCE_MS / 1000
+            self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
+
+    def _flush(self) -> None:
+        """Queue a delta of the pending text (at most one queued at a time).
+
+        The delta's content and seq are taken when the publisher reaches it, not now: if
+        the channel layer is slower than the stream, text piling up meanwhile goes out
+        as one larger delta instead of a growing queue of small ones (coalescing that
+        adapts to load; docs/scale.md has the figures)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._pending or self._delta_queued:
+            return
+        self._delta_queued = True
+        self.publish(_DELTA)
+
+    def _take_delta(self) -> dict | None:
+        """The delta frame of all pending text, numbered now; None when none is left."""
+        self._delta_queued = False
+        if not self._pending:
+            return None
+        content = "".join(self._pending)
+        self._pending.clear()
+        self.seq += 1
+        self.published_text.append(content)
+        return frames.delta(self.message_id, self.seq, content)
+
+    # -- the control channel --------------------------------------------------------
+    async def _control(self) -> None:
+        channel = self._control_channel
+        try:
+            while True:
+                message = await self.layer.receive(channel)
+                kind = message.get("type")
+                # Only the run's owner may stop it or read it (request_stop,
+                # request_snapshot): the control group is reachable by any process.
+                if message.get("user_id") != self.run.user_id:
+                    continue
+                if kind == "generation.stop":
+                    if message.get("message_id") in (None, self.message_id):
+                        self.cancel(message.get("reason") or "stop")
+                elif kind == "generation.sync" and message.get("reply_channel"):
+                    await self.layer.send(
+                        message["reply_channel"], frames.snapshot_reply(self.snapshot())
+                    )
+        finally:
+            # Cancelled while answering a sync, the layer would keep it subscribed.
+            await release_channel(self.layer, channel)
+
+    # -- the task -----------------------------------------------------------------
+    async def _run(self) -> None:
+        usage, finish_reason, ttft_ms, ended_by = None, "", None, None
+        try:
+            client = await self.runtime.client()
+            events = upstream.stream_answer(
+                client, model=self.run.model, messages=self.run.prompt,
+                max_tokens=self.run.max_tokens, label=self.message_id,
+            )
+            # aclosing: the HTTP response is closed on every exit, including a
+            # CancelledError raised at any await of this task.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if event.usage is not None:
+                        usage = event.usage
+                    if event.content:
+                        if ttft_ms is None:
+                            ttft_ms = int((time.monotonic() - self.started_at) * 1000)
+                        self._append(event.content)
+                    if event.finish_reason:
+                        finish_reason = event.finish_reason
+                    if self._outbox.qsize() >= settings.CHAT_OUTBOX_LIMIT:
+                        # Back-pressure: a slow channel layer slows our reading (and so
+                        # the provider, through TCP) instead of growing memory.
+                        await self._outbox.join()
+        except (asyncio.CancelledError, Exception) as exc:  # every end maps to an Outcome
+            ended_by = exc
+        outcome = outcome_of(ended_by, finish_reason=finish_reason, failure=self._failure,
+                             message_id=self.message_id).with_timing(
+            usage=usage, ttft_ms=ttft_ms,
+            duration_ms=int((time.monotonic() - self.started_at) * 1000))
+        await self._finish(outcome)
+        if isinstance(ended_by, asyncio.CancelledError) and self._failure is None:
+            raise asyncio.CancelledError
+
+    async def _finish(self, outcome: Outcome) -> None:
+        self._finishing = True
+        try:
+            for helper in self._helpers:
+                helper.cancel()
+            await asyncio.gather(*self._helpers, return_exceptions=True)
+            self._flush()
+            self.status = outcome.status
+            record, outcome = await self._save(outcome, "".join(self.text))
+            finish_reason, error, usage = outcome.finish_reason, outcome.error, None
+            if record is not None:
+                usage = record.to_dict()
+                if record.status != outcome.status:
+                    # Finished elsewhere (a lease sweep): report the recorded end.
+                    outcome = Outcome(record.status, "error", "The generation lost its lease.")
+                    finish_reason, error = outcome.finish_reason, outcome.error
+            self.status = outcome.status
+            self.end_frame = frames.generation_end(
+                self.message_id, outcome.status, finish_reason, usage, error
+            )
+            self.publish(self.end_frame)
+            self.publish(None)
+            await self._publisher_task
+        finally:
+            self.runtime.discard(self)
+            if self._control_channel:
+                try:
+                    await self.layer.group_discard(
+                        frames.control_group_name(self.conversation_id), self._control_channel
+                    )
+                except Exception:  # noqa: BLE001
+                    logger.exception("group_discard failed")
+            self._done.set()
+            logger.info(
+                "generation %s %s after %d ms (%s)",
+                self.message_id, self.status, int((time.monotonic() - self.started_at) * 1000),
+                self.cancel_reason or outcome.finish_reason,
+            )
+
+    async def _save(self, outcome: Outcome, content: str):
+        """``store.finalize`` in a thread: ``(record or None, the outcome saved)``.
+
+        Never tells the tabs an answer ended well when it is not saved: a failed save
+        is retried as failed, with its text, or else with the last checkpointed text
+        (the text may be what the database refused). A row left streaming would answer
+        ``busy`` until its lease expired."""
+        save = database_sync_to_async(store.finalize, thread_sensitive=False)
+        try:
+            return await save(self.run.ref, outcome, content), outcome
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("could not save the end of generation %s", self.message_id)
+            failed = outcome.failed(f"The answer could not be saved ({type(exc).__name__}).")
+        for kept, note in ((content, ""), (None, " Only its last saved part is kept.")):
+            attempt = failed.failed(failed.error + note)
+            try:
+                return await save(self.run.ref, attempt, kept), attempt
+            except Exception:  # noqa: BLE001
+                logger.exception("could not save generation %s as failed", self.message_id)
+        return None, failed
+
+    async def launch(self) -> None:
+        """Start the publisher, the control listener and the run task. Raises what
+        the channel layer raises (then nothing is left running)."""
+        # Fresh contexts: these tasks outlive the caller, and a caller inside a request
+        # (an async view under a sync middleware) carries asgiref's per-request
+        # executor in its context, which quits when the request ends.
+        self._publisher_task = asyncio.create_task(self._publisher(), context=Context())
+        try:
+            # The default prefix on purpose: channels-redis polls one Redis list per
+            # prefix and process, so a second prefix would starve the consumers' channels.
+            self._control_channel = await self.layer.new_channel()
+            await self.layer.group_add(
+                frames.control_group_name(self.conversation_id), self._control_channel
+            )
+        except BaseException:
+            self._publisher_task.cancel()
+            await release_channel(self.layer, self._control_channel)
+            raise
+        self._helpers = [asyncio.create_task(self._control(), context=Context())]
+        self.task = asyncio.create_task(
+            self._run(), name=f"generation-{self.message_id}", context=Context()
+        )
+        self.task.add_done_callback(_log_task_end)
+        if self.cancel_reason:
+            self._cancel_task()  # cancelled while launching
+
+
+def _log_task_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("generation task crashed", exc_info=task.exception())

@@ -1,0 +1,62 @@
+"""The socket's state load and the history API run a constant number of queries,
+whatever the number of messages (no query per message or per usage record)."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from chat import generation as gen
+from chat.models import Conversation, Message, UsageRecord
+
+pytestmark = pytest.mark.django_db
+
+
+def conversation_with(user, pairs: int) -> Conversation:
+    conversation = Conversation.objects.create(owner=user, title="counted")
+    for n in range(pairs):
+        Message.objects.create(conversation=conversation, role="user", content=f"q{n}")
+        answer = Message.objects.create(conversation=conversation, role="assistant",
+                                        content=f"a{n}", status="completed", model="m")
+        UsageRecord.objects.create(user=user, conversation=conversation, message=answer,
+                                   model="m", status="completed", prompt_tokens=1)
+    Message.objects.create(conversation=conversation, role="assistant", status="streaming",
+                           content="so far", model="m")
+    return conversation
+
+
+def queries_of(call) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        call()
+    return len(captured)
+
+
+def test_loading_a_sockets_state_takes_two_queries_for_any_number_of_messages(
+    alice, django_assert_num_queries
+):
+    small, large = conversation_with(alice, 1), conversation_with(alice, 30)
+    with django_assert_num_queries(2):
+        state = gen.load_state(alice, small.id)
+    assert len(state["messages"]) == 3 and state["streaming"]["content"] == "so far"
+    with django_assert_num_queries(2):
+        state = gen.load_state(alice, large.id)
+    assert len(state["messages"]) == 61
+    assert all(m["usage"] for m in state["messages"] if m["status"] == "completed"
+               and m["role"] == "assistant")
+
+
+def test_the_history_api_runs_as_many_queries_for_60_messages_as_for_2(
+    alice, client, django_assert_num_queries
+):
+    client.force_login(alice)
+    small, large = conversation_with(alice, 1), conversation_with(alice, 30)
+
+    def history(conversation):
+        response = client.get(f"/api/conversations/{conversation.id}/messages/")
+        assert response.status_code == 200
+        return response.json()
+
+    expected = queries_of(lambda: history(small))
+    with django_assert_num_queries(expected):
+        page = history(large)
+    assert len(page["results"]) == 50  # one page of the 61
+    assert expected <= 5  # session, user, conversation, messages with their usage

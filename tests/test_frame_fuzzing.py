@@ -76,14 +76,16 @@ def bad_frames(draw) -> tuple[str | bytes, set[str]]:
         "not_json", "nested", "binary", "oversized",
     ]))
     if kind == "not_object":
-        value = draw(json_values.filter(lambda v: not isinstance(v, dict)))
-        return dumps(value, ascii_only), {"bad_frame"}
+        raw = dumps(draw(json_values.filter(lambda v: not isinstance(v, dict))), ascii_only)
+        return raw, {"too_large"} if len(raw) > FRAME_LIMIT else {"bad_frame"}
     if kind == "no_type":
         value = {**extra, **draw(st.just({}) | st.fixed_dictionaries({"type": non_strings}))}
-        return dumps(value, ascii_only), {"bad_frame"}
+        raw = dumps(value, ascii_only)
+        return raw, {"too_large"} if len(raw) > FRAME_LIMIT else {"bad_frame"}
     if kind == "unknown_type":
         value = {**extra, "type": draw(any_text.filter(lambda t: t not in KNOWN_TYPES))}
-        return dumps(value, ascii_only), {"unknown_type"}
+        raw = dumps(value, ascii_only)
+        return raw, {"too_large"} if len(raw) > FRAME_LIMIT else {"unknown_type"}
     if kind == "content":
         content, code = draw(st.one_of(
             st.tuples(non_strings, st.just("empty")),

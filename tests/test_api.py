@@ -368,6 +368,20 @@ async def test_post_message_errors_are_json_with_clear_statuses(alice, upstream)
     assert busy.json()["code"] == "busy"
 
 
+async def test_post_message_over_the_concurrency_limit_is_429(alice, upstream):
+    # The default budget allows one running generation per user, across conversations.
+    token, key = await _issue(alice)
+    running = await Conversation.objects.acreate(owner=alice)
+    await Message.objects.acreate(
+        conversation=running, role="assistant", status=Message.Status.STREAMING,
+        heartbeat_at=timezone.now(),
+    )
+    other = await Conversation.objects.acreate(owner=alice)
+    refused = await api_post(key, f"/api/conversations/{other.id}/messages/", {"content": "hi"})
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "concurrency_limit"
+
+
 async def test_stop_endpoint_stops_a_generation_started_on_a_websocket(alice, bob, upstream,
                                                                       connect):
     upstream.tokens_per_second = 20

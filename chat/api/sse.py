@@ -81,7 +81,8 @@ def _prepare_post(request, conversation_id):
 async def post_message(request, conversation_id):
     """``POST /api/conversations/{id}/messages/``: start a generation and answer as SSE
     (``Accept: text/event-stream``) or, once it ended, with the assistant message (201).
-    Errors: 401/403 auth, 404 not the owner's, 400 invalid, 409 busy, 429 quota."""
+    Errors: 401/403 auth, 404 not the owner's, 400 invalid, 409 busy, 429 quota or
+    concurrency limit."""
     prepared = await sync_to_async(_prepare_post)(request, conversation_id)
     if isinstance(prepared, HttpResponse):
         return prepared

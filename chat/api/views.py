@@ -257,7 +257,8 @@ class ConversationMessagesView(generics.ListAPIView):
             409: OpenApiResponse(ERROR, description="A generation is already running in "
                                  "this conversation (code `busy`)."),
             429: OpenApiResponse(ERROR, description="Budget exhausted (code "
-                                 "`quota_exceeded`)."),
+                                 "`quota_exceeded`) or too many generations running at "
+                                 "once (code `concurrency_limit`)."),
             **AUTH_ERRORS,
         },
         examples=[OpenApiExample("message", value={"content": "Explain HTTP/2 briefly."},

@@ -59,11 +59,11 @@ class ConcurrencyLimit(Busy):
     """The user already runs ``max_concurrent`` generations (``concurrency_limit``; the
     frame also carries ``limit`` and ``running``); chat.generation.budgets.
 
-    HTTP 400, as the REST API answered before its status map moved here (the map was
-    keyed by exact type and did not list this subclass); see docs/api.md."""
+    HTTP 429 Too Many Requests (RFC 6585, section 4): the request is fine, the user has
+    too many running. (Until the status map moved here it fell through to 400.)"""
 
     code = "concurrency_limit"
-    http_status = 400
+    http_status = 429
 
 
 class UpstreamFailure(Exception):

@@ -35,6 +35,8 @@ Columns (one row per configuration and K):
 - CPU per 1000 tokens: user + system CPU time of the worker(s) (``/proc/<pid>/stat``;
   for a floor, its process) over the window, divided by the tokens received at the
   sockets over the window, times 1000 (s);
+- cores used: that CPU time divided by the window's length (a worker that lags with
+  well under 1 core used was starved by the machine, not limited by its code);
 - delivered / offered: tokens received at the sockets during the window per second /
   tokens the streams asked for during the window per second (K x rate, less the part of
   the window after a stream's stop);
@@ -461,6 +463,9 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
         "window_s": round(window_s, 2),
         "cpu_s": {name: round(value, 2) for name, value in cpu_s.items()},
         "cpu_per_1000_tokens_s": round(cpu / delivered * 1000, 3) if delivered else None,
+        # Cores the measured process(es) used over the window: well under 1 with a lag
+        # that grows means the machine, not the worker's code, was the limit.
+        "cores_used": round(cpu / window_s, 2),
         "cpu_whole_s": {name: round(value, 2) for name, value in (cpu_whole_s or {}).items()},
         "tokens_whole": all_tokens,
         "cpu_per_1000_tokens_whole_s": (round(cpu_whole / all_tokens * 1000, 3)
@@ -493,10 +498,11 @@ def _fmt_s(value: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """The rows as the markdown table of issue 11 (plus refused and failed)."""
-    head = ("| system | K | CPU s / 1000 tok | delivered / offered tok/s | lag p50 / p99 "
+    head = ("| system | K | CPU s / 1000 tok | cores used | delivered / offered tok/s "
+            "| lag p50 / p99 "
             "| TTFT p50 | stop → upstream close p50 / p99 (n) | chunks after stop "
             "| refused (overloaded) | failed |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         stop = r["stop_to_upstream_close_ms"]
         stop_text = (f"{fmt_ms(stop['p50'])} / {fmt_ms(stop['p99'])} ({stop['n']})"
@@ -505,7 +511,7 @@ def table(rows: list[dict]) -> str:
             stop_text += f", {stop['not_closed']} not closed"
         lines.append(
             f"| {r['label']}{' *' if r.get('profiled') else ''} | {r['k']} "
-            f"| {_fmt_s(r['cpu_per_1000_tokens_s'])} "
+            f"| {_fmt_s(r['cpu_per_1000_tokens_s'])} | {r['cores_used']:.2f} "
             f"| {r['delivered_tps']:.0f} / {r['offered_tps']:.0f} "
             f"| {fmt_ms(r['lag_ms']['p50'])} / {fmt_ms(r['lag_ms']['p99'])} "
             f"| {fmt_ms(r['ttft_ms']['p50'])} | {stop_text} | {r['chunks_after_stop']} "

@@ -84,6 +84,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_wait_seconds(pid: int) -> float:
+    """Time (s) the threads of a process have spent runnable but waiting for a CPU
+    (second field of ``/proc/<pid>/task/<tid>/schedstat``, ns), summed over the threads
+    alive now. 0.0 once the process is gone."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def service_pids() -> dict[str, list[int]]:
     """PIDs of Redis and PostgreSQL on this machine (to report the CPU they used)."""
     pids: dict[str, list[int]] = {"redis": [], "postgres": []}
@@ -104,6 +121,11 @@ def service_pids() -> dict[str, list[int]]:
 def cpu_snapshot(named: dict[str, list[int]]) -> dict[str, float]:
     """``{name: CPU seconds used so far by all its pids}``."""
     return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in named.items()}
+
+
+def wait_snapshot(named: dict[str, list[int]]) -> dict[str, float]:
+    """``{name: seconds its pids' threads have waited for a CPU so far}``."""
+    return {name: sum(cpu_wait_seconds(pid) for pid in pids) for name, pids in named.items()}
 
 
 def start_upstream(port: int, env: dict, log_path: Path, *, tokens_per_second: float,

@@ -35,8 +35,10 @@ Columns (one row per configuration and K):
 - CPU per 1000 tokens: user + system CPU time of the worker(s) (``/proc/<pid>/stat``;
   for a floor, its process) over the window, divided by the tokens received at the
   sockets over the window, times 1000 (s);
-- cores used: that CPU time divided by the window's length (a worker that lags with
-  well under 1 core used was starved by the machine, not limited by its code);
+- cores used (waiting): that CPU time divided by the window's length; in brackets, the
+  time its threads were runnable but waiting for a CPU (``/proc/<pid>/task/*/schedstat``)
+  divided by the window's length. A worker that lags while it used well under 1 core
+  and waited long was starved by a busy machine, not limited by its code;
 - delivered / offered: tokens received at the sockets during the window per second /
   tokens the streams asked for during the window per second (K x rate, less the part of
   the window after a stream's stop);
@@ -50,7 +52,9 @@ Columns (one row per configuration and K):
   stopped streams;
 - refused: ``{"type": "error", "code": "overloaded"}`` frames the clients received
   (admission control; none before it exists);
-- failed: streams that errored, never started, or were still running at the end.
+- unfinished / errors: streams still running when they were closed, 4 s after the
+  window (their lag was longer than that) / streams that failed otherwise (an error
+  frame or a closed socket, or no token at all without being stopped or refused).
 
 ``--json FILE`` writes every figure, and more: per-row CPU of the upstream and the
 clients, load averages, lost/duplicated tokens, and the CPU per 1000 tokens over the
@@ -98,6 +102,7 @@ from bench.common import (
     start_upstream,
     stop_process,
     wait_port,
+    wait_snapshot,
 )
 
 ARTIFACTS = ROOT / "artifacts"
@@ -449,6 +454,7 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
     failed = [r for r in results
               if (r["error"] and not r["refused"]) or r["timed_out"]
               or (r["first_at"] is None and not r["refused"] and r["stop_sent_at"] is None)]
+    unfinished = sum(1 for r in failed if r["timed_out"])
     cpu = cpu_s.get(measured, 0.0)
     all_tokens = sum(len(r["received_at"]) for r in results)
     cpu_whole = (cpu_whole_s or {}).get(measured)
@@ -482,6 +488,8 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
         "chunks_after_stop": after_stop,
         "refused_overloaded": sum(r["refused"] for r in results),
         "failed": len(failed),
+        "unfinished": unfinished,
+        "errors": len(failed) - unfinished,
         "failed_samples": sorted({str(r["error"] or ("timed out" if r["timed_out"]
                                                      else "no delta"))
                                   for r in failed})[:5],
@@ -498,10 +506,11 @@ def _fmt_s(value: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """The rows as the markdown table of issue 11 (plus refused and failed)."""
-    head = ("| system | K | CPU s / 1000 tok | cores used | delivered / offered tok/s "
+    head = ("| system | K | CPU s / 1000 tok | cores used (waiting) "
+            "| delivered / offered tok/s "
             "| lag p50 / p99 "
             "| TTFT p50 | stop → upstream close p50 / p99 (n) | chunks after stop "
-            "| refused (overloaded) | failed |")
+            "| refused (overloaded) | unfinished / errors |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         stop = r["stop_to_upstream_close_ms"]
@@ -509,13 +518,15 @@ def table(rows: list[dict]) -> str:
                      if stop["n"] else "n/a")
         if stop["not_closed"]:
             stop_text += f", {stop['not_closed']} not closed"
+        wait = r.get("cpu_wait_share")
+        waiting = "" if wait is None else f" ({wait:.2f})"
         lines.append(
             f"| {r['label']}{' *' if r.get('profiled') else ''} | {r['k']} "
-            f"| {_fmt_s(r['cpu_per_1000_tokens_s'])} | {r['cores_used']:.2f} "
+            f"| {_fmt_s(r['cpu_per_1000_tokens_s'])} | {r['cores_used']:.2f}{waiting} "
             f"| {r['delivered_tps']:.0f} / {r['offered_tps']:.0f} "
             f"| {fmt_ms(r['lag_ms']['p50'])} / {fmt_ms(r['lag_ms']['p99'])} "
             f"| {fmt_ms(r['ttft_ms']['p50'])} | {stop_text} | {r['chunks_after_stop']} "
-            f"| {r['refused_overloaded']} | {r['failed']} |"
+            f"| {r['refused_overloaded']} | {r['unfinished']} / {r['errors']} |"
         )
     return "\n".join(lines)
 
@@ -809,6 +820,7 @@ class Harness:
             w0, w1 = (t0 + x for x in timeline.window)
             time.sleep(max(0.0, w0 - time.monotonic()))
             before = cpu_snapshot(groups)
+            waited_before = wait_snapshot(groups)
             profiler = None
             for part in parts:
                 if part["config"] == profile:
@@ -816,6 +828,7 @@ class Harness:
                                         f"profile-{profile}-K{k}")
             time.sleep(max(0.0, w1 - time.monotonic()))
             after = cpu_snapshot(groups)
+            waited_after = wait_snapshot(groups)
             for part in parts:
                 results = []
                 for child in part["children"]:
@@ -842,6 +855,10 @@ class Harness:
             row = summarize(config, k, part["specs"], part["results"], part["requests"],
                             timeline, t0, self.rate, cpu_s, part["measured"],
                             cpu_whole_s=cpu_whole_s)
+            measured = f"{config}:{part['measured']}"
+            # Runnable but not running: the share of the window the machine made it wait.
+            row["cpu_wait_share"] = round(
+                (waited_after[measured] - waited_before[measured]) / row["window_s"], 2)
             row["upstream_left_open"] = part["left_open"]
             row["workers"] = self.workers if config in APP_CONFIGS else 0
             row["together_with"] = [c for c in configs if c != config]
@@ -932,6 +949,8 @@ def parse_args(argv=None):
                         help="configuration to profile (default: the first selected)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--show", metavar="FILE",
+                        help="print the table of a --json file and exit (runs nothing)")
     args = parser.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -952,8 +971,38 @@ def parse_args(argv=None):
     return args
 
 
+def header(data: dict) -> str:
+    """The line above the table: what was run, on what, under what load."""
+    a = data["args"]
+    load = data["load_average_end"]
+    return (f"bench.throughput: {a['rate']:g} tokens/s per stream, {a['workers']} worker(s), "
+            f"window {a['duration']:g} s per row, {round(a['stop_share'] * 100)} % of "
+            f"streams stopped; {data['cores']} cores, load average {load[0]} / {load[1]} / "
+            f"{load[2]} at the end; {data['elapsed_s']:.0f} s in all")
+
+
+def report(data: dict) -> str:
+    """Header, table and notes of a run (what :func:`main` prints)."""
+    rows = data["rows"]
+    out = [header(data), table(rows)]
+    if any(r.get("profiled") for r in rows):
+        out.append("* profiled with py-spy during this row (--nonblocking, 100 Hz)")
+    for row in rows:
+        if row["lost_tokens"] or row["duplicated_tokens"] or row["upstream_left_open"]:
+            out.append(f"! {row['label']} K={row['k']}: {row['lost_tokens']} tokens lost, "
+                       f"{row['duplicated_tokens']} duplicated, {row['upstream_left_open']} "
+                       f"upstream streams left open")
+        if row.get("profile"):
+            out.append(f"profile of {row['label']} K={row['k']}: {row['profile']['svg']}, "
+                       f"{row['profile']['top']}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.show:
+        print(report(json.loads(Path(args.show).read_text())))
+        return 0
     started = time.monotonic()
     rows = []
     with Harness(rate=args.rate, workers=args.workers, client_procs=args.client_procs,
@@ -968,31 +1017,17 @@ def main(argv=None) -> int:
                 profile = args.profile and config == args.profile_config and k == args.profile_k
                 rows.append(harness.run(config, k, args.duration, settle=args.settle,
                                         profile=profile))
-    load = [round(x, 2) for x in os.getloadavg()]
+    data = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("json", "show")},
+        "cores": os.cpu_count(),
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "rows": rows,
+    }
     print()
-    print(f"bench.throughput: {args.rate:g} tokens/s per stream, "
-          f"{args.workers} worker(s), window {args.duration:g} s per row, "
-          f"{round(args.stop_share * 100)} % of streams stopped; {os.cpu_count()} cores, "
-          f"load average {load[0]} / {load[1]} / {load[2]} at the end; "
-          f"{time.monotonic() - started:.0f} s in all")
-    print(table(rows))
-    if any(r.get("profiled") for r in rows):
-        print("* profiled with py-spy during this row (--nonblocking, 100 Hz)")
-    for row in rows:
-        if row["lost_tokens"] or row["duplicated_tokens"] or row["upstream_left_open"]:
-            print(f"! {row['label']} K={row['k']}: {row['lost_tokens']} tokens lost, "
-                  f"{row['duplicated_tokens']} duplicated, {row['upstream_left_open']} "
-                  f"upstream streams left open")
-        if row.get("profile"):
-            print(f"profile of {row['label']} K={row['k']}: {row['profile']['svg']}, "
-                  f"{row['profile']['top']}")
+    print(report(data))
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
-            "cores": os.cpu_count(),
-            "load_average_end": load,
-            "rows": rows,
-        }, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(data, indent=2, default=str))
     return 0
 
 

@@ -20,14 +20,17 @@ from bench.throughput import Harness
 
 pytestmark = pytest.mark.multiprocess
 
-# Worker CPU per delivered token / SDK floor CPU per token, K=20 streams of ~120 tokens.
-# Measured on the branch `throughput` before any optimization, 2 cores shared with other
-# jobs (load average 5-13): RATIOS_TODAY; the ceiling is the worst x 1.3.
-# The throughput work of issue 11 will lower it: tighten it once the optimizations land.
-MAX_APP_TO_SDK_CPU_RATIO = 3.9
+# Worker CPU per delivered token / SDK floor CPU per token, K=20 streams.
+# Measured on the branch `throughput` before any optimization, on 2 cores shared with
+# other jobs: 2.25 to 2.81 in 7 runs as below (load average 4-7), 2.25 to 3.07 in 15 runs
+# with a 3 s window (load average 4-10); the ceiling is the worst (3.07) x 1.3. A worker
+# that spends 1.5 ms more CPU per chunk (about double today's cost) measures 4.4-4.7.
+# The throughput work of issue 11 will lower the ratio: tighten the ceiling once the
+# optimizations land.
+MAX_APP_TO_SDK_CPU_RATIO = 4.0
 
-K = 20  # streams, each about 120 tokens (1 s ramp + 1 s settle + 3 s window + 1 s tail)
-WINDOW_S = 3.0
+K = 20  # streams, each about 220 tokens (1 s ramp + 1 s settle + 8 s window + 1 s tail)
+WINDOW_S = 8.0
 GRACE_S = 30.0  # a starved worker may finish late; its streams are not cut short
 TRIES = 2  # best of: a one-off hiccup of a shared machine must not fail CI
 

@@ -28,7 +28,8 @@ window of ``--duration`` s, during which every stream is (meant to be) streaming
 stream asks for enough tokens to last until a second after the window. 10 % of the
 streams (``--stop-share``) are stopped at a random point of the window (a ``stop``
 frame; for a floor, its reading task is cancelled, which closes the response as the app
-does). Streams still running ``--grace`` s after the window are closed.
+does). Streams still running 5 s after the window (4 s after their last token was
+due) are closed, so a collapsing configuration does not hold the bench up.
 
 Columns (one row per configuration and K):
 
@@ -52,8 +53,8 @@ Columns (one row per configuration and K):
   stopped streams;
 - refused: ``{"type": "error", "code": "overloaded"}`` frames the clients received
   (admission control; none before it exists);
-- unfinished / errors: streams still running when they were closed, 4 s after the
-  window (their lag was longer than that) / streams that failed otherwise (an error
+- unfinished / errors: streams still running when they were closed, 5 s after the
+  window (their lag was longer than 4 s) / streams that failed otherwise (an error
   frame or a closed socket, or no token at all without being stopped or refused).
 
 ``--json FILE`` writes every figure, and more: per-row CPU of the upstream and the
@@ -789,7 +790,8 @@ class Harness:
         upstream. Sharing the window, they share the machine's conditions too (the
         guard's ratio); the bench's table runs one configuration at a time. ``profile``:
         the configuration whose (first) worker or floor process py-spy records;
-        ``grace``: seconds streams may run late after the window before being closed."""
+        ``grace``: seconds streams may run late (after their last token was due) before
+        being closed."""
         timeline = Timeline.for_k(k, duration, settle, grace)
         load_before = os.getloadavg()
         started = time.monotonic()

@@ -480,11 +480,9 @@ def run_config(args, config: str) -> dict:
 
     processes = []
     servers: list[LiveServer] = []
-    logs = []
     try:
-        log = open(ARTIFACTS / f"upstream-{config}.log", "wb")  # noqa: SIM115
-        logs.append(log)
-        processes.append(start_upstream(env, upstream_port, log=log, tokens=args.tokens,
+        processes.append(start_upstream(upstream_port, env, ARTIFACTS / f"upstream-{config}.log",
+                                        tokens=args.tokens,
                                         tokens_per_second=args.tokens_per_second))
         for n in range(workers):
             servers.append(LiveServer(env, name=f"churn-{config}-worker{n}"))
@@ -540,8 +538,6 @@ def run_config(args, config: str) -> dict:
             server.stop()
         for process in processes:
             stop_process(process)
-        for log in logs:
-            log.close()
         if config == "postgres":
             cleanup_redis(args.redis, prefix)
         tmp.cleanup()

@@ -1,38 +1,61 @@
-"""Helpers shared by the benches (``bench.load``, ``bench.churn``).
+"""Pieces shared by the benches (``bench.load``, ``bench.churn``, ``bench.throughput``):
+processes on loopback ports and what is read of them from outside (CPU time, time waiting
+for a CPU, resident memory), PostgreSQL databases and logged-in users, the loopback
+upstream of ``bench.upstream`` in a process of its own and its ``/stats``, the
+``worker.stats`` question to every worker (``chat.generation.leases``), Redis pub/sub
+counts, the websocket client that reads timestamped tokens, and the figures
+(percentiles). Nothing here reaches the network.
 
-Processes on loopback ports, a fresh PostgreSQL database, logged-in users, the loopback
-upstream of ``bench.upstream`` in a process of its own, the ``worker.stats`` question to
-every worker (``chat.generation.leases``), and the figures read from outside a process: resident
-memory (``/proc``) and Redis pub/sub subscriptions. Nothing here reaches the network.
+Clocks: ``time.monotonic()`` is one clock for every process of the machine (Linux
+``CLOCK_MONOTONIC``), so times taken in the orchestrator, the clients and the upstream
+compare directly; token stamps written by the bench upstream are wall-clock
+(``time.time()``) and are compared with the receiver's wall clock.
+
+Also a small command line: the entry of :class:`Child` processes, and preparing a
+database in a process of its own (Django settings are read once per process, and one
+bench may use several databases)::
+
+    python -m bench.common prepare --users 300 --prefix tp50-
+    # migrates the database of DATABASE_URL (or SQLITE_PATH), creates the users and
+    # prints a JSON list of "sessionid=..." cookies, one per user
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
+import os
+import pickle
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts" / "bench"
 
 
 # --- processes ------------------------------------------------------------------------
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def wait_port(port: int, process: subprocess.Popen, name: str, timeout: float = 30) -> None:
-    """Wait until ``process`` accepts connections on 127.0.0.1:``port``.
+    """Wait until ``process`` accepts connections on ``port``.
 
-    Raises RuntimeError when it exits first or does not listen within ``timeout`` s.
+    Raises RuntimeError when the process exits first or ``timeout`` (s) passes.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -46,15 +69,69 @@ def wait_port(port: int, process: subprocess.Popen, name: str, timeout: float = 
     raise RuntimeError(f"{name} did not listen on {port} in {timeout} s")
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 10 s; returns once the process is gone."""
+def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(10)
+            process.wait(grace)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time (s) a process has used so far (Linux /proc, fields 14 and
+    15 of ``/proc/<pid>/stat``, in clock ticks). 0.0 once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_wait_seconds(pid: int) -> float:
+    """Time (s) the threads of a process have spent runnable but waiting for a CPU
+    (second field of ``/proc/<pid>/task/<tid>/schedstat``, ns), summed over the threads
+    alive now. 0.0 once the process is gone."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def service_pids() -> dict[str, list[int]]:
+    """PIDs of Redis and PostgreSQL on this machine (to report the CPU they used)."""
+    pids: dict[str, list[int]] = {"redis": [], "postgres": []}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("redis-server"):
+            pids["redis"].append(int(entry.name))
+        elif name.startswith("postgres"):
+            pids["postgres"].append(int(entry.name))
+    return pids
+
+
+def cpu_snapshot(named: dict[str, list[int]]) -> dict[str, float]:
+    """``{name: CPU seconds used so far by all its pids}``."""
+    return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in named.items()}
+
+
+def wait_snapshot(named: dict[str, list[int]]) -> dict[str, float]:
+    """``{name: seconds its pids' threads have waited for a CPU so far}``."""
+    return {name: sum(cpu_wait_seconds(pid) for pid in pids) for name, pids in named.items()}
 
 
 def rss_kb(pid: int) -> int | None:
@@ -69,7 +146,139 @@ def rss_kb(pid: int) -> int | None:
     return None
 
 
-# --- database and users ---------------------------------------------------------------
+
+
+# --- the loopback upstream ------------------------------------------------------------
+def start_upstream(port: int, env: dict, log_path: Path, *, tokens_per_second: float,
+                   tokens: int) -> subprocess.Popen:
+    """Start ``bench.upstream`` (an OpenAI-compatible server answering ``tokens``
+    timestamped tokens at ``tokens_per_second``) on 127.0.0.1:``port`` in a process of
+    its own, output to ``log_path``; returns once it listens (RuntimeError, the process
+    stopped, when it does not)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.upstream", "--port", str(port),
+             "--tokens-per-second", str(tokens_per_second), "--tokens", str(tokens)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_port(port, process, "upstream")
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+def upstream_stats(port: int, tag_prefix: str = "") -> dict:
+    """``GET /stats[/<tag_prefix>]`` of ``bench.upstream``: ``{"open_streams": n,
+    "requests": [...]}`` for the requests whose tag starts with ``tag_prefix`` (every
+    request with its tag, times in ``time.monotonic()`` s, and whether it is still open;
+    see ``bench.upstream.BenchUpstream.stats``)."""
+    path = f"/stats/{urllib.parse.quote(tag_prefix)}" if tag_prefix else "/stats"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+        return json.load(response)
+
+
+# --- daphne workers and child processes ----------------------------------------------
+def start_daphne(port: int, env: dict, log_path: Path) -> subprocess.Popen:
+    """A daphne worker serving ``chatproject.asgi:application`` on ``port`` (does not
+    wait for it to listen: see :func:`wait_port`)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+             "chatproject.asgi:application"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+class Child:
+    """A function run in a process of its own, started at once, that can wait for a
+    common start time: ``python -m bench.common child``, fed ``(fn, args)`` pickled on
+    its standard input (so it works from any caller, pytest included, with nothing
+    inherited but the environment). ``fn`` must be importable (a module-level function
+    of a module other than ``__main__``).
+
+    ``fn(channel, *args)`` gets a :class:`Channel`: it sends ``"ready"`` when it has
+    imported what it needs, receives the start time (``time.monotonic()`` seconds),
+    sends its result, and may wait for the channel to close (:meth:`stop`) to exit.
+    :attr:`pid` is known as soon as it starts; its standard error goes to ``log_path``.
+    """
+
+    def __init__(self, fn: Callable, *args, log_path: Path | None = None):
+        if fn.__module__ == "__main__":
+            raise ValueError(f"{fn.__name__} must come from an importable module")
+        log_path = log_path or ARTIFACTS / "child.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.common", "child"], cwd=ROOT,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            )
+        self.channel = Channel(self.process.stdout, self.process.stdin)
+        self.channel.send((fn, args))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Raises RuntimeError when the child died or is not ready in ``timeout`` s."""
+        message = self.channel.recv(timeout)
+        if message != "ready":
+            raise RuntimeError(f"child {self.pid} failed to start: {message}")
+
+    def go(self, start_at: float) -> None:
+        self.channel.send(start_at)
+
+    def result(self, timeout: float):
+        """The child's result; RuntimeError when it sends none within ``timeout`` s."""
+        return self.channel.recv(timeout)
+
+    def stop(self) -> None:
+        """Close the channel (a child waiting for its end exits), then stop it."""
+        for stream in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        stop_process(self.process, grace=5)
+
+
+class Channel:
+    """Pickled objects over a pair of pipes (a :class:`Child` and its parent)."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, obj) -> None:
+        pickle.dump(obj, self.writer)
+        self.writer.flush()
+
+    def recv(self, timeout: float | None = None):
+        """The next object; RuntimeError when none starts within ``timeout`` s or the
+        other side closed its end."""
+        if timeout is not None:
+            ready, _, _ = select.select([self.reader], [], [], max(0.0, timeout))
+            if not ready:
+                raise RuntimeError(f"nothing received in {timeout:.0f} s")
+        try:
+            return pickle.load(self.reader)
+        except EOFError:
+            raise RuntimeError("the other process closed the channel") from None
+
+
+def _child() -> None:
+    channel = Channel(sys.stdin.buffer, sys.stdout.buffer)
+    # Anything printed goes to the log, not into the channel.
+    sys.stdout = sys.stderr
+    fn, args = channel.recv()
+    fn(channel, *args)
+
+
+# --- databases and users --------------------------------------------------------------
 def recreate_database(postgres: str, name: str) -> str:
     """Drop and create database ``name`` on the server ``postgres``
     (``postgres://user@host:port``, no database); returns its URL."""
@@ -79,6 +288,14 @@ def recreate_database(postgres: str, name: str) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{postgres}/{name}"
+
+
+def drop_database(postgres: str, name: str) -> None:
+    """Drop database ``name`` if it exists."""
+    import psycopg
+
+    with psycopg.connect(f"{postgres}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def session_cookies(users) -> list[str]:
@@ -99,32 +316,33 @@ def session_cookies(users) -> list[str]:
     return cookies
 
 
-# --- the loopback upstream ------------------------------------------------------------
-def start_upstream(
-    env: dict[str, str], port: int, *, tokens_per_second: float, tokens: int, log
-) -> subprocess.Popen:
-    """Start ``bench.upstream`` (an OpenAI-compatible server answering ``tokens``
-    timestamped tokens at ``tokens_per_second``) on 127.0.0.1:``port`` in a process of
-    its own, output to the open file ``log``; returns once it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.upstream", "--port", str(port),
-         "--tokens-per-second", str(tokens_per_second), "--tokens", str(tokens)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+def make_session_cookies(count: int, prefix: str = "bench") -> list[str]:
+    """Create ``count`` users (``<prefix><i>``, no usable password) with one logged-in
+    session each (:func:`session_cookies`); returns their ``"sessionid=..."`` cookies in
+    the order of ``i``. Needs Django set up."""
+    from django.contrib.auth.models import User
+    from django.db import connections
+
+    users = User.objects.bulk_create(
+        [User(username=f"{prefix}{i}", password="!") for i in range(count)]
     )
-    try:
-        wait_port(port, process, "upstream")
-    except BaseException:
-        stop_process(process)
-        raise
-    return process
+    names = [u.username for u in users]
+    cookies = session_cookies(User.objects.filter(username__in=names).order_by("id"))
+    connections.close_all()
+    return cookies
 
 
-def upstream_stats(port: int) -> dict:
-    """``GET /stats`` of ``bench.upstream``: ``{"open_streams": n, "requests": [...]}``
-    (every request with its tag, times in ``time.monotonic()`` s, and whether it is
-    still open)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=30) as response:
-        return json.load(response)
+def prepare_database(env: dict, users: int, prefix: str) -> list[str]:
+    """Migrate the database that ``env`` points at and create ``users`` users, in a
+    process of its own; returns their session cookies."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.common", "prepare", "--users", str(users),
+         "--prefix", prefix],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    if done.returncode:
+        raise RuntimeError(f"preparing the database failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- workers over the channel layer ---------------------------------------------------
@@ -196,3 +414,194 @@ def redis_pubsub(url: str, prefix: str) -> dict:
                 "numpat": client.pubsub_numpat(), "names": names}
     finally:
         client.close()
+
+
+# --- the websocket client -------------------------------------------------------------
+async def sleep_until(at: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``at``."""
+    delay = at - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def parse_tokens(text: str) -> list[tuple[int, float]]:
+    """``" 3@1732170000.1 4@1732170000.15"`` -> [(3, 1732170000.1), (4, ...)]."""
+    out = []
+    for piece in text.split():
+        index, _, stamp = piece.partition("@")
+        out.append((int(index), float(stamp)))
+    return out
+
+
+@dataclass
+class SocketRecord:
+    """What one socket saw. Times are ``time.monotonic()`` s; latencies are ms from the
+    upstream's write (wall clock) to this socket's receive (wall clock)."""
+
+    role: str  # owner | watcher
+    message_id: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    # Receive time of each token, parallel to latencies_ms.
+    received_at: list[float] = field(default_factory=list)
+    deltas: int = 0
+    seq_gaps: int = 0
+    seq_dups: int = 0
+    states: int = 0
+    end_status: str | None = None
+    left_early: bool = False
+    error: str | None = None
+    sent_at: float | None = None  # the message frame
+    first_delta_at: float | None = None
+    stop_sent_at: float | None = None
+    # `{"type": "error", "code": "overloaded"}` frames: the server refused a generation.
+    refused: int = 0
+
+
+class Client:
+    """One websocket of the bench, reading frames in a task of its own."""
+
+    def __init__(self, role: str):
+        self.record = SocketRecord(role)
+        self.ws = None
+        self.started = asyncio.Event()
+        self.first_delta = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.state = asyncio.Event()
+        # Shown text from a checkpoint (state seq None): the server sends a real state
+        # later, possibly after generation.end.
+        self.unsynced = False
+        self.synced = asyncio.Event()
+        self._last_seq = 0
+        self._reader: asyncio.Task | None = None
+
+    async def open(self, port: int, conversation: str, cookie: str, *,
+                   timeout: float = 60, close_timeout: float = 10) -> None:
+        """Connect to the conversation's socket and wait for its ``state`` frame."""
+        import websockets
+
+        self.ws = await websockets.connect(
+            f"ws://127.0.0.1:{port}/ws/conversations/{conversation}/",
+            additional_headers={"Cookie": cookie, "Origin": f"http://127.0.0.1:{port}"},
+            max_queue=None, ping_interval=None, open_timeout=timeout,
+            close_timeout=close_timeout,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await asyncio.wait_for(self.state.wait(), timeout)
+
+    async def _read(self) -> None:
+        record = self.record
+        try:
+            async for raw in self.ws:
+                now = time.time()
+                frame = json.loads(raw)
+                kind = frame["type"]
+                if kind == "state":
+                    record.states += 1
+                    generation = frame.get("generation")
+                    ours = generation and generation["message_id"] == record.message_id
+                    self.unsynced = bool(ours and generation["seq"] is None)
+                    if not self.unsynced:
+                        self.synced.set()
+                    if record.message_id and record.states > 1:
+                        # A repair: the state's text replaces what the tab shows.
+                        if generation and generation["message_id"] == record.message_id:
+                            record.tokens = [k for k, _ in parse_tokens(generation["content"])]
+                            self._last_seq = generation["seq"] or 0
+                        else:
+                            saved = next((m for m in frame["messages"]
+                                          if m["id"] == record.message_id), None)
+                            if saved is not None:
+                                record.tokens = [k for k, _ in parse_tokens(saved["content"])]
+                    self.state.set()
+                elif kind == "generation.start":
+                    record.message_id = frame["message"]["id"]
+                    self._last_seq = 0
+                    self.started.set()
+                elif kind == "delta" and frame["message_id"] == record.message_id:
+                    mono = time.monotonic()
+                    record.deltas += 1
+                    seq = frame["seq"]
+                    if seq <= self._last_seq:
+                        record.seq_dups += 1
+                    elif seq != self._last_seq + 1:
+                        record.seq_gaps += 1
+                    self._last_seq = max(self._last_seq, seq)
+                    for index, stamp in parse_tokens(frame["content"]):
+                        record.tokens.append(index)
+                        record.latencies_ms.append((now - stamp) * 1000)
+                        record.received_at.append(mono)
+                    if record.first_delta_at is None:
+                        record.first_delta_at = mono
+                    self.first_delta.set()
+                elif kind == "generation.end" and frame["message_id"] == record.message_id:
+                    record.end_status = frame["status"]
+                    self.ended.set()
+                elif kind == "error":
+                    if frame.get("code") == "overloaded":
+                        record.refused += 1
+                    record.error = f"{frame.get('code')}: {frame.get('detail')}"
+                    self.started.set()
+                    self.ended.set()
+        except Exception as exc:  # noqa: BLE001 - recorded, the bench goes on
+            if not record.left_early:
+                record.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.started.set()
+            self.ended.set()
+            self.state.set()
+            self.synced.set()
+
+    async def send(self, frame: dict) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+# --- figures --------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def fmt_ms(value: float | None) -> str:
+    """``1234.5`` -> ``"1.2 s"``, ``42.1`` -> ``"42 ms"``, ``3.21`` -> ``"3.2 ms"``."""
+    if value is None:
+        return "n/a"
+    if value >= 1000:
+        return f"{value / 1000:.1f} s"
+    return f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.common")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("child", help="run a Child's function (pickled on standard input)")
+    prepare = sub.add_parser("prepare", help="migrate, create users, print their cookies")
+    prepare.add_argument("--users", type=int, required=True)
+    prepare.add_argument("--prefix", default="bench")
+    args = parser.parse_args(argv)
+    if args.command == "child":
+        _child()
+        return 0
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", interactive=False, verbosity=0)
+    print(json.dumps(make_session_cookies(args.users, args.prefix)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -37,55 +37,30 @@ import sys
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 from bench.common import (
+    ARTIFACTS,
     ROOT,
+    Client,
     cleanup_redis,
+    cpu_snapshot,
+    fmt_ms,
     free_port,
+    make_session_cookies,
+    parse_tokens,
+    percentile,
     query_workers,
     recreate_database,
-    session_cookies,
+    service_pids,
+    start_daphne,
     start_upstream,
     stop_process,
     upstream_stats,
     wait_port,
 )
-
-ARTIFACTS = ROOT / "artifacts" / "bench"
-
-
-# --- processes ------------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time (s) a process has used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def service_pids() -> dict[str, list[int]]:
-    """PIDs of Redis and PostgreSQL on this machine (to report the CPU they used)."""
-    pids: dict[str, list[int]] = {"redis": [], "postgres": []}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            name = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        if name.startswith("redis-server"):
-            pids["redis"].append(int(entry.name))
-        elif name.startswith("postgres"):
-            pids["postgres"].append(int(entry.name))
-    return pids
-
-
-def cpu_snapshot(named: dict[str, list[int]]) -> dict[str, float]:
-    return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in named.items()}
 
 
 # --- the plan -------------------------------------------------------------------------
@@ -127,125 +102,6 @@ def make_plans(args, cookies: list[str], ports: list[int]) -> list[Plan]:
 
 
 # --- clients --------------------------------------------------------------------------
-def parse_tokens(text: str) -> list[tuple[int, float]]:
-    """``" 3@1732170000.1 4@1732170000.15"`` -> [(3, 1732170000.1), (4, ...)]."""
-    out = []
-    for piece in text.split():
-        index, _, stamp = piece.partition("@")
-        out.append((int(index), float(stamp)))
-    return out
-
-
-@dataclass
-class SocketRecord:
-    role: str  # owner | watcher
-    message_id: str | None = None
-    tokens: list[int] = field(default_factory=list)
-    latencies_ms: list[float] = field(default_factory=list)
-    deltas: int = 0
-    seq_gaps: int = 0
-    seq_dups: int = 0
-    states: int = 0
-    end_status: str | None = None
-    left_early: bool = False
-    error: str | None = None
-
-
-class Client:
-    """One websocket of the bench, reading frames in a task of its own."""
-
-    def __init__(self, role: str):
-        self.record = SocketRecord(role)
-        self.ws = None
-        self.started = asyncio.Event()
-        self.first_delta = asyncio.Event()
-        self.ended = asyncio.Event()
-        self.state = asyncio.Event()
-        # Shown text from a checkpoint (state seq None): the server sends a real state
-        # later, possibly after generation.end.
-        self.unsynced = False
-        self.synced = asyncio.Event()
-        self._last_seq = 0
-        self._reader: asyncio.Task | None = None
-
-    async def open(self, port: int, conversation: str, cookie: str) -> None:
-        import websockets
-
-        self.ws = await websockets.connect(
-            f"ws://127.0.0.1:{port}/ws/conversations/{conversation}/",
-            additional_headers={"Cookie": cookie, "Origin": f"http://127.0.0.1:{port}"},
-            max_queue=None, ping_interval=None, open_timeout=60,
-        )
-        self._reader = asyncio.create_task(self._read())
-        await asyncio.wait_for(self.state.wait(), 60)
-
-    async def _read(self) -> None:
-        record = self.record
-        try:
-            async for raw in self.ws:
-                now = time.time()
-                frame = json.loads(raw)
-                kind = frame["type"]
-                if kind == "state":
-                    record.states += 1
-                    generation = frame.get("generation")
-                    ours = generation and generation["message_id"] == record.message_id
-                    self.unsynced = bool(ours and generation["seq"] is None)
-                    if not self.unsynced:
-                        self.synced.set()
-                    if record.message_id and record.states > 1:
-                        # A repair: the state's text replaces what the tab shows.
-                        if generation and generation["message_id"] == record.message_id:
-                            record.tokens = [k for k, _ in parse_tokens(generation["content"])]
-                            self._last_seq = generation["seq"] or 0
-                        else:
-                            saved = next((m for m in frame["messages"]
-                                          if m["id"] == record.message_id), None)
-                            if saved is not None:
-                                record.tokens = [k for k, _ in parse_tokens(saved["content"])]
-                    self.state.set()
-                elif kind == "generation.start":
-                    record.message_id = frame["message"]["id"]
-                    self._last_seq = 0
-                    self.started.set()
-                elif kind == "delta" and frame["message_id"] == record.message_id:
-                    record.deltas += 1
-                    seq = frame["seq"]
-                    if seq <= self._last_seq:
-                        record.seq_dups += 1
-                    elif seq != self._last_seq + 1:
-                        record.seq_gaps += 1
-                    self._last_seq = max(self._last_seq, seq)
-                    for index, stamp in parse_tokens(frame["content"]):
-                        record.tokens.append(index)
-                        record.latencies_ms.append((now - stamp) * 1000)
-                    self.first_delta.set()
-                elif kind == "generation.end" and frame["message_id"] == record.message_id:
-                    record.end_status = frame["status"]
-                    self.ended.set()
-                elif kind == "error":
-                    record.error = f"{frame.get('code')}: {frame.get('detail')}"
-                    self.started.set()
-                    self.ended.set()
-        except Exception as exc:  # noqa: BLE001 - recorded, the bench goes on
-            if not record.left_early:
-                record.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self.started.set()
-            self.ended.set()
-            self.state.set()
-            self.synced.set()
-
-    async def send(self, frame: dict) -> None:
-        await self.ws.send(json.dumps(frame))
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-
-
 async def run_stream(plan: Plan, end_timeout: float) -> dict:
     await asyncio.sleep(plan.start_delay_s)
     conversation = str(uuid.uuid4())
@@ -301,17 +157,6 @@ def run_client_shard(plans: list[Plan], end_timeout: float) -> list[dict]:
 
 
 # --- figures --------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def fmt_ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
-
-
 def summarize(args, results, saved, upstream_stats, workers, elapsed_s) -> dict:
     """Figures of one run (see the module docstring)."""
     requests = {r["tag"]: r for r in upstream_stats["requests"]}
@@ -488,33 +333,19 @@ def main(argv=None) -> int:
     import django
 
     django.setup()
-    from django.contrib.auth.models import User
-    from django.db import connections
-
-    users = User.objects.bulk_create(
-        [User(username=f"bench{i}", password="!") for i in range(args.streams)]
-    )
-    cookies = session_cookies(User.objects.filter(id__in=[u.id for u in users]).order_by("id"))
-    connections.close_all()
+    cookies = make_session_cookies(args.streams)
 
     processes: list[subprocess.Popen] = []
-    logs = []
     try:
-        log = open(ARTIFACTS / "upstream.log", "wb")  # noqa: SIM115
-        logs.append(log)
-        upstream = start_upstream(env, upstream_port, tokens_per_second=args.tokens_per_second,
-                                  tokens=args.tokens, log=log)
+        upstream = start_upstream(
+            upstream_port, env, ARTIFACTS / "upstream.log",
+            tokens_per_second=args.tokens_per_second, tokens=args.tokens,
+        )
         processes.append(upstream)
         ports = []
         for n in range(args.workers):
             port = free_port()
-            log = open(ARTIFACTS / f"worker{n}.log", "wb")  # noqa: SIM115
-            logs.append(log)
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                 "chatproject.asgi:application"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
+            worker = start_daphne(port, env, ARTIFACTS / f"worker{n}.log")
             processes.append(worker)
             ports.append((port, worker))
         for port, worker in ports:
@@ -566,9 +397,9 @@ def main(argv=None) -> int:
                 "tokens": [k for k, _ in parse_tokens(message.content)],
                 "usage": usage is not None,
             }
-        upstream = upstream_stats(upstream_port)
+        requests = upstream_stats(upstream_port)
         workers = asyncio.run(query_workers(args.workers))
-        summary = summarize(args, results, saved, upstream, workers, elapsed)
+        summary = summarize(args, results, saved, requests, workers, elapsed)
         summary["cpu_s"] = cpu
         loadavg = os.getloadavg()
         summary["machine_load"] = [round(x, 1) for x in loadavg]
@@ -579,8 +410,6 @@ def main(argv=None) -> int:
     finally:
         for process in reversed(processes):
             stop_process(process)
-        for log in logs:
-            log.close()
         cleanup_redis(args.redis, prefix)
 
 

@@ -63,6 +63,7 @@ from pathlib import Path
 
 from bench.common import (
     ROOT,
+    app_env,
     cleanup_redis,
     free_port,
     query_workers,
@@ -426,26 +427,16 @@ def run_config(args, config: str) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="churn-")
     upstream_port = free_port()
     prefix = f"churn{uuid.uuid4().hex[:8]}"
-    env = {
-        "DJANGO_SETTINGS_MODULE": "chatproject.settings",
-        "PYTHONUNBUFFERED": "1",
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
-        "OPENAI_API_KEY": "bench-key-not-secret",
-        "OPENAI_MAX_RETRIES": "0",
-        "CHAT_MODEL": "bench-model",
-        "CHAT_MAX_TOKENS": str(max(args.tokens + 10, 64)),
-        "LOG_LEVEL": "WARNING",
-    }
+    max_tokens = max(args.tokens + 10, 64)
     if config == "defaults":
         workers = 1
-        env |= {"DEBUG": "1", "DATABASE_URL": "", "REDIS_URL": "",
-                "SQLITE_PATH": str(Path(tmp.name) / "churn.sqlite3")}
+        env = app_env(upstream_port, max_tokens) | {
+            "DATABASE_URL": "", "REDIS_URL": "",
+            "SQLITE_PATH": str(Path(tmp.name) / "churn.sqlite3"),
+        }
     else:
         workers = args.pg_workers
-        env |= {
-            "DEBUG": "0",
-            "SECRET_KEY": secrets.token_urlsafe(50),
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        env = app_env(upstream_port, max_tokens, secret_key=secrets.token_urlsafe(50)) | {
             "DATABASE_URL": recreate_database(args.postgres, args.database),
             "DATABASE_CONN_MAX_AGE": str(args.conn_max_age),
             "REDIS_URL": args.redis,

@@ -180,6 +180,35 @@ def upstream_stats(port: int, tag_prefix: str = "") -> dict:
         return json.load(response)
 
 
+# --- the app's environment -------------------------------------------------------------
+MODEL = "bench-model"
+
+
+def app_env(upstream_port: int, max_tokens: int, *, secret_key: str | None = None
+            ) -> dict[str, str]:
+    """Environment variables of an app process (daphne worker, ``manage.py``) that
+    streams from the ``bench.upstream`` on 127.0.0.1:``upstream_port``: model
+    :data:`MODEL`, at most ``max_tokens`` tokens per answer, no client retries, warnings
+    only in the logs. With ``secret_key`` the production settings (``DEBUG=0``, that key,
+    loopback hosts: what ``check --deploy`` wants), else ``DEBUG=1``. The caller adds the
+    database and channel layer (and ``os.environ``, when the rest should be inherited)."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "chatproject.settings",
+        "PYTHONUNBUFFERED": "1",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "OPENAI_API_KEY": "bench-key-not-secret",
+        "OPENAI_MAX_RETRIES": "0",
+        "CHAT_MODEL": MODEL,
+        "CHAT_MODELS": MODEL,
+        "CHAT_MAX_TOKENS": str(max_tokens),
+        "LOG_LEVEL": "WARNING",
+    }
+    if secret_key is None:
+        return env | {"DEBUG": "1"}
+    return env | {"DEBUG": "0", "SECRET_KEY": secret_key,
+                  "ALLOWED_HOSTS": "127.0.0.1,localhost"}
+
+
 # --- daphne workers and child processes ----------------------------------------------
 def start_daphne(port: int, env: dict, log_path: Path) -> subprocess.Popen:
     """A daphne worker serving ``chatproject.asgi:application`` on ``port`` (does not

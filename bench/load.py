@@ -45,6 +45,7 @@ from bench.common import (
     ARTIFACTS,
     ROOT,
     Client,
+    app_env,
     cleanup_redis,
     cpu_snapshot,
     fmt_ms,
@@ -302,11 +303,8 @@ def main(argv=None) -> int:
     upstream_port = free_port()
     env = {
         **os.environ,
-        "DJANGO_SETTINGS_MODULE": "chatproject.settings",
-        "PYTHONUNBUFFERED": "1",
-        "DEBUG": "0",
-        "SECRET_KEY": secrets.token_urlsafe(50),
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        **app_env(upstream_port, max(args.tokens + 10, 64),
+                  secret_key=secrets.token_urlsafe(50)),
         "DATABASE_URL": database_url,
         "DATABASE_CONN_MAX_AGE": str(args.conn_max_age),
         "REDIS_URL": args.redis,
@@ -314,12 +312,6 @@ def main(argv=None) -> int:
         "CHANNEL_CAPACITY": str(args.capacity),
         "CHANNEL_LAYER": args.layer,
         "CHAT_DELTA_COALESCE_MS": str(args.coalesce_ms),
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
-        "OPENAI_API_KEY": "bench-key-not-secret",
-        "OPENAI_MAX_RETRIES": "0",
-        "CHAT_MODEL": "bench-model",
-        "CHAT_MAX_TOKENS": str(max(args.tokens + 10, 64)),
-        "LOG_LEVEL": "WARNING",
     }
     os.environ.update(env)
     manage = [sys.executable, "manage.py"]

@@ -87,9 +87,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    MODEL,
     ROOT,
     Child,
     Client,
+    app_env,
     cleanup_redis,
     cpu_snapshot,
     fmt_ms,
@@ -116,7 +118,6 @@ LABELS = {
     "sdk": "floor: openai SDK alone",
     "httpx": "floor: httpx + stdlib json",
 }
-MODEL = "bench-model"
 
 
 # --- the plan of one row ----------------------------------------------------------------
@@ -706,21 +707,8 @@ class Harness:
     # -- configurations --------------------------------------------------------------
     def env_of(self, config: str, max_tokens: int) -> dict:
         """The workers' environment for an app configuration."""
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "chatproject.settings",
-            "PYTHONUNBUFFERED": "1",
-            "DEBUG": "0",
-            "SECRET_KEY": self.secret_key,
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "OPENAI_BASE_URL": self.base_url,
-            "OPENAI_API_KEY": "bench-key-not-secret",
-            "OPENAI_MAX_RETRIES": "0",
-            "CHAT_MODEL": MODEL,
-            "CHAT_MODELS": MODEL,
-            "CHAT_MAX_TOKENS": str(max_tokens),
-            "LOG_LEVEL": "WARNING",
-        }
+        env = {**os.environ,
+               **app_env(self.upstream_port, max_tokens, secret_key=self.secret_key)}
         if config == "defaults":
             env.update({"DATABASE_URL": "", "REDIS_URL": "",
                         "SQLITE_PATH": str(self.tmp / "defaults.sqlite3")})

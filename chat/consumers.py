@@ -12,8 +12,8 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from . import autostop, leases, validation
 from . import generation as gen
-from . import leases, validation
 from .layers import release_channel
 from .models import Conversation
 
@@ -261,6 +261,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if value is not None:
                 value = validation.clean_text(value, max_chars=limit, required=False, name=key)
             create[key] = value
+        # Automatic stops of a conversation this message creates (used then only, like
+        # the model), checked on every message: a bad value is always an `invalid` error.
+        create.update(autostop.conversation_fields(frame))
         await self._start(content, "message", create)
 
     async def on_regenerate(self, frame):

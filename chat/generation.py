@@ -41,7 +41,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import accounting, validation
+from . import accounting, autostop, validation
 from .layers import release_channel
 from .models import Conversation, Message, UsageRecord
 
@@ -265,6 +265,8 @@ class PreparedRun:
     max_tokens: int
     # generation.end frames of stale runs of this conversation finished on the way.
     stale_ends: list[dict] = field(default_factory=list)
+    # autostop hook: the run's automatic stops (repetition guard, cost ceiling).
+    autostop: autostop.AutoStop = field(default_factory=autostop.AutoStop)
 
 
 def build_prompt(conversation: Conversation) -> list[dict]:
@@ -321,6 +323,7 @@ def _lock_conversation(user, conversation_id, *, create: dict | None) -> Convers
                     owner=user,
                     model=validate_model(create.get("model")),
                     system_prompt=(create.get("system_prompt") or "").strip(),
+                    **autostop.conversation_fields(create),  # autostop hook
                 )
         except IntegrityError:
             # Another tab created it first; wait for its transaction and use its row.
@@ -384,9 +387,12 @@ def prepare_run(
         conversation.save(update_fields=["title", "updated_at"])
         prompt = build_prompt(conversation)
         model = conversation.model or settings.CHAT_MODEL
-        check_budget(
-            user, conversation, accounting.count_prompt_tokens(prompt), settings.CHAT_MAX_TOKENS
-        )
+        prompt_tokens = accounting.count_prompt_tokens(prompt)
+        # autostop hook: the run's automatic stops; with a ceiling the budget reserves
+        # only what the answer may cost before it is stopped.
+        stops = autostop.AutoStop.for_run(user, conversation, model=model,
+                                          prompt_tokens=prompt_tokens)
+        check_budget(user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS))
         assistant = Message.objects.create(
             conversation=conversation, role=Message.Role.ASSISTANT, content="",
             status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
@@ -401,6 +407,7 @@ def prepare_run(
         prompt=prompt,
         max_tokens=settings.CHAT_MAX_TOKENS,
         stale_ends=stale_ends,
+        autostop=stops,  # autostop hook
     )
 
 
@@ -419,6 +426,7 @@ def finalize_message(
     usage: dict | None,
     ttft_ms: int | None,
     duration_ms: int,
+    max_tokens: int | None = None,
 ) -> UsageRecord:
     """Write the final state of an assistant message and its one UsageRecord.
 
@@ -426,6 +434,8 @@ def finalize_message(
     which case the tokens are estimated from ``prompt`` and ``content`` and the record is
     marked ``estimated``. ``content`` None keeps the text saved so far (the last
     checkpoint): the fallback when the text itself cannot be saved (Generation._finish).
+    ``finish_reason`` and ``max_tokens`` (the run's, None when unknown) are also kept on
+    the record (the admin report's automatic stops and the tokens they saved).
     Idempotent: a message that already has its record keeps it.
     """
     with transaction.atomic():
@@ -474,6 +484,8 @@ def finalize_message(
             cost_usd=accounting.cost_usd(prompt_tokens, completion_tokens, prices),
             ttft_ms=ttft_ms,
             duration_ms=duration_ms,
+            finish_reason=finish_reason,
+            max_tokens=max_tokens,
         )
         Conversation.objects.filter(id=conversation_id).update(updated_at=now)
     return record
@@ -791,6 +803,12 @@ class Generation:
                         if ttft_ms is None:
                             ttft_ms = int((time.monotonic() - self.started_at) * 1000)
                         self._append(content)
+                        # autostop hook: a rule that fires stops the run as a stop frame
+                        # does; the cancellation lands at this await, before any read.
+                        if self.run.autostop.check(content) and self.cancel(
+                            self.run.autostop.reason
+                        ):
+                            await asyncio.sleep(0)
                     if reason:
                         finish_reason = reason
                     if self._outbox.qsize() >= settings.CHAT_OUTBOX_LIMIT:
@@ -805,7 +823,9 @@ class Generation:
         except asyncio.CancelledError:
             if self._failure is None:
                 cancelled = True
-                status, finish_reason = Message.Status.CANCELLED, "cancelled"
+                # autostop hook: `repetition`/`cost_limit` when a rule stopped it.
+                status = Message.Status.CANCELLED
+                finish_reason = autostop.finish_reason_for(self.cancel_reason)
             else:  # Generation.fail: a run this process had to end
                 status, finish_reason, error = Message.Status.FAILED, "error", self._failure
         except UpstreamTimeout as exc:
@@ -867,6 +887,7 @@ class Generation:
                 "user_id": self.run.user_id, "conversation_id": self.conversation_id,
                 "model": self.run.model, "prompt": self.run.prompt, "usage": usage,
                 "ttft_ms": ttft_ms, "duration_ms": duration_ms,
+                "max_tokens": self.run.max_tokens,
             }
             record = None
             try:
@@ -918,7 +939,7 @@ class Generation:
             logger.info(
                 "generation %s %s after %d ms (%s)",
                 self.message_id, status, int((time.monotonic() - self.started_at) * 1000),
-                self.cancel_reason or finish_reason,
+                autostop.describe_end(finish_reason, self.cancel_reason),
             )
 
     async def _launch(self) -> None:

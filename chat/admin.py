@@ -112,7 +112,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "total_tokens", "cost", "status", "estimated", "ttft_ms", "duration_ms",
     )
     list_filter = (
-        "model", "status", "estimated", ("user", UserWithRecordsFilter),
+        "model", "status", "finish_reason", "estimated", ("user", UserWithRecordsFilter),
     )
     date_hierarchy = "created_at"
     search_fields = ("user__username", "conversation__title")
@@ -153,8 +153,9 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     # -- report ------------------------------------------------------------------------------
     def report_view(self, request):
-        """Tokens and cost per UTC day for the last 30 days, stacked by model, and the
-        top users and models by cost over those days."""
+        """Tokens and cost per UTC day for the last 30 days, stacked by model, the top
+        users and models by cost over those days, and the runs stopped by each
+        automatic stop with the tokens they saved."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         days = usage.last_days(REPORT_DAYS)
@@ -187,6 +188,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
             "daily": daily,
             "top_users": usage.top(records, "user_id", "user__username"),
             "top_models": usage.top(records, "model"),
+            "automatic_stops": usage.automatic_stops(records),
             "changelist_url": changelist_url,
         }
         return TemplateResponse(request, "admin/chat/usagerecord/report.html", context)
@@ -275,8 +277,14 @@ class ConversationAdmin(admin.ModelAdmin):
     search_fields = ("title", "owner__username")
     search_help_text = "Search by title or owner's username."
     # Only the title may be edited: the rest is what the user chose, kept as it was.
-    readonly_fields = ("id", "owner", "model", "system_prompt", "created_at", "updated_at")
-    fields = ("id", "owner", "title", "model", "system_prompt", "created_at", "updated_at")
+    readonly_fields = (
+        "id", "owner", "model", "system_prompt", "repetition_guard", "max_answer_usd",
+        "max_answer_tokens", "created_at", "updated_at",
+    )
+    fields = (
+        "id", "owner", "title", "model", "system_prompt", "repetition_guard",
+        "max_answer_usd", "max_answer_tokens", "created_at", "updated_at",
+    )
     inlines = (TranscriptInline,)
     date_hierarchy = "updated_at"
 
@@ -388,7 +396,10 @@ class ModelPriceAdmin(admin.ModelAdmin):
         return price.is_current
 
 
-UNLIMITED = "Empty: unlimited. A request counts its prompt plus max_tokens."
+UNLIMITED = (
+    "Empty: unlimited. A request counts its prompt plus max_tokens (or less, up to its "
+    "per-answer ceiling)."
+)
 
 
 def _limit(usd) -> str | None:
@@ -407,12 +418,19 @@ class UserBudgetForm(forms.ModelForm):
         required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per month",
         help_text=UNLIMITED,
     )
+    max_answer_usd = forms.DecimalField(
+        required=False, min_value=0, max_digits=14, decimal_places=8, label="USD per answer",
+        help_text="Empty: no ceiling. An answer is stopped when its cost (prompt plus "
+        "answer) reaches this (finish reason cost_limit), and each request reserves at "
+        "most this much of the limits above. A conversation's own ceiling or the "
+        "server's (CHAT_MAX_ANSWER_USD) applies when lower.",
+    )
 
     class Meta:
         model = UserBudget
         fields = (
             "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
-            "max_concurrent",
+            "max_concurrent", "max_answer_usd",
         )
         labels = {"max_concurrent": "Concurrent generations"}
         help_texts = {
@@ -429,7 +447,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
 
     list_display = (
         "user", "tokens_per_day", "usd_day", "tokens_per_month", "usd_month",
-        "max_concurrent",
+        "max_concurrent", "usd_answer",
     )
     list_select_related = ("user",)
     form = UserBudgetForm
@@ -441,6 +459,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
         ("Per UTC day", {"fields": ("tokens_per_day", "usd_per_day")}),
         ("Per UTC month", {"fields": ("tokens_per_month", "usd_per_month")}),
         ("Concurrency", {"fields": ("max_concurrent",)}),
+        ("Per answer", {"fields": ("max_answer_usd",)}),
         ("Usage", {"fields": ("used_now",)}),
     )
 
@@ -451,6 +470,10 @@ class UserBudgetAdmin(admin.ModelAdmin):
     @admin.display(description="USD per month", ordering="usd_per_month")
     def usd_month(self, budget):
         return _limit(budget.usd_per_month)
+
+    @admin.display(description="USD per answer", ordering="max_answer_usd")
+    def usd_answer(self, budget):
+        return _limit(budget.max_answer_usd)
 
     @admin.display(description="used so far")
     def used_now(self, budget):

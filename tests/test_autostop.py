@@ -429,7 +429,7 @@ async def test_the_sse_api_gets_the_same_end_when_the_answer_loops(asgi_server, 
     assert '"finish_reason": "repetition"' in end and '"status": "cancelled"' in end
     assert listed[-1]["finish_reason"] == "repetition" and listed[-1]["status"] == "cancelled"
     request = upstream.requests[-1]
-    assert upstream.wait_for(lambda: request.client_closed_at is not None, 1)
+    assert await upstream.until(lambda: request.client_closed_at is not None, 1)
     assert request.chunks_written < trip_point(tokens) + 10 < len(tokens)
 
 

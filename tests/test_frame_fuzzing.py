@@ -81,7 +81,16 @@ def frame(expected: str, value, ascii_only=True) -> tuple[str, str]:
 
 @st.composite
 def bad_frames(draw) -> tuple[str | bytes, set[str]]:
-    """``(frame sent, error codes it may get)``: text (str) or binary (bytes)."""
+    """``(frame sent, error codes it may get)``: text (str) or binary (bytes). Any text
+    frame over the limit gets ``too_large``: the consumer checks the size first."""
+    raw, codes = draw(_bad_frames())
+    if isinstance(raw, str) and len(raw) > FRAME_LIMIT:
+        return raw, {"too_large"}
+    return raw, codes
+
+
+@st.composite
+def _bad_frames(draw) -> tuple[str | bytes, set[str]]:
     ascii_only = draw(st.booleans())
     extra = draw(st.dictionaries(any_text.filter(lambda k: k not in MESSAGE_KEYS),
                                  json_values, max_size=3))

@@ -327,9 +327,12 @@ CHAT_REPETITION_NGRAM = env_int("CHAT_REPETITION_NGRAM", 8)
 CHAT_REPETITION_MAX_REPEATS = env_int("CHAT_REPETITION_MAX_REPEATS", 5)
 CHAT_REPETITION_WINDOW = env_int("CHAT_REPETITION_WINDOW", 400)
 CHAT_REPETITION_MAX_LINE_REPEATS = env_int("CHAT_REPETITION_MAX_LINE_REPEATS", 5)
-# Per-answer ceilings: USD (prompt plus answer at the model's prices) and answer tokens.
-CHAT_MAX_ANSWER_USD = env_decimal("CHAT_MAX_ANSWER_USD")
+# Per-answer ceilings: USD (prompt plus answer at the model's prices) and answer tokens;
+# unset or 0: none.
+CHAT_MAX_ANSWER_USD = env_decimal("CHAT_MAX_ANSWER_USD") or None
 CHAT_MAX_ANSWER_TOKENS = env_int("CHAT_MAX_ANSWER_TOKENS", 0) or None
+if CHAT_MAX_ANSWER_TOKENS is not None and CHAT_MAX_ANSWER_TOKENS < 0:
+    raise ValueError(f"CHAT_MAX_ANSWER_TOKENS={CHAT_MAX_ANSWER_TOKENS} must not be negative")
 # Tokens per second of the built-in demo model.
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
 

@@ -50,7 +50,7 @@ class Conversation(models.Model):
     system_prompt = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now, db_index=True)
-    # Automatic stops of its answers (chat.autostop). Null: the deployment's setting
+    # Automatic stops of its answers (chat.generation.autostop). Null: the deployment's setting
     # (CHAT_REPETITION_GUARD) / no ceiling of its own. A ceiling here can only tighten
     # the deployment's and the owner's budget's: the tightest one applies.
     repetition_guard = models.BooleanField(null=True, blank=True)
@@ -141,7 +141,7 @@ class Message(models.Model):
         max_length=16, choices=Status.choices, default=Status.COMPLETED, db_index=True
     )
     # As the API gives it ("stop", "length", "content_filter", ...), "cancelled"/"error",
-    # or the automatic stop that ended it ("repetition", "cost_limit"; chat.autostop).
+    # or the automatic stop that ended it ("repetition", "cost_limit"; chat.generation.autostop).
     finish_reason = models.CharField(max_length=32, blank=True)
     model = models.CharField(max_length=100, blank=True)
     error = models.TextField(blank=True)
@@ -326,7 +326,7 @@ class UserBudget(models.Model):
     usd_per_month = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
     max_concurrent = models.PositiveSmallIntegerField(default=1)
     # Ceiling of each answer's cost (prompt plus answer, USD); empty = none. The answer
-    # is stopped when it reaches it (chat.autostop), and the quotas above reserve at
+    # is stopped when it reaches it (chat.generation.autostop), and the quotas above reserve at
     # most this much per request instead of the whole max_tokens.
     max_answer_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
 

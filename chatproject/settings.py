@@ -316,7 +316,7 @@ CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 CHAT_LEASE_S = env_int("CHAT_LEASE_S", 15)
 # Every worker process looks for expired leases this often (s, jittered +-50%; 0 = off).
 CHAT_SWEEP_S = env_float("CHAT_SWEEP_S", 5.0)
-# Automatic stops (chat.autostop; README, "Automatic stops"). Off unless set; a
+# Automatic stops (chat.generation.autostop; README, "Automatic stops"). Off unless set; a
 # conversation may set its own (tighter) ceilings and turn the guard on or off.
 CHAT_REPETITION_GUARD = env_bool("CHAT_REPETITION_GUARD", False)
 # The guard stops an answer when the same CHAT_REPETITION_NGRAM words in a row occur

@@ -10,6 +10,8 @@ processes behind a load balancer (docs/scale.md). Then:
 - ``chat.E003``: ``SECRET_KEY`` unset (the development key), or too short/simple by
   Django's own rule (``security.W009``: at least 50 characters, 5 distinct, not prefixed
   ``django-insecure-``): sessions, hence logins, could be forged.
+- ``chat.E005`` (always): the repetition guard's ``CHAT_REPETITION_*`` settings cannot
+  work (chat.generation.autostop.RepetitionRule).
 - ``chat.E004`` (``--deploy`` only): ``DEBUG`` on; it leaks settings and source in error
   pages and keeps every SQL query in memory. Django only warns (``security.W018``).
 
@@ -19,6 +21,8 @@ exits non-zero.
 
 from django.conf import settings
 from django.core import checks
+
+from .generation.autostop import RepetitionRule
 
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE_CHARACTERS = 5
@@ -89,3 +93,20 @@ def check_debug_off(app_configs=None, **kwargs):
             id="chat.E004",
         )
     ]
+
+
+@checks.register("chat")
+def check_repetition_guard(app_configs=None, **kwargs):
+    """chat.E005: the repetition guard's settings cannot work
+    (chat.generation.autostop.RepetitionRule), e.g. a window too small to hold the
+    repeats it counts. Checked whether or not the guard is on: a conversation may turn
+    it on."""
+    try:
+        RepetitionRule.from_settings()
+    except ValueError as exc:
+        return [checks.Error(
+            f"The repetition guard's settings cannot work: {exc}.",
+            hint="See README, \"Automatic stops\", for the CHAT_REPETITION_* settings.",
+            id="chat.E005",
+        )]
+    return []

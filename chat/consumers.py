@@ -16,7 +16,7 @@ from django.conf import settings
 
 from . import generation as gen
 from . import validation
-from .generation import frames
+from .generation import autostop, frames
 from .generation.sequencer import Action, FrameSequencer
 from .layers import release_channel
 from .models import Conversation
@@ -266,6 +266,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if value is not None:
                 value = validation.clean_text(value, max_chars=limit, required=False, name=key)
             create[key] = value
+        # Automatic stops of a conversation this message creates (used then only, like
+        # the model), checked on every message: a bad value is always an `invalid` error.
+        create.update(autostop.conversation_fields(frame))
         await self._start(content, "message", create)
 
     async def on_regenerate(self, frame):

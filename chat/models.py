@@ -50,6 +50,12 @@ class Conversation(models.Model):
     system_prompt = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Automatic stops of its answers (chat.generation.autostop). Null: the deployment's setting
+    # (CHAT_REPETITION_GUARD) / no ceiling of its own. A ceiling here can only tighten
+    # the deployment's and the owner's budget's: the tightest one applies.
+    repetition_guard = models.BooleanField(null=True, blank=True)
+    max_answer_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    max_answer_tokens = models.PositiveIntegerField(null=True, blank=True)
 
     objects = ConversationQuerySet.as_manager()
 
@@ -80,6 +86,11 @@ class Conversation(models.Model):
             "title": self.title,
             "model": self.model,
             "system_prompt": self.system_prompt,
+            "repetition_guard": self.repetition_guard,
+            "max_answer_usd": (
+                None if self.max_answer_usd is None else f"{self.max_answer_usd:.8f}"
+            ),
+            "max_answer_tokens": self.max_answer_tokens,
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
         }
@@ -129,7 +140,8 @@ class Message(models.Model):
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.COMPLETED, db_index=True
     )
-    # As the API gives it ("stop", "length", "content_filter", ...) or "cancelled"/"error".
+    # As the API gives it ("stop", "length", "content_filter", ...), "cancelled"/"error",
+    # or the automatic stop that ended it ("repetition", "cost_limit"; chat.generation.autostop).
     finish_reason = models.CharField(max_length=32, blank=True)
     model = models.CharField(max_length=100, blank=True)
     error = models.TextField(blank=True)
@@ -247,6 +259,11 @@ class UsageRecord(models.Model):
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # How the generation ended (as Message.finish_reason, kept if the message is
+    # deleted) and the max_tokens it asked for: the report counts automatic stops and
+    # the tokens they saved from these. Empty/null on records older than the fields.
+    finish_reason = models.CharField(max_length=32, blank=True, db_index=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
 
     objects = UsageRecordQuerySet.as_manager()
 
@@ -308,6 +325,10 @@ class UserBudget(models.Model):
     usd_per_day = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
     usd_per_month = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
     max_concurrent = models.PositiveSmallIntegerField(default=1)
+    # Ceiling of each answer's cost (prompt plus answer, USD); empty = none. The answer
+    # is stopped when it reaches it (chat.generation.autostop), and the quotas above reserve at
+    # most this much per request instead of the whole max_tokens.
+    max_answer_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
 
     def __str__(self):
         return f"Budget of {self.user}"

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 
 from asgiref.sync import sync_to_async
-from django.db.models import Count, Q, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, F, IntegerField, Q, Sum, Value
+from django.db.models.functions import Coalesce, Greatest, TruncDate
 from django.utils import timezone
 
+from .generation.autostop import STOP_REASONS
 from .models import Message
 from .money import plain_decimal
 
@@ -90,6 +91,55 @@ def top(queryset, *by: str, limit: int = 10) -> list[dict]:
         )
         .order_by("-cost_usd", "-total_tokens")[:limit]
     )
+
+
+# What the report calls each automatic stop (chat.generation.autostop), by finish_reason.
+STOP_RULES = {
+    "repetition": "Repetition guard (the answer was repeating itself)",
+    "cost_limit": "Cost ceiling (the answer reached its cost limit)",
+}
+
+
+def automatic_stops(queryset) -> list[dict]:
+    """Runs stopped by each automatic stop (chat.generation.autostop), one row per rule in
+    ``STOP_REASONS`` order, rules with no run included (one query):
+    ``[{"finish_reason", "rule", "runs", "completion_tokens", "tokens_saved",
+    "cost_usd"}]``.
+
+    ``tokens_saved`` estimates what each stop saved as the run's ``max_tokens`` minus
+    the completion tokens it generated (at least 0): what the answer could still have
+    cost had it run to its limit. Records without ``max_tokens`` (older than the field)
+    count 0 saved."""
+    saved = Greatest(
+        Coalesce(F("max_tokens") - F("completion_tokens"), Value(0)), Value(0),
+        output_field=IntegerField(),
+    )
+    rows = {
+        row["finish_reason"]: row
+        for row in queryset.filter(finish_reason__in=STOP_REASONS)
+        .order_by()
+        .values("finish_reason")
+        # Saved first: an F("completion_tokens") after an annotation of that name would
+        # read the annotation.
+        .annotate(
+            tokens_saved=Sum(saved),
+            generated=Sum("completion_tokens"),
+            runs=Count("pk"),
+            cost=Sum("cost_usd"),
+        )
+    }
+    report = []
+    for reason in STOP_REASONS:
+        row = rows.get(reason, {})
+        report.append({
+            "finish_reason": reason,
+            "rule": STOP_RULES.get(reason, reason),
+            "runs": row.get("runs") or 0,
+            "completion_tokens": row.get("generated") or 0,
+            "tokens_saved": row.get("tokens_saved") or 0,
+            "cost_usd": row.get("cost") or Decimal(0),
+        })
+    return report
 
 
 # --- CSV --------------------------------------------------------------------------------

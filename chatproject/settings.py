@@ -60,6 +60,21 @@ def env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={value!r} is not a number") from None
 
 
+def env_decimal(name: str) -> Decimal | None:
+    """Read a non-negative decimal amount, or None when unset; raises ValueError naming
+    the variable when it does not parse or is negative."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        amount = Decimal(value)
+    except ArithmeticError:
+        raise ValueError(f"{name}={value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{name}={value!r} must be a non-negative amount")
+    return amount
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     """Read a comma-separated list, dropping empty items."""
     value = os.environ.get(name, "")
@@ -301,6 +316,23 @@ CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 CHAT_LEASE_S = env_int("CHAT_LEASE_S", 15)
 # Every worker process looks for expired leases this often (s, jittered +-50%; 0 = off).
 CHAT_SWEEP_S = env_float("CHAT_SWEEP_S", 5.0)
+# Automatic stops (chat.generation.autostop; README, "Automatic stops"). Off unless set; a
+# conversation may set its own (tighter) ceilings and turn the guard on or off.
+CHAT_REPETITION_GUARD = env_bool("CHAT_REPETITION_GUARD", False)
+# The guard stops an answer when the same CHAT_REPETITION_NGRAM words in a row occur
+# more than CHAT_REPETITION_MAX_REPEATS times within its last CHAT_REPETITION_WINDOW
+# words, or the same non-empty line comes more than CHAT_REPETITION_MAX_LINE_REPEATS
+# times in a row.
+CHAT_REPETITION_NGRAM = env_int("CHAT_REPETITION_NGRAM", 8)
+CHAT_REPETITION_MAX_REPEATS = env_int("CHAT_REPETITION_MAX_REPEATS", 5)
+CHAT_REPETITION_WINDOW = env_int("CHAT_REPETITION_WINDOW", 400)
+CHAT_REPETITION_MAX_LINE_REPEATS = env_int("CHAT_REPETITION_MAX_LINE_REPEATS", 5)
+# Per-answer ceilings: USD (prompt plus answer at the model's prices) and answer tokens;
+# unset or 0: none.
+CHAT_MAX_ANSWER_USD = env_decimal("CHAT_MAX_ANSWER_USD") or None
+CHAT_MAX_ANSWER_TOKENS = env_int("CHAT_MAX_ANSWER_TOKENS", 0) or None
+if CHAT_MAX_ANSWER_TOKENS is not None and CHAT_MAX_ANSWER_TOKENS < 0:
+    raise ValueError(f"CHAT_MAX_ANSWER_TOKENS={CHAT_MAX_ANSWER_TOKENS} must not be negative")
 # Tokens per second of the built-in demo model.
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
 

@@ -73,7 +73,8 @@ def test_owner_lists_her_conversations_newest_activity_first(alice, bob):
     body = client_for(alice).get("/api/conversations/").json()
     assert [c["id"] for c in body["results"]] == [str(new.id), str(old.id)]
     assert set(body["results"][0]) == {
-        "id", "title", "model", "system_prompt", "created_at", "updated_at"
+        "id", "title", "model", "system_prompt", "repetition_guard", "max_answer_usd",
+        "max_answer_tokens", "created_at", "updated_at",
     }
 
 

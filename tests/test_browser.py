@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from chat.models import Message
+from chat.models import Conversation, Message
 from tests.conftest import session_cookie
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -549,6 +549,28 @@ def test_the_model_and_system_prompt_chosen_before_the_first_message_are_used(
         expect(answer(page).locator(".msg-role")).to_have_text("other-model")
     finally:
         context.close()
+
+
+def test_an_answer_the_server_stopped_for_looping_says_why_under_it(
+    alice_context, alice, upstream
+):
+    # The conversation's own setting turns the repetition guard on (chat.generation.autostop).
+    conversation = Conversation.objects.create(owner=alice, repetition_guard=True)
+    upstream.answer = "It depends on what you mean by that, so let me say it again. " * 40
+    page = open_chat(alice_context, conversation.id)
+    send(page, "Why?")
+    expect(answer(page)).to_have_attribute("data-status", "cancelled")
+    notice = answer(page).locator(".msg-notice")
+    expect(notice).to_have_text("Stopped: the answer was repeating itself")
+    expect(answer(page).locator(".badge-cancelled")).to_have_text("Stopped")
+    assert upstream.wait_for(lambda: upstream.requests[-1].client_closed_at is not None, 2)
+    screenshot(page, "chat-autostop")
+    page.reload()
+    expect_online(page)
+    expect(answer(page).locator(".msg-notice")).to_have_text(
+        "Stopped: the answer was repeating itself"
+    )
+    assert not alice_context.page_errors
 
 
 def test_log_out_is_a_post_and_leads_to_the_log_in_page(alice_context, upstream):

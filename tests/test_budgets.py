@@ -273,7 +273,8 @@ async def test_two_sockets_of_one_user_starting_at_once_run_exactly_one_generati
     assert kinds == ["error", "generation.start"]
     refused = next(a for a in answers if a["type"] == "error")
     assert refused["code"] == "concurrency_limit" and refused["limit"] == 1
-    assert upstream.wait_for(lambda: len(upstream.requests) == 1, 5)
+    # Not wait_for: it would block the event loop the run needs to send its request.
+    assert await upstream.until(lambda: len(upstream.requests) == 1, 5)
     await asyncio.sleep(0.3)
     assert len(upstream.requests) == 1
 

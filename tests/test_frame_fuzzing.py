@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chat import consumers
+from chat import generation as gen
+from chat.generation import autostop
 from chat.models import Conversation, Message, UsageRecord
 from tests.conftest import session_cookie
 
@@ -55,6 +57,19 @@ non_strings = st.none() | st.booleans() | st.integers() | st.floats() | containe
 present_non_strings = st.booleans() | st.integers() | st.floats() | containers
 good_content = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]),
                        min_size=1, max_size=50).filter(str.strip)
+# Keys a `message` frame reads; `extra` keys are anything else.
+MESSAGE_KEYS = {"type", "content", "model", "system_prompt", *autostop.CONVERSATION_FIELDS}
+
+
+def refused_for(key):
+    """True for a value the automatic-stop field ``key`` does not take."""
+    def refused(value) -> bool:
+        try:
+            autostop.conversation_fields({key: value})
+        except gen.InvalidRequest:
+            return True
+        return False
+    return refused
 
 
 def dumps(value, ascii_only: bool) -> str:
@@ -67,13 +82,22 @@ def frame(expected: str, value, ascii_only=True) -> tuple[str, str]:
 
 @st.composite
 def bad_frames(draw) -> tuple[str | bytes, set[str]]:
-    """``(frame sent, error codes it may get)``: text (str) or binary (bytes)."""
+    """``(frame sent, error codes it may get)``: text (str) or binary (bytes). Any text
+    frame over the limit gets ``too_large``: the consumer checks the size first."""
+    raw, codes = draw(_bad_frames())
+    if isinstance(raw, str) and len(raw) > FRAME_LIMIT:
+        return raw, {"too_large"}
+    return raw, codes
+
+
+@st.composite
+def _bad_frames(draw) -> tuple[str | bytes, set[str]]:
     ascii_only = draw(st.booleans())
-    extra = draw(st.dictionaries(any_text.filter(lambda k: k not in {"type", "content",
-                                 "model", "system_prompt"}), json_values, max_size=3))
+    extra = draw(st.dictionaries(any_text.filter(lambda k: k not in MESSAGE_KEYS),
+                                 json_values, max_size=3))
     kind = draw(st.sampled_from([
         "not_object", "no_type", "unknown_type", "content", "model", "system_prompt",
-        "not_json", "nested", "binary", "oversized",
+        "autostop", "not_json", "nested", "binary", "oversized",
     ]))
     if kind == "not_object":
         raw = dumps(draw(json_values.filter(lambda v: not isinstance(v, dict))), ascii_only)
@@ -105,6 +129,12 @@ def bad_frames(draw) -> tuple[str | bytes, set[str]]:
         value = {**extra, "type": "message", "content": draw(good_content), kind: bad}
         raw = dumps(value, ascii_only)
         return raw, {"too_large"} if len(raw) > FRAME_LIMIT else {code}
+    if kind == "autostop":
+        key = draw(st.sampled_from(autostop.CONVERSATION_FIELDS))
+        bad = draw(json_values.filter(refused_for(key)))
+        value = {**extra, "type": "message", "content": draw(good_content), key: bad}
+        raw = dumps(value, ascii_only)
+        return raw, {"too_large"} if len(raw) > FRAME_LIMIT else {"invalid"}
     if kind == "not_json":
         text = draw(st.text(any_char, max_size=200).filter(_not_json))
         return text, {"bad_json"}

@@ -56,7 +56,10 @@ class ModelPriceAdmin(admin.ModelAdmin):
         return price.is_current
 
 
-UNLIMITED = "Empty: unlimited. A request counts its prompt plus max_tokens."
+UNLIMITED = (
+    "Empty: unlimited. A request counts its prompt plus max_tokens (or less, up to its "
+    "per-answer ceiling)."
+)
 
 
 def _limit(usd) -> str | None:
@@ -75,12 +78,19 @@ class UserBudgetForm(forms.ModelForm):
         required=False, min_value=0, max_digits=12, decimal_places=4, label="USD per month",
         help_text=UNLIMITED,
     )
+    max_answer_usd = forms.DecimalField(
+        required=False, min_value=0, max_digits=14, decimal_places=8, label="USD per answer",
+        help_text="Empty: no ceiling. An answer is stopped when its cost (prompt plus "
+        "answer) reaches this (finish reason cost_limit), and each request reserves at "
+        "most this much of the limits above. A conversation's own ceiling or the "
+        "server's (CHAT_MAX_ANSWER_USD) applies when lower.",
+    )
 
     class Meta:
         model = UserBudget
         fields = (
             "user", "tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month",
-            "max_concurrent",
+            "max_concurrent", "max_answer_usd",
         )
         labels = {"max_concurrent": "Concurrent generations"}
         help_texts = {
@@ -97,7 +107,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
 
     list_display = (
         "user", "tokens_per_day", "usd_day", "tokens_per_month", "usd_month",
-        "max_concurrent",
+        "max_concurrent", "usd_answer",
     )
     list_select_related = ("user",)
     form = UserBudgetForm
@@ -109,6 +119,7 @@ class UserBudgetAdmin(admin.ModelAdmin):
         ("Per UTC day", {"fields": ("tokens_per_day", "usd_per_day")}),
         ("Per UTC month", {"fields": ("tokens_per_month", "usd_per_month")}),
         ("Concurrency", {"fields": ("max_concurrent",)}),
+        ("Per answer", {"fields": ("max_answer_usd",)}),
         ("Usage", {"fields": ("used_now",)}),
     )
 
@@ -119,6 +130,10 @@ class UserBudgetAdmin(admin.ModelAdmin):
     @admin.display(description="USD per month", ordering="usd_per_month")
     def usd_month(self, budget):
         return _limit(budget.usd_per_month)
+
+    @admin.display(description="USD per answer", ordering="max_answer_usd")
+    def usd_answer(self, budget):
+        return _limit(budget.max_answer_usd)
 
     @admin.display(description="used so far")
     def used_now(self, budget):

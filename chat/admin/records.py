@@ -105,7 +105,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "total_tokens", "cost", "status", "estimated", "ttft_ms", "duration_ms",
     )
     list_filter = (
-        "model", "status", "estimated", ("user", UserWithRecordsFilter),
+        "model", "status", "finish_reason", "estimated", ("user", UserWithRecordsFilter),
     )
     date_hierarchy = "created_at"
     search_fields = ("user__username", "conversation__title")
@@ -146,8 +146,9 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     # -- report ------------------------------------------------------------------------------
     def report_view(self, request):
-        """Tokens and cost per UTC day for the last 30 days, stacked by model, and the
-        top users and models by cost over those days."""
+        """Tokens and cost per UTC day for the last 30 days, stacked by model, the top
+        users and models by cost over those days, and the runs stopped by each
+        automatic stop with the tokens they saved."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         days = usage.last_days(REPORT_DAYS)
@@ -180,6 +181,7 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
             "daily": daily,
             "top_users": usage.top(records, "user_id", "user__username"),
             "top_models": usage.top(records, "model"),
+            "automatic_stops": usage.automatic_stops(records),
             "changelist_url": changelist_url,
         }
         return TemplateResponse(request, "admin/chat/usagerecord/report.html", context)
@@ -268,8 +270,14 @@ class ConversationAdmin(admin.ModelAdmin):
     search_fields = ("title", "owner__username")
     search_help_text = "Search by title or owner's username."
     # Only the title may be edited: the rest is what the user chose, kept as it was.
-    readonly_fields = ("id", "owner", "model", "system_prompt", "created_at", "updated_at")
-    fields = ("id", "owner", "title", "model", "system_prompt", "created_at", "updated_at")
+    readonly_fields = (
+        "id", "owner", "model", "system_prompt", "repetition_guard", "max_answer_usd",
+        "max_answer_tokens", "created_at", "updated_at",
+    )
+    fields = (
+        "id", "owner", "title", "model", "system_prompt", "repetition_guard",
+        "max_answer_usd", "max_answer_tokens", "created_at", "updated_at",
+    )
     inlines = (TranscriptInline,)
     date_hierarchy = "updated_at"
 

@@ -14,6 +14,7 @@ from rest_framework.fields import empty
 from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
 from .. import validation
+from ..generation import autostop
 
 # White space for both Python's str.strip() and ECMAScript's \s, plus NUL: a required
 # text must contain some other character. Written with escapes both regex dialects read
@@ -85,6 +86,57 @@ class ModelNameFieldExtension(OpenApiSerializerFieldExtension):
             "type": "string",
             "enum": ["", *settings.CHAT_MODELS],
             "description": "A model the server offers; empty for the default model.",
+        }
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """JSON ``true``/``false`` only (DRF would also take ``"yes"``, ``1``, ``"on"``...),
+    ``null`` when ``allow_null``: exactly what its schema (``type: boolean``) says."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only (DRF would also take ``"12"`` and ``12.0``), within
+    ``min_value``/``max_value``, which the schema documents as minimum/maximum."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class UsdAmountField(serializers.DecimalField):
+    """A USD amount as a decimal string: at most 6 whole digits and 8 decimals, no sign
+    or exponent (``chat.generation.autostop.USD_PATTERN``, documented as the schema's ``pattern``);
+    read back as a string with 8 decimals."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_digits=14, decimal_places=8, coerce_to_string=True, **kwargs)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            raise serializers.ValidationError("Enter the amount as a string, e.g. \"0.05\".")
+        try:
+            return autostop.parse_usd(data)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+
+class UsdAmountFieldExtension(OpenApiSerializerFieldExtension):
+    """Documents UsdAmountField as a string with the pattern it accepts."""
+
+    target_class = "chat.api.fields.UsdAmountField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {
+            "type": "string",
+            "format": "decimal",
+            "pattern": autostop.USD_PATTERN,
+            "example": "0.05",
         }
 
 

@@ -10,8 +10,15 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from ..generation import autostop
 from ..models import ApiToken, Conversation, Message, UsageRecord
-from .fields import ModelNameField, TextField
+from .fields import (
+    ModelNameField,
+    StrictBooleanField,
+    StrictIntegerField,
+    TextField,
+    UsdAmountField,
+)
 
 
 class UsageSerializer(serializers.ModelSerializer):
@@ -31,17 +38,41 @@ _drf_datetime = serializers.DateTimeField().to_representation
 
 class ConversationSerializer(serializers.ModelSerializer):
     """A conversation. ``model`` must be one of ``CHAT_MODELS`` (empty: the default model);
-    all writable fields are optional."""
+    all writable fields are optional.
+
+    Automatic stops of its answers (README, "Automatic stops"; null: none of its own):
+    ``repetition_guard`` (null: the deployment's ``CHAT_REPETITION_GUARD``),
+    ``max_answer_usd`` (USD, prompt plus answer) and ``max_answer_tokens`` (answer
+    tokens). The deployment's and the user's budget's ceilings still apply: the
+    tightest wins. A change applies from the next answer on."""
 
     title = TextField(max_length=200, required=False, allow_blank=True)
     model = ModelNameField(max_length=100, required=False, allow_blank=True)
     system_prompt = TextField(
         required=False, allow_blank=True, max_length=settings.CHAT_MAX_MESSAGE_CHARS
     )
+    repetition_guard = StrictBooleanField(
+        required=False, allow_null=True,
+        help_text="Stop answers that loop: true, false, or null for the server's default.",
+    )
+    max_answer_usd = UsdAmountField(
+        required=False, allow_null=True,
+        help_text="Stop an answer when its cost (prompt plus answer) reaches this many USD; "
+        "null for no ceiling of its own.",
+    )
+    max_answer_tokens = StrictIntegerField(
+        required=False, allow_null=True, min_value=1,
+        max_value=autostop.MAX_ANSWER_TOKENS_LIMIT,
+        help_text="Stop an answer when it reaches this many tokens; null for no ceiling "
+        "of its own.",
+    )
 
     class Meta:
         model = Conversation
-        fields = ["id", "title", "model", "system_prompt", "created_at", "updated_at"]
+        fields = [
+            "id", "title", "model", "system_prompt", "repetition_guard", "max_answer_usd",
+            "max_answer_tokens", "created_at", "updated_at",
+        ]
         read_only_fields = ["id", "created_at", "updated_at"]
 
     def validate_model(self, value):

@@ -8,6 +8,7 @@ Modules, each depending only on those listed before it::
     errors    GenerationError and subclasses with frame code and HTTP status
     prompt    build_prompt and the prompt used for estimates
     budgets   per-user quotas and concurrency, checked inside the start transaction
+    autostop  automatic stops of a run (repetition guard, cost ceiling) and their policy
     outcome   Outcome: how a run ended (status, finish_reason, error, usage, timings)
     store     the transactions: prepare_*, finalize, finish_stale, checkpoints, load_state
     upstream  the provider client and the reading of one stream into StreamEvents
@@ -24,7 +25,7 @@ the connection close and stops generating. Every run, whatever its end, finishes
 exactly one ``generation.end`` frame and one ``UsageRecord``.
 """
 
-from . import budgets, frames, leases, store
+from . import autostop, budgets, frames, leases, store
 from .errors import (
     Busy,
     ConcurrencyLimit,
@@ -65,9 +66,9 @@ from .upstream import StreamEvent, clean_provider_text, uses_demo_model
 __all__ = [
     "Busy", "ConcurrencyLimit", "Forbidden", "Generation", "GenerationError", "InvalidRequest",
     "Outcome", "PreparedRun", "QuotaExceeded", "RunRef", "Runtime", "StreamEvent",
-    "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "broadcast", "budgets", "build_prompt",
-    "build_prompt_safe", "clean_provider_text", "control_group_name", "finalize",
-    "finish_stale", "frames", "group_name", "leases", "load_state", "prepare_edit",
+    "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "autostop", "broadcast", "budgets",
+    "build_prompt", "build_prompt_safe", "clean_provider_text", "control_group_name",
+    "finalize", "finish_stale", "frames", "group_name", "leases", "load_state", "prepare_edit",
     "prepare_message", "prepare_regenerate", "prepare_run", "prompt_for_estimate",
     "request_snapshot", "request_stop", "running_generation", "send_to_group", "start_detached",
     "start_generation", "store", "uses_demo_model", "validate_model",

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from ..models import Message
+from .autostop import finish_reason_for
 from .errors import UpstreamFailure
 
 logger = logging.getLogger(__name__)
@@ -22,10 +23,12 @@ class Outcome:
     """The end of one run.
 
     ``status``: a final ``Message.Status``; ``finish_reason``: the provider's
-    (``stop``, ``length``, ...) or ``cancelled``/``error``; ``error``: shown to the user
-    ("" for none); ``usage``: ``{"prompt_tokens", "completion_tokens"}`` as the provider
-    reported it, or None (then store.finalize estimates it); ``ttft_ms``: ms from the
-    request to the first text (None if none came); ``duration_ms``: ms of the run.
+    (``stop``, ``length``, ...), ``cancelled``/``error``, or the automatic stop that
+    ended it (``repetition``, ``cost_limit``; chat.generation.autostop); ``error``:
+    shown to the user ("" for none); ``usage``: ``{"prompt_tokens",
+    "completion_tokens"}`` as the provider reported it, or None (then store.finalize
+    estimates it); ``ttft_ms``: ms from the request to the first text (None if none
+    came); ``duration_ms``: ms of the run.
     """
 
     status: str
@@ -45,13 +48,16 @@ class Outcome:
 
 
 def outcome_of(
-    exc: BaseException | None, *, finish_reason: str, failure: str | None, message_id: str
+    exc: BaseException | None, *, finish_reason: str, failure: str | None, message_id: str,
+    cancel_reason: str | None = None,
 ) -> Outcome:
     """The outcome of a run whose stream loop ended with ``exc`` (None: the stream
     ended by itself) after seeing ``finish_reason`` ("" if none). ``failure`` is the
     error this process ended the run with (Generation.fail), which turns a
-    cancellation into ``failed``. Usage and timings are added by the caller: a usage
-    the provider reported is kept whatever the end (it is what was billed)."""
+    cancellation into ``failed``; ``cancel_reason`` (Generation.cancel_reason) names an
+    automatic stop that cancelled it, whose rule becomes the finish_reason. Usage and
+    timings are added by the caller: a usage the provider reported is kept whatever the
+    end (it is what was billed)."""
     if exc is None:
         if finish_reason:
             return Outcome(Message.Status.COMPLETED, finish_reason)
@@ -61,7 +67,8 @@ def outcome_of(
                        "The model provider ended the answer before it was complete.")
     if isinstance(exc, asyncio.CancelledError):
         if failure is None:
-            return Outcome(Message.Status.CANCELLED, "cancelled")
+            # autostop hook: `repetition`/`cost_limit` when a rule stopped it.
+            return Outcome(Message.Status.CANCELLED, finish_reason_for(cancel_reason))
         return Outcome(Message.Status.FAILED, "error", failure)
     if isinstance(exc, UpstreamFailure):
         return Outcome(Message.Status.FAILED, "error", str(exc))

@@ -24,6 +24,7 @@ from django.utils import timezone
 from .. import accounting
 from ..models import Conversation, Message, UsageRecord
 from . import budgets, frames
+from .autostop import AutoStop, conversation_fields
 from .errors import Busy, Forbidden, InvalidRequest
 from .outcome import Outcome
 from .prompt import build_prompt, prompt_for_estimate
@@ -39,13 +40,15 @@ STALE_ERROR = "The server process running this generation stopped responding."
 @dataclass(frozen=True)
 class RunRef:
     """What finalize needs to know of a run besides its outcome: ids, the model it was
-    priced at, and the prompt its tokens are estimated from (None: none)."""
+    priced at, the prompt its tokens are estimated from (None: none) and the
+    max_tokens it asked for (None: unknown; the admin report's tokens saved)."""
 
     message_id: str
     conversation_id: str
     user_id: int
     model: str
     prompt: list[dict] | None
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -62,11 +65,13 @@ class PreparedRun:
     max_tokens: int
     # generation.end frames of stale runs of this conversation finished on the way.
     stale_ends: list[dict] = field(default_factory=list)
+    # autostop hook: the run's automatic stops (repetition guard, cost ceiling).
+    autostop: AutoStop = field(default_factory=AutoStop)
 
     @property
     def ref(self) -> RunRef:
         return RunRef(self.assistant_message["id"], self.conversation["id"], self.user_id,
-                      self.model, self.prompt)
+                      self.model, self.prompt, self.max_tokens)
 
 
 # --- start -----------------------------------------------------------------------------
@@ -93,6 +98,7 @@ def _lock_conversation(user, conversation_id, *, create: dict | None) -> Convers
                     owner=user,
                     model=validate_model(create.get("model")),
                     system_prompt=(create.get("system_prompt") or "").strip(),
+                    **conversation_fields(create),  # autostop hook
                 )
         except IntegrityError:
             # Another tab created it first; wait for its transaction and use its row.
@@ -141,9 +147,11 @@ def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
         conversation.save(update_fields=["title", "updated_at"])
         prompt = build_prompt(conversation)
         model = conversation.model or settings.CHAT_MODEL
-        check_budget(
-            user, conversation, accounting.count_prompt_tokens(prompt), settings.CHAT_MAX_TOKENS
-        )
+        prompt_tokens = accounting.count_prompt_tokens(prompt)
+        # autostop hook: the run's automatic stops; with a ceiling the budget reserves
+        # only what the answer may cost before it is stopped.
+        stops = AutoStop.for_run(user, conversation, model=model, prompt_tokens=prompt_tokens)
+        check_budget(user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS))
         assistant = Message.objects.create(
             conversation=conversation, role=Message.Role.ASSISTANT, content="",
             status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
@@ -158,6 +166,7 @@ def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
         prompt=prompt,
         max_tokens=settings.CHAT_MAX_TOKENS,
         stale_ends=stale_ends,
+        autostop=stops,  # autostop hook
     )
 
 
@@ -221,8 +230,10 @@ def finalize(run: RunRef, outcome: Outcome, content: str | None) -> UsageRecord:
     or None, in which case the tokens are estimated from ``run.prompt`` and the text
     and the record is marked ``estimated``. ``content`` None keeps the text saved so far
     (the last checkpoint): the fallback when the text itself cannot be saved.
-    Idempotent: a message that already has its record keeps it (returned as it is; its
-    ``status`` then tells how it really ended).
+    ``outcome.finish_reason`` and ``run.max_tokens`` are also kept on the record (the
+    admin report's automatic stops and the tokens they saved). Idempotent: a message
+    that already has its record keeps it (returned as it is; its ``status`` then tells
+    how it really ended).
     """
     with transaction.atomic():
         Conversation.objects.lock(run.conversation_id)
@@ -257,6 +268,8 @@ def _settle(run: RunRef, outcome: Outcome, message: Message, content: str) -> Us
         estimated=estimated, input_price_per_mtok=prices[0], output_price_per_mtok=prices[1],
         cost_usd=accounting.cost_usd(prompt_tokens, completion_tokens, prices),
         ttft_ms=outcome.ttft_ms, duration_ms=outcome.duration_ms,
+        # autostop hook: how it ended and what it could have used (the admin report).
+        finish_reason=outcome.finish_reason, max_tokens=run.max_tokens,
     )
 
 

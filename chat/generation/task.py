@@ -23,6 +23,7 @@ from django.conf import settings
 from ..layers import release_channel
 from ..models import Message
 from . import frames, store, upstream
+from .autostop import describe_end
 from .outcome import Outcome, outcome_of
 from .runtime import Runtime
 
@@ -236,6 +237,11 @@ class Generation:
                         if ttft_ms is None:
                             ttft_ms = int((time.monotonic() - self.started_at) * 1000)
                         self._append(event.content)
+                        # autostop hook: a rule that fires stops the run as a stop frame
+                        # does; the cancellation lands at this await, before any read.
+                        stops = self.run.autostop
+                        if stops.check(event.content) and self.cancel(stops.reason):
+                            await asyncio.sleep(0)
                     if event.finish_reason:
                         finish_reason = event.finish_reason
                     if self._outbox.qsize() >= settings.CHAT_OUTBOX_LIMIT:
@@ -245,7 +251,8 @@ class Generation:
         except (asyncio.CancelledError, Exception) as exc:  # every end maps to an Outcome
             ended_by = exc
         outcome = outcome_of(ended_by, finish_reason=finish_reason, failure=self._failure,
-                             message_id=self.message_id).with_timing(
+                             message_id=self.message_id,
+                             cancel_reason=self.cancel_reason).with_timing(
             usage=usage, ttft_ms=ttft_ms,
             duration_ms=int((time.monotonic() - self.started_at) * 1000))
         await self._finish(outcome)
@@ -288,7 +295,7 @@ class Generation:
             logger.info(
                 "generation %s %s after %d ms (%s)",
                 self.message_id, self.status, int((time.monotonic() - self.started_at) * 1000),
-                self.cancel_reason or outcome.finish_reason,
+                describe_end(outcome.finish_reason, self.cancel_reason),
             )
 
     async def _save(self, outcome: Outcome, content: str):

@@ -14,6 +14,7 @@ import {
 } from "./state.js";
 import {
   STATUS_LABELS, appendMessage, queueRender, removeMessages, renderMessage, renderTranscript,
+  stopNotice,
 } from "./transcript.js";
 
 const RECONNECT_BASE_MS = 500;
@@ -312,8 +313,8 @@ function onGenerationEnd(frame) {
     refresh();
     return;
   }
-  // What the end frame tells about the answer (a note on why it ended, shown under it,
-  // would be one more field here).
+  // What the end frame tells about the answer; finish_reason also says whether the
+  // server stopped it by itself (the notice under it, transcript.js stopNotice).
   Object.assign(message, {
     status: frame.status,
     finish_reason: frame.finish_reason,
@@ -326,7 +327,9 @@ function onGenerationEnd(frame) {
   if (frame.status === "failed") {
     showNotice(`The model failed: ${frame.error || "unknown error"}`);
   }
-  announce(frame.status === "completed" ? "Answer complete." : `Answer ${STATUS_LABELS[frame.status] || frame.status}.`);
+  announce(frame.status === "completed" ? "Answer complete."
+    : stopNotice(message) ? `${stopNotice(message)}.`
+    : `Answer ${STATUS_LABELS[frame.status] || frame.status}.`);
 }
 
 function onError(frame) {

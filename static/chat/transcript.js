@@ -18,6 +18,13 @@ export const STATUS_LABELS = {
   interrupted: "Interrupted",
 };
 
+/** The notice under an answer the server stopped by itself, by finish_reason (the
+ *  automatic stops: README, "Automatic stops"). */
+export const STOP_NOTICES = {
+  repetition: "Stopped: the answer was repeating itself",
+  cost_limit: "Stopped: the answer reached its cost limit",
+};
+
 // Said under the mark when the server gave no error text.
 const STATUS_DETAILS = {
   cancelled: "The answer was stopped; the text above is what was written before.",
@@ -60,13 +67,13 @@ function formatUsage(usage) {
 // the element (make) and brought up to date from the message dict at every render
 // (update, if the part changes). A part to come is one more entry here: an answer's
 // reasoning ("Thinking", collapsible, streaming like the text) goes between the role
-// and the body; a notice under an answer ("Stopped: the answer was repeating itself")
-// goes after the status.
+// and the body.
 
 const PARTS = [
   { className: "msg-role", make: makeRole },
   { className: "msg-body", make: makeBody, update: updateBody },
   { className: "msg-status", make: () => element("div", "msg-status"), update: updateStatus },
+  { className: "msg-notice", make: makeNotice, update: updateNotice },
   { className: "msg-meta", make: makeMeta, update: updateUsage },
 ];
 
@@ -107,8 +114,25 @@ function updateStatus(status, message) {
   const label = STATUS_LABELS[message.status];
   if (!label) return;
   status.append(element("span", `badge badge-${message.status}`, label));
-  const why = message.error || STATUS_DETAILS[message.status];
+  // An automatic stop says why in its own notice, below.
+  const why = message.error || (stopNotice(message) ? "" : STATUS_DETAILS[message.status]);
   if (why) status.append(element("span", "status-detail", why));
+}
+
+/** The notice of an answer the server stopped by itself, or "". */
+export function stopNotice(message) {
+  return (message.status === "cancelled" && STOP_NOTICES[message.finish_reason]) || "";
+}
+
+function makeNotice() {
+  const notice = element("div", "msg-notice");
+  notice.setAttribute("role", "note");
+  return notice;
+}
+
+/** Why the server stopped the answer by itself; textContent only. */
+function updateNotice(notice, message) {
+  notice.textContent = message.role === "assistant" ? stopNotice(message) : "";
 }
 
 function makeMeta() {

@@ -34,13 +34,47 @@ _DONE_GRACE_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """What one chunk of the stream said, cleaned: ``content`` (text, may be ""),
-    ``finish_reason`` ("" until the provider gives one; at most 32 chars) and ``usage``
-    (``{"prompt_tokens", "completion_tokens"}`` non-negative ints, or None)."""
+    """What one chunk of the stream said, cleaned.
+
+    - ``content``: visible answer text (may be "");
+    - ``reasoning``: reasoning ("thinking") text the provider streams beside the answer
+      (``delta.reasoning_content``: DeepSeek, llama.cpp, older vLLM; ``delta.reasoning``:
+      OpenRouter, Ollama, newer vLLM), may be "";
+    - ``finish_reason``: "" until the provider gives one; at most 32 chars;
+    - ``usage``: the provider's final usage, or None: ``{"prompt_tokens",
+      "completion_tokens", "reasoning_tokens", "cached_tokens"}``, non-negative ints
+      (the last two 0 when not reported: ``completion_tokens_details.reasoning_tokens``,
+      ``prompt_tokens_details.cached_tokens`` of the OpenAI usage object);
+    - ``running_usage``: a running count of the same shape sent on a content chunk
+      (vLLM/SGLang ``stream_options.continuous_usage_stats``), or None.
+    """
 
     content: str = ""
+    reasoning: str = ""
     finish_reason: str = ""
     usage: dict | None = None
+    running_usage: dict | None = None
+
+
+@dataclass(slots=True)
+class StreamMeta:
+    """What the caller of :func:`stream_answer` learns about a stream beside its events
+    (filled in by the reader, read by the run when it ends).
+
+    - ``profile``: the provider profile used (``openai``, ``vllm``, ``ollama``,
+      ``llamacpp``, ``openrouter``, ``deepseek``, ``generic``);
+    - ``generation_id``: the provider's id of this generation (OpenRouter's
+      ``X-Generation-Id`` header, else the first chunk's ``id``), "" if none;
+    - ``usage_requested``: False when ``stream_options`` had to be dropped for this
+      server (then no usage can arrive and the run's usage is estimated or tokenized);
+    - ``hidden_reasoning``: True when the provider bills reasoning tokens it does not
+      stream (OpenAI reasoning models), so a stopped run's estimate undercounts them.
+    """
+
+    profile: str = "generic"
+    generation_id: str = ""
+    usage_requested: bool = True
+    hidden_reasoning: bool = False
 
 
 # --- the client ------------------------------------------------------------------------

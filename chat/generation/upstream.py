@@ -172,8 +172,8 @@ def _read_chunk(chunk) -> StreamEvent:
         reason = getattr(choice, "finish_reason", None)
         if reason:
             finish_reason = _provider_message(reason, 32)
-    return StreamEvent("".join(content), finish_reason,
-                       _reported_usage(getattr(chunk, "usage", None)))
+    return StreamEvent(content="".join(content), finish_reason=finish_reason,
+                       usage=_reported_usage(getattr(chunk, "usage", None)))
 
 
 def _retry_hint(exc: openai.APIStatusError) -> str:

@@ -59,6 +59,13 @@ def unit_prices(model: str, at=None) -> tuple[Decimal, Decimal]:
     ``valid_from`` not in the future), then in ``settings.CHAT_MODEL_PRICES`` (longest
     prefix). Unknown models cost 0 and log a warning once per model.
     """
+    return price_list(model, at)[:2]
+
+
+def price_list(model: str, at=None) -> tuple[Decimal, Decimal, Decimal]:
+    """USD per 1M (input, output, cached input) tokens for ``model`` at ``at``, looked up
+    as :func:`unit_prices`; the cached input price is the input price when the row or
+    setting gives none (``ModelPrice.cached_input_per_mtok`` null, a two-price entry)."""
     from .models import ModelPrice
 
     at = at or timezone.now()
@@ -69,12 +76,15 @@ def unit_prices(model: str, at=None) -> tuple[Decimal, Decimal]:
     ]
     if rows:
         best = max(rows, key=lambda r: (len(r.model), r.valid_from))
-        return best.input_per_mtok, best.output_per_mtok
+        cached = best.cached_input_per_mtok
+        return (best.input_per_mtok, best.output_per_mtok,
+                best.input_per_mtok if cached is None else cached)
     matches = [name for name in settings.CHAT_MODEL_PRICES if model.startswith(name)]
     if matches:
-        return settings.CHAT_MODEL_PRICES[max(matches, key=len)]
+        entry = tuple(settings.CHAT_MODEL_PRICES[max(matches, key=len)])
+        return entry[0], entry[1], entry[2] if len(entry) > 2 else entry[0]
     _warn_unpriced(model)
-    return Decimal(0), Decimal(0)
+    return Decimal(0), Decimal(0), Decimal(0)
 
 
 @functools.cache
@@ -83,8 +93,15 @@ def _warn_unpriced(model: str) -> None:
 
 
 def cost_usd(
-    prompt_tokens: int, completion_tokens: int, prices: tuple[Decimal, Decimal]
+    prompt_tokens: int, completion_tokens: int, prices: tuple, cached_tokens: int = 0
 ) -> Decimal:
-    """Cost in USD of a generation at (input, output) USD per 1M tokens, 8 decimals."""
-    cost = (Decimal(prompt_tokens) * prices[0] + Decimal(completion_tokens) * prices[1]) / MILLION
+    """Cost in USD of a generation, 8 decimals. ``prices``: USD per 1M (input, output)
+    tokens, optionally (input, output, cached input) (:func:`price_list`);
+    ``cached_tokens`` (part of ``prompt_tokens``, OpenAI's
+    ``prompt_tokens_details.cached_tokens``) are priced at the cached input price, the
+    input price when ``prices`` has none."""
+    cached = min(max(cached_tokens, 0), prompt_tokens)
+    cached_price = prices[2] if len(prices) > 2 and prices[2] is not None else prices[0]
+    cost = (Decimal(prompt_tokens - cached) * prices[0] + Decimal(cached) * cached_price
+            + Decimal(completion_tokens) * prices[1]) / MILLION
     return cost.quantize(Decimal("0.00000001"))

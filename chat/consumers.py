@@ -159,7 +159,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         streaming = self._state["streaming"]
         await self._send_state(
             None if streaming is None
-            else frames.snapshot(streaming["id"], streaming["content"], None)
+            else frames.snapshot(streaming["id"], streaming["content"], None,
+                                 streaming["reasoning"])
         )
         if streaming is not None:
             # The run is still streaming somewhere (a busy process) or its process died

@@ -5,8 +5,6 @@ with a *role*; one assistant message is produced by one *generation*, which stre
 *deltas* and ends with a *finish_reason* and a *usage* (prompt_tokens, completion_tokens).
 """
 
-import hashlib
-import secrets
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -137,6 +135,9 @@ class Message(models.Model):
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
+    # The reasoning ("thinking") text the provider streamed beside the answer
+    # (delta.reasoning_content / delta.reasoning), kept with it; "" when none.
+    reasoning = models.TextField(blank=True, default="")
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.COMPLETED, db_index=True
     )
@@ -169,19 +170,23 @@ class Message(models.Model):
         return self.status != self.Status.STREAMING
 
     def finish(self, status: str, finish_reason: str, error: str, content: str | None,
-               now) -> None:
+               now, reasoning: str | None = None) -> None:
         """Save the end of a streaming answer (its final ``status``). ``content`` None
-        keeps the text saved so far (the last checkpoint). Call it with the row locked
+        keeps the text saved so far (the last checkpoint), as ``reasoning`` None keeps
+        the reasoning saved so far. Call it with the row locked
         (chat.generation.store.finalize)."""
         if content is not None:
             self.content = content
+        if reasoning is not None:
+            self.reasoning = reasoning
         self.status = status
         self.finish_reason = finish_reason
         self.error = error
         self.completed_at = now
         self.heartbeat_at = now
         self.save(update_fields=[
-            "content", "status", "finish_reason", "error", "completed_at", "heartbeat_at"
+            "content", "reasoning", "status", "finish_reason", "error", "completed_at",
+            "heartbeat_at",
         ])
 
     def to_dict(self, usage: "UsageRecord | None" = None, timestamp=datetime.isoformat) -> dict:
@@ -202,6 +207,7 @@ class Message(models.Model):
             "conversation_id": str(self.conversation_id),
             "role": self.role,
             "content": self.content,
+            "reasoning": self.reasoning,
             "status": self.status,
             "finish_reason": self.finish_reason or None,
             "model": self.model,
@@ -225,12 +231,32 @@ class UsageRecord(models.Model):
     """Exactly one per generation, whatever its end (completed, cancelled, failed,
     interrupted): the audit trail of what was asked of the provider and what it cost.
 
-    Token counts are those the API reported in its final usage chunk
-    (``stream_options.include_usage``); when it could not report them (a stopped or
-    broken stream) they are estimated with a tokenizer and ``estimated`` is true.
-    Unit prices (USD per 1M tokens) are stored so a later price change never rewrites
-    history. Deleting the conversation or message keeps the record (references cleared).
+    ``source`` says where the token counts come from, best first (issue 12, section 3):
+
+    - ``reported``: the provider's final usage chunk (``stream_options.include_usage``),
+      or OpenRouter's generation lookup (``GET /api/v1/generation``), whatever the end;
+    - ``running``: the provider's running count at the stop (vLLM/SGLang
+      ``continuous_usage_stats``);
+    - ``tokenized``: the server's own tokenizer on the saved text (llama.cpp / vLLM
+      ``POST /tokenize``);
+    - ``estimated``: tiktoken ``cl100k_base`` on the saved text (chat.accounting).
+
+    ``estimated`` stays for older clients: true unless ``source`` is ``reported``.
+    ``reasoning_hidden``: the provider bills reasoning tokens it does not stream
+    (OpenAI reasoning models), so counts not ``reported`` undercount them.
+    ``reasoning_tokens`` (``completion_tokens_details.reasoning_tokens``, part of
+    completion_tokens) and ``cached_tokens`` (``prompt_tokens_details.cached_tokens``,
+    part of prompt_tokens, priced at ``cached_input_price_per_mtok``) are 0 when not
+    reported. Unit prices (USD per 1M tokens) are stored so a later price change never
+    rewrites history. Deleting the conversation or message keeps the record (references
+    cleared).
     """
+
+    class Source(models.TextChoices):
+        REPORTED = "reported"
+        RUNNING = "running"
+        TOKENIZED = "tokenized"
+        ESTIMATED = "estimated"
 
     id = models.BigAutoField(primary_key=True)
     user = models.ForeignKey(
@@ -252,8 +278,20 @@ class UsageRecord(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     total_tokens = models.PositiveIntegerField(default=0)
     estimated = models.BooleanField(default=False)
+    source = models.CharField(
+        max_length=16, choices=Source.choices, default=Source.REPORTED, db_index=True
+    )
+    reasoning_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    reasoning_hidden = models.BooleanField(
+        default=False, help_text="The provider hid its reasoning: an estimate undercounts it."
+    )
     input_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
     output_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    # USD per 1M cached prompt tokens; null: the input price (records older than it).
+    cached_input_price_per_mtok = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True
+    )
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
     # Milliseconds from the upstream request to the first content delta; null if none.
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
@@ -271,24 +309,33 @@ class UsageRecord(models.Model):
         ordering = ["-created_at"]
 
     def __str__(self):
+        source = "" if self.source == self.Source.REPORTED else f" ({self.source})"
         return (
             f"{self.model} {self.status}: {self.total_tokens} tokens, "
-            f"{format_usd(self.cost_usd)}{' (estimated)' if self.estimated else ''}"
+            f"{format_usd(self.cost_usd)}{source}"
         )
 
     def to_dict(self) -> dict:
-        """The ``usage`` payload of ``generation.end`` frames and API responses."""
+        """The ``usage`` payload of ``generation.end`` frames and API responses: token
+        counts (ints), ``cost_usd`` (USD, decimal string), ``source`` (see the class),
+        ``estimated`` (bool, older clients) and ``reasoning_hidden`` (bool)."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cached_tokens": self.cached_tokens,
+            "source": self.source,
             "estimated": self.estimated,
+            "reasoning_hidden": self.reasoning_hidden,
             "cost_usd": f"{self.cost_usd:.8f}",
         }
 
 
 class ModelPrice(models.Model):
-    """USD per 1M input and output tokens for a model name or prefix, from a date on.
+    """USD per 1M input, cached input and output tokens for a model name or prefix, from
+    a date on. ``cached_input_per_mtok`` null: cached prompt tokens cost the input price
+    (providers discount them, e.g. OpenAI's "Cached input" column of its pricing page).
 
     The price of a generation is the row whose ``model`` is the longest prefix of the
     generation's model among rows already valid (``valid_from`` <= now), newest first.
@@ -304,13 +351,20 @@ class ModelPrice(models.Model):
         max_digits=12, decimal_places=6, default=Decimal("0"),
         help_text="USD per 1M output (completion) tokens",
     )
+    cached_input_per_mtok = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True,
+        help_text="USD per 1M cached input tokens; empty: the input price",
+    )
     valid_from = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["model", "-valid_from"]
 
     def __str__(self):
-        return f"{self.model}: ${self.input_per_mtok}/${self.output_per_mtok} per 1M tokens"
+        cached = (f" (cached ${self.cached_input_per_mtok})"
+                  if self.cached_input_per_mtok is not None else "")
+        return (f"{self.model}: ${self.input_per_mtok}{cached}/${self.output_per_mtok} "
+                "per 1M tokens")
 
 
 class UserBudget(models.Model):
@@ -334,75 +388,5 @@ class UserBudget(models.Model):
         return f"Budget of {self.user}"
 
 
-class ApiTokenQuerySet(models.QuerySet):
-    """Personal API tokens, scoped to their owner."""
-
-    def for_user(self, user):
-        """Tokens of ``user``; empty for anonymous users."""
-        if not getattr(user, "is_authenticated", False):
-            return self.none()
-        return self.filter(user=user)
-
-
-class ApiToken(models.Model):
-    """A personal API token: scripts send ``Authorization: Token <key>`` to the REST API
-    and to the WebSocket. A user may hold several, each with a name.
-
-    Only the SHA-256 of the key is stored (the key is 256 random bits, so a fast hash is
-    enough, as for GitHub's tokens); the key itself is shown once, at creation.
-    ``prefix`` (the first characters of the key) lets the user recognise a token in a
-    list. Revoking deletes the row. ``last_used_at`` is refreshed at most once a minute.
-    """
-
-    KEY_PREFIX = "chat_"
-    LAST_USED_RESOLUTION_S = 60
-
-    id = models.BigAutoField(primary_key=True)
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
-    )
-    name = models.CharField(max_length=100)
-    key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    prefix = models.CharField(max_length=16, editable=False)
-    created_at = models.DateTimeField(default=timezone.now)
-    last_used_at = models.DateTimeField(null=True, blank=True)
-
-    objects = ApiTokenQuerySet.as_manager()
-
-    class Meta:
-        ordering = ["-created_at", "-id"]
-
-    def __str__(self):
-        return f"{self.name} ({self.prefix}…) of {self.user}"
-
-    @staticmethod
-    def hash_key(key: str) -> str:
-        """Hex SHA-256 of a key, as stored in ``key_hash``."""
-        return hashlib.sha256(key.encode()).hexdigest()
-
-    @classmethod
-    def issue(cls, user, name: str) -> tuple["ApiToken", str]:
-        """Create a token for ``user``; returns ``(token, key)``. The key (``chat_`` + 43
-        URL-safe characters) is not stored and cannot be shown again."""
-        key = cls.KEY_PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(
-            user=user, name=name, key_hash=cls.hash_key(key), prefix=key[:12]
-        )
-        return token, key
-
-    @classmethod
-    def authenticate(cls, key: str):
-        """The active user owning ``key``, or None for an unknown key or inactive user.
-        Refreshes ``last_used_at`` (at most once per LAST_USED_RESOLUTION_S)."""
-        if not key or len(key) > 200:
-            return None
-        token = cls.objects.select_related("user").filter(key_hash=cls.hash_key(key)).first()
-        if token is None or not token.user.is_active:
-            return None
-        now = timezone.now()
-        if token.last_used_at is None or (
-            now - token.last_used_at
-        ).total_seconds() >= cls.LAST_USED_RESOLUTION_S:
-            cls.objects.filter(pk=token.pk).update(last_used_at=now)
-            token.last_used_at = now
-        return token.user
+# Re-exported: the API token model lives in its own module (chat/ has a 450-line cap).
+from .apitokens import ApiToken, ApiTokenQuerySet  # noqa: E402, F401

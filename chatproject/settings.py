@@ -292,6 +292,13 @@ OPENAI_TIMEOUT_S = env_float("OPENAI_TIMEOUT_S", 60.0)
 OPENAI_FIRST_BYTE_TIMEOUT_S = env_float("OPENAI_FIRST_BYTE_TIMEOUT_S", 20.0)
 # A stream that sends nothing for this long (s) ends the run as failed.
 CHAT_STREAM_IDLE_TIMEOUT_S = env_float("CHAT_STREAM_IDLE_TIMEOUT_S", 60.0)
+# After a run without usage, how long (s) the provider's tokenizer may take to count its
+# text (llama.cpp/vLLM POST /tokenize; issue 12); past it the usage is estimated.
+CHAT_TOKENIZE_TIMEOUT_S = env_float("CHAT_TOKENIZE_TIMEOUT_S", 2.0)
+# OpenRouter's record of a generation (GET /api/v1/generation) appears a few seconds after
+# it ends: first ask after this many s, doubling, for this long in all.
+CHAT_USAGE_LOOKUP_FIRST_DELAY_S = env_float("CHAT_USAGE_LOOKUP_FIRST_DELAY_S", 1.0)
+CHAT_USAGE_LOOKUP_WINDOW_S = env_float("CHAT_USAGE_LOOKUP_WINDOW_S", 60.0)
 OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
 CHAT_DEMO_MODE = not OPENAI_API_KEY and not OPENAI_BASE_URL
 DEMO_MODEL_NAME = "demo"
@@ -337,17 +344,18 @@ if CHAT_MAX_ANSWER_TOKENS is not None and CHAT_MAX_ANSWER_TOKENS < 0:
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
 
 # USD per 1M input / output tokens, by model name or prefix (longest prefix wins).
-# Override with CHAT_MODEL_PRICES='{"my-model": [0.5, 1.5]}'.
+# Override with CHAT_MODEL_PRICES='{"my-model": [0.5, 1.5]}' (input, output); a third
+# price is the cached input's (absent: the input price), as OpenAI's pricing page lists.
 _DEFAULT_PRICES = {
     "demo": ["0", "0"],
-    "gpt-4o-mini": ["0.15", "0.60"],
-    "gpt-4o": ["2.50", "10.00"],
-    "gpt-4.1-mini": ["0.40", "1.60"],
-    "gpt-4.1": ["2.00", "8.00"],
+    "gpt-4o-mini": ["0.15", "0.60", "0.075"],
+    "gpt-4o": ["2.50", "10.00", "1.25"],
+    "gpt-4.1-mini": ["0.40", "1.60", "0.10"],
+    "gpt-4.1": ["2.00", "8.00", "0.50"],
 }
 _prices_json = env_str("CHAT_MODEL_PRICES")
 CHAT_MODEL_PRICES = {
-    name: (Decimal(str(prices[0])), Decimal(str(prices[1])))
+    name: tuple(Decimal(str(price)) for price in prices[:3])
     for name, prices in (json.loads(_prices_json) if _prices_json else _DEFAULT_PRICES).items()
 }
 

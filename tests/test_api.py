@@ -176,7 +176,8 @@ def test_messages_are_listed_in_order_with_usage_on_answers(alice, alice_chat):
     assert assistant["completed_at"]
     assert assistant["usage"] == {
         "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
-        "estimated": False, "cost_usd": "0.00001000",
+        "reasoning_tokens": 0, "cached_tokens": 0, "source": "reported",
+        "estimated": False, "reasoning_hidden": False, "cost_usd": "0.00001000",
     }
 
 

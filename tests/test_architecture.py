@@ -16,7 +16,7 @@ MAX_LINES = 450
 FRAMES_MODULE = CHAT / "generation" / "frames.py"
 # Every "type" the server puts in a frame or a channel-layer message of its own.
 FRAME_TYPES = {
-    "state", "message", "generation.start", "delta", "generation.end", "conversation",
+    "state", "message", "generation.start", "delta", "reasoning", "generation.end", "conversation",
     "conversation.deleted", "error", "chat.frame", "generation.stop", "generation.sync",
     "generation.snapshot", "worker.stats.reply",
 }

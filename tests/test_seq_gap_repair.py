@@ -102,7 +102,7 @@ async def test_a_tab_joining_a_run_whose_process_is_silent_shows_the_checkpoint_
     _, _, ws = await connect(alice, message.conversation_id)
     state = await ws.receive_type("state")
     assert state["generation"] == {
-        "message_id": str(message.id), "content": "half an answer", "seq": None
+        "message_id": str(message.id), "content": "half an answer", "reasoning": "", "seq": None
     }
     await Message.objects.filter(id=message.id).aupdate(
         heartbeat_at=message.heartbeat_at - timedelta(seconds=60)

@@ -22,14 +22,22 @@ from .fields import (
 
 
 class UsageSerializer(serializers.ModelSerializer):
-    """Usage of one generation (tokens; ``cost_usd`` in USD as a decimal string)."""
+    """Usage of one generation (tokens; ``cost_usd`` in USD as a decimal string;
+    ``source``: where the counts come from, ``reported``, ``running``, ``tokenized`` or
+    ``estimated``; ``estimated`` is true unless ``reported``; ``reasoning_hidden``: the
+    provider bills reasoning it did not stream, so a count not reported undercounts it).
+    The output is ``UsageRecord.to_dict()``'s (docs/api.md)."""
 
     cost_usd = serializers.DecimalField(max_digits=14, decimal_places=8, coerce_to_string=True)
 
     class Meta:
         model = UsageRecord
-        fields = ["prompt_tokens", "completion_tokens", "total_tokens", "estimated", "cost_usd"]
+        fields = ["prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens",
+                  "cached_tokens", "source", "estimated", "reasoning_hidden", "cost_usd"]
         read_only_fields = fields
+
+    def to_representation(self, instance):
+        return instance.to_dict()
 
 
 # DRF's rendering of datetimes (``Z`` for UTC), as the API has always answered.
@@ -89,8 +97,10 @@ class ConversationSerializer(serializers.ModelSerializer):
 
 
 class MessageSerializer(serializers.ModelSerializer):
-    """A message as the user saw it. ``usage`` is set for assistant messages once their
-    generation has ended (null while streaming and for user messages)."""
+    """A message as the user saw it. ``reasoning``: the reasoning ("thinking") text the
+    model streamed before its answer ("" for none). ``usage`` is set for assistant
+    messages once their generation has ended (null while streaming and for user
+    messages)."""
 
     conversation_id = serializers.UUIDField(read_only=True)
     finish_reason = serializers.CharField(read_only=True, allow_null=True)
@@ -100,8 +110,8 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = [
-            "id", "conversation_id", "role", "content", "status", "finish_reason", "model",
-            "error", "created_at", "completed_at", "usage",
+            "id", "conversation_id", "role", "content", "reasoning", "status",
+            "finish_reason", "model", "error", "created_at", "completed_at", "usage",
         ]
         read_only_fields = fields
 

@@ -21,8 +21,8 @@ from channels.layers import get_channel_layer
 
 # Types of the frames the server sends to browsers (README, "WebSocket protocol").
 SERVER_FRAME_TYPES = frozenset({
-    "state", "message", "generation.start", "delta", "generation.end", "conversation",
-    "conversation.deleted", "error",
+    "state", "message", "generation.start", "delta", "reasoning", "generation.end",
+    "conversation", "conversation.deleted", "error",
 })
 
 # Channel-layer group every worker process listens on for ``worker.stats`` requests.
@@ -43,7 +43,8 @@ def control_group_name(conversation_id) -> str:
 # --- frames to browsers ---------------------------------------------------------------
 def state(conversation: dict | None, messages: list[dict], generation: dict | None) -> dict:
     """The catch-up frame of one socket: ``generation`` is a snapshot
-    ``{"message_id", "content", "seq"}`` (seq None: the text of a checkpoint) or None."""
+    ``{"message_id", "content", "reasoning", "seq"}`` (seq None: the text of a
+    checkpoint) or None."""
     return {"type": "state", "conversation": conversation, "messages": messages,
             "generation": generation}
 
@@ -59,8 +60,15 @@ def generation_start(message: dict) -> dict:
 
 
 def delta(message_id: str, seq: int, content: str) -> dict:
-    """Text of a run; ``seq`` = 1, 2, 3, ... per message."""
+    """Text of a run; ``seq`` = 1, 2, 3, ... per message, one series shared with
+    :func:`reasoning` frames."""
     return {"type": "delta", "message_id": message_id, "seq": seq, "content": content}
+
+
+def reasoning(message_id: str, seq: int, content: str) -> dict:
+    """Reasoning ("thinking") text of a run, numbered in the same ``seq`` series as its
+    deltas, so the order of the two and gap repair hold across both (issue 12)."""
+    return {"type": "reasoning", "message_id": message_id, "seq": seq, "content": content}
 
 
 def generation_end(
@@ -88,10 +96,11 @@ def error(code: str, detail: str, **extra) -> dict:
     return {"type": "error", "code": code, "detail": detail, **extra}
 
 
-def snapshot(message_id: str, content: str, seq: int | None) -> dict:
-    """The ``generation`` field of a state frame: the text of every delta up to ``seq``
-    (None: position unknown, the text of the last checkpoint)."""
-    return {"message_id": message_id, "content": content, "seq": seq}
+def snapshot(message_id: str, content: str, seq: int | None, reasoning: str = "") -> dict:
+    """The ``generation`` field of a state frame: the text of every delta and the
+    reasoning of every reasoning frame up to ``seq`` (None: position unknown, the text
+    of the last checkpoint)."""
+    return {"message_id": message_id, "content": content, "reasoning": reasoning, "seq": seq}
 
 
 # --- channel-layer messages --------------------------------------------------------------

@@ -62,7 +62,9 @@ async def checkpoint_running() -> set[str]:
     contents = {g.message_id: "".join(g.text) for g in running}
     if not contents:
         return set()
-    result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(contents)
+    reasonings = {g.message_id: "".join(g.reasoning) for g in running if g.reasoning}
+    result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(
+        contents, reasonings)
     lost = set()
     for generation in running:
         if not generation.is_streaming():

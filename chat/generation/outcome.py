@@ -26,9 +26,15 @@ class Outcome:
     (``stop``, ``length``, ...), ``cancelled``/``error``, or the automatic stop that
     ended it (``repetition``, ``cost_limit``; chat.generation.autostop); ``error``:
     shown to the user ("" for none); ``usage``: ``{"prompt_tokens",
-    "completion_tokens"}`` as the provider reported it, or None (then store.finalize
-    estimates it); ``ttft_ms``: ms from the request to the first text (None if none
-    came); ``duration_ms``: ms of the run.
+    "completion_tokens", "reasoning_tokens", "cached_tokens"}`` as the provider
+    reported it in its final usage, or None; ``running_usage``: the provider's last
+    running count of the same shape (vLLM ``continuous_usage_stats``), or None;
+    ``tokenized``: ``{"prompt_tokens", "completion_tokens"}`` counted by the server's
+    own tokenizer after the run, or None; store.finalize takes the first of the three
+    that is set, else estimates (UsageRecord.source). ``reasoning_hidden``: the
+    provider bills reasoning it does not stream (StreamMeta.hidden_reasoning).
+    ``ttft_ms``: ms from the request to the first text (None if none came);
+    ``duration_ms``: ms of the run.
     """
 
     status: str
@@ -37,10 +43,19 @@ class Outcome:
     usage: dict | None = None
     ttft_ms: int | None = None
     duration_ms: int = 0
+    running_usage: dict | None = None
+    tokenized: dict | None = None
+    reasoning_hidden: bool = False
 
     def with_timing(self, *, usage, ttft_ms, duration_ms) -> Outcome:
         """The same end with what was measured during the run."""
         return replace(self, usage=usage, ttft_ms=ttft_ms, duration_ms=duration_ms)
+
+    def with_counts(self, *, running_usage=None, tokenized=None,
+                    reasoning_hidden=False) -> Outcome:
+        """The same end with the fallbacks of a missing final usage (see the class)."""
+        return replace(self, running_usage=running_usage, tokenized=tokenized,
+                       reasoning_hidden=reasoning_hidden)
 
     def failed(self, error: str) -> Outcome:
         """The same run ended as ``failed`` with ``error`` (its save failed)."""

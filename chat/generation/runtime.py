@@ -43,6 +43,7 @@ class Runtime:
         self._demo_server: UpstreamServer | None = None
         self._services: dict[str, asyncio.Task] = {}
         self._detached: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()
 
     @classmethod
     def current(cls) -> Runtime:
@@ -127,3 +128,20 @@ class Runtime:
         keeps only weak references to tasks)."""
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
+
+    def spawn(self, coro: Coroutine, name: str) -> asyncio.Task:
+        """Run ``coro`` as a background task of this loop that outlives its caller (a
+        run's usage lookup: chat.generation.counting.lookup_usage); held until it ends,
+        cancelled by :meth:`shutdown`."""
+        task = self.loop.create_task(coro, name=name, context=Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def shutdown(self) -> None:
+        """Cancel the background tasks of :meth:`spawn` and wait for them (the process
+        is ending: a lookup not done by then leaves the record as counted)."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -5,7 +5,8 @@ decides, frame by frame, what the socket sends so a tab sees every character exa
 once and never a hole:
 
 * frames arriving before the state is sent are held, and released after it;
-* deltas already included in the state (seq <= the state's seq) are dropped, as are
+* deltas and reasoning frames (one seq series: both are "deltas" below) already
+  included in the state (seq <= the state's seq) are dropped, as are
   deltas of messages final in the state, and duplicates;
 * a delta whose seq skips one (a group message was lost, e.g. a Redis channel over
   capacity) asks for a resync: a fresh state; the delta is held meanwhile;
@@ -58,15 +59,17 @@ class FrameSequencer:
 
     def state(self, state: dict, generation: dict | None) -> dict:
         """The ``state`` frame to send for ``state`` (store.load_state's dict) and the
-        running generation's snapshot ``{"message_id", "content", "seq"}`` (or None);
+        running generation's snapshot ``{"message_id", "content", "reasoning", "seq"}``
+        (or None);
         marks the state sent. Held frames are then released by :meth:`next_held`."""
         self._closed = {m["id"] for m in state["messages"] if m["status"] != "streaming"}
         messages = state["messages"]
         if generation is not None:
             self._last_seq[generation["message_id"]] = generation["seq"]
             messages = [
-                {**m, "content": generation["content"]} if m["id"] == generation["message_id"]
-                else m
+                {**m, "content": generation["content"],
+                 "reasoning": generation.get("reasoning", m.get("reasoning", ""))}
+                if m["id"] == generation["message_id"] else m
                 for m in messages
             ]
         self.state_sent = True
@@ -92,7 +95,7 @@ class FrameSequencer:
             self._held.append(frame)
             return Action.HOLD
         kind = frame["type"]
-        if kind == "delta":
+        if kind in ("delta", "reasoning"):
             message_id = frame["message_id"]
             if message_id in self._closed:
                 return Action.DROP

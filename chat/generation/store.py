@@ -18,12 +18,12 @@ from typing import NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, TextField, Value, When
+from django.db.models import Case, F, TextField, Value, When
 from django.utils import timezone
 
 from .. import accounting
 from ..models import Conversation, Message, UsageRecord
-from . import budgets, frames
+from . import budgets, frames, metering
 from .autostop import AutoStop, conversation_fields
 from .errors import Busy, Forbidden, InvalidRequest
 from .outcome import Outcome
@@ -223,17 +223,19 @@ def prepare_run(
 
 
 # --- end -------------------------------------------------------------------------------
-def finalize(run: RunRef, outcome: Outcome, content: str | None) -> UsageRecord:
+def finalize(run: RunRef, outcome: Outcome, content: str | None,
+             reasoning: str | None = None) -> UsageRecord:
     """Write the final state of an assistant message and its one UsageRecord.
 
-    ``outcome.usage`` is the API's report (``{"prompt_tokens", "completion_tokens"}``)
-    or None, in which case the tokens are estimated from ``run.prompt`` and the text
-    and the record is marked ``estimated``. ``content`` None keeps the text saved so far
-    (the last checkpoint): the fallback when the text itself cannot be saved.
-    ``outcome.finish_reason`` and ``run.max_tokens`` are also kept on the record (the
-    admin report's automatic stops and the tokens they saved). Idempotent: a message
-    that already has its record keeps it (returned as it is; its ``status`` then tells
-    how it really ended).
+    The record's counts are the first of ``outcome.usage`` (the provider's final usage,
+    source ``reported``), ``outcome.running_usage`` (``running``) and
+    ``outcome.tokenized`` (``tokenized``); with none, they are estimated from
+    ``run.prompt`` and the saved text plus reasoning (``estimated``). ``content`` /
+    ``reasoning`` None keep the text / reasoning saved so far (the last checkpoint):
+    the fallback when the text itself cannot be saved. ``outcome.finish_reason`` and
+    ``run.max_tokens`` are also kept on the record (the admin report's automatic stops
+    and the tokens they saved). Idempotent: a message that already has its record keeps
+    it (returned as it is; its ``status`` then tells how it really ended).
     """
     with transaction.atomic():
         Conversation.objects.lock(run.conversation_id)
@@ -242,35 +244,11 @@ def finalize(run: RunRef, outcome: Outcome, content: str | None) -> UsageRecord:
         if existing is not None:
             return existing
         now = timezone.now()
-        message.finish(outcome.status, outcome.finish_reason, outcome.error, content, now)
-        record = _settle(run, outcome, message, message.content)
+        message.finish(outcome.status, outcome.finish_reason, outcome.error, content, now,
+                       reasoning=reasoning)
+        record = metering.settle(run, outcome, message)
         Conversation.objects.filter(id=run.conversation_id).update(updated_at=now)
     return record
-
-
-def _settle(run: RunRef, outcome: Outcome, message: Message, content: str) -> UsageRecord:
-    """The run's UsageRecord: reported tokens when the provider gave them (whatever the
-    end: it is what was billed), else estimated; priced at today's unit prices, which
-    the record keeps."""
-    if outcome.usage is not None:
-        prompt_tokens = int(outcome.usage.get("prompt_tokens") or 0)
-        completion_tokens = int(outcome.usage.get("completion_tokens") or 0)
-        estimated = False
-    else:
-        prompt_tokens = accounting.count_prompt_tokens(run.prompt or [])
-        completion_tokens = accounting.count_tokens(content)
-        estimated = True
-    prices = accounting.unit_prices(run.model)
-    return UsageRecord.objects.create(
-        user_id=run.user_id, conversation_id=run.conversation_id, message=message,
-        model=run.model, status=outcome.status, prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
-        estimated=estimated, input_price_per_mtok=prices[0], output_price_per_mtok=prices[1],
-        cost_usd=accounting.cost_usd(prompt_tokens, completion_tokens, prices),
-        ttft_ms=outcome.ttft_ms, duration_ms=outcome.duration_ms,
-        # autostop hook: how it ended and what it could have used (the admin report).
-        finish_reason=outcome.finish_reason, max_tokens=run.max_tokens,
-    )
 
 
 def finish_stale(conversation_id=None) -> list[dict]:
@@ -343,9 +321,12 @@ class Checkpoint(NamedTuple):
     unsaved: set[str]
 
 
-def checkpoint_many(contents: dict[str, str]) -> Checkpoint:
+def checkpoint_many(contents: dict[str, str],
+                    reasonings: dict[str, str] | None = None) -> Checkpoint:
     """Save the text so far of streaming messages and refresh their lease, in ONE
-    UPDATE statement: ``{message_id: content}``. Rows already final are left alone.
+    UPDATE statement: ``{message_id: content}``, and ``{message_id: reasoning}`` for
+    runs that streamed reasoning (others keep theirs). Rows already final are left
+    alone.
 
     One statement per process and interval instead of one per run: with a run per
     UPDATE (each with its connection and commit), checkpoints took a quarter of a
@@ -366,7 +347,9 @@ def checkpoint_many(contents: dict[str, str]) -> Checkpoint:
                     id__in=list(contents), status=Message.Status.STREAMING
                 ).values_list("id", flat=True)
             }
-            _update_contents({mid: text for mid, text in contents.items() if mid in alive})
+            _update_contents({mid: text for mid, text in contents.items() if mid in alive},
+                             {mid: text for mid, text in (reasonings or {}).items()
+                              if mid in alive})
         return Checkpoint(set(contents) - alive, set())
     except Exception:  # noqa: BLE001 - any row may be the cause; find it row by row
         logger.warning("batched checkpoint of %d runs failed; saving them one by one",
@@ -376,7 +359,8 @@ def checkpoint_many(contents: dict[str, str]) -> Checkpoint:
         streaming = Message.objects.filter(id=mid, status=Message.Status.STREAMING)
         try:
             with transaction.atomic():
-                updated = streaming.update(content=text, heartbeat_at=timezone.now())
+                extra = {"reasoning": reasonings[mid]} if mid in (reasonings or {}) else {}
+                updated = streaming.update(content=text, heartbeat_at=timezone.now(), **extra)
         except Exception:  # noqa: BLE001
             # If the heartbeat alone cannot be written either, the database is the
             # problem, not this row: let it raise.
@@ -389,15 +373,21 @@ def checkpoint_many(contents: dict[str, str]) -> Checkpoint:
     return Checkpoint(lost, unsaved - lost)
 
 
-def _update_contents(contents: dict[str, str]) -> None:
+def _update_contents(contents: dict[str, str], reasonings: dict[str, str]) -> None:
     if not contents:
         return
+    extra = {}
+    if reasonings:
+        # default: a row without a branch keeps its own (a bare Case would write NULL).
+        extra["reasoning"] = Case(
+            *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in reasonings.items()),
+            default=F("reasoning"), output_field=TextField())
     Message.objects.filter(id__in=list(contents), status=Message.Status.STREAMING).update(
         content=Case(
             *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in contents.items()),
             output_field=TextField(),
         ),
-        heartbeat_at=timezone.now(),
+        heartbeat_at=timezone.now(), **extra,
     )
 
 

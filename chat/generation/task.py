@@ -22,23 +22,27 @@ from django.conf import settings
 
 from ..layers import release_channel
 from ..models import Message
-from . import frames, store, upstream
+from . import counting, frames, store, upstream
 from .autostop import describe_end
 from .outcome import Outcome, outcome_of
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-# Outbox marker: "a delta of the pending text goes here" (see Generation._flush).
+# Outbox marker: "the frames of the pending text go here" (see Generation._flush).
 _DELTA = object()
+# Kinds of pending text, in the order received: answer text and reasoning text.
+_CONTENT, _REASONING = "content", "reasoning"
 
 
 @dataclass
 class Generation:
     """One streaming assistant answer, running as an asyncio task of ``runtime``'s loop.
 
-    ``text`` is all content received from upstream; ``published_text``/``seq`` what has
-    been sent as deltas (so a late joiner's snapshot is consistent with later deltas).
+    ``text`` is all content received from upstream, ``reasoning`` all reasoning text;
+    ``published_text``/``published_reasoning``/``seq`` what has been sent as delta and
+    reasoning frames, one seq series for both (so a late joiner's snapshot is
+    consistent with later frames).
     """
 
     run: store.PreparedRun
@@ -47,12 +51,14 @@ class Generation:
     started_at: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
     published_text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    published_reasoning: list[str] = field(default_factory=list)
     seq: int = 0
     status: str = Message.Status.STREAMING
     end_frame: dict | None = None
     task: asyncio.Task | None = None
     cancel_reason: str | None = None
-    _pending: list[str] = field(default_factory=list)
+    _pending: list[tuple[str, str]] = field(default_factory=list)
     _flush_handle: asyncio.TimerHandle | None = None
     _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     _delta_queued: bool = False
@@ -123,8 +129,10 @@ class Generation:
             self.task.cancel()
 
     def snapshot(self) -> dict:
-        """``{"message_id", "content", "seq"}``: text of every delta up to ``seq``."""
-        return frames.snapshot(self.message_id, "".join(self.published_text), self.seq)
+        """``{"message_id", "content", "reasoning", "seq"}``: text of every delta and
+        reasoning frame up to ``seq``."""
+        return frames.snapshot(self.message_id, "".join(self.published_text), self.seq,
+                               "".join(self.published_reasoning))
 
     def subscribe(self) -> asyncio.Queue:
         """A queue that receives every frame published from now on, in order, ending
@@ -146,26 +154,24 @@ class Generation:
 
     async def _publisher(self) -> None:
         while True:
-            frame = await self._outbox.get()
+            item = await self._outbox.get()
             try:
-                if frame is None:
+                if item is None:
                     return
-                if frame is _DELTA:
-                    frame = self._take_delta()
-                    if frame is None:
-                        continue
-                for queue in self._subscribers:
-                    queue.put_nowait(frame)
-                try:
-                    await frames.send_to_group(self.conversation_id, frame, layer=self.layer)
-                except Exception:  # noqa: BLE001 - a layer hiccup must not kill the run
-                    logger.exception("group_send failed for %s", self.message_id)
+                for frame in self._take_frames() if item is _DELTA else [item]:
+                    for queue in self._subscribers:
+                        queue.put_nowait(frame)
+                    try:
+                        await frames.send_to_group(self.conversation_id, frame,
+                                                   layer=self.layer)
+                    except Exception:  # noqa: BLE001 - a layer hiccup must not kill the run
+                        logger.exception("group_send failed for %s", self.message_id)
             finally:
                 self._outbox.task_done()
 
-    def _append(self, content: str) -> None:
-        self.text.append(content)
-        self._pending.append(content)
+    def _append(self, content: str, kind: str = _CONTENT) -> None:
+        (self.text if kind == _CONTENT else self.reasoning).append(content)
+        self._pending.append((kind, content))
         if self._flush_handle is None:
             window = settings.CHAT_DELTA_COALESCE_MS / 1000
             self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
@@ -185,16 +191,28 @@ class Generation:
         self._delta_queued = True
         self.publish(_DELTA)
 
-    def _take_delta(self) -> dict | None:
-        """The delta frame of all pending text, numbered now; None when none is left."""
+    def _take_frames(self) -> list[dict]:
+        """The frames of all pending text, numbered now: one per run of the same kind
+        (reasoning, then answer text, as the provider sent them); [] when none is left."""
         self._delta_queued = False
-        if not self._pending:
-            return None
-        content = "".join(self._pending)
+        out: list[dict] = []
+        runs: list[tuple[str, list[str]]] = []
+        for kind, text in self._pending:
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(text)
+            else:
+                runs.append((kind, [text]))
         self._pending.clear()
-        self.seq += 1
-        self.published_text.append(content)
-        return frames.delta(self.message_id, self.seq, content)
+        for kind, texts in runs:
+            content = "".join(texts)
+            self.seq += 1
+            if kind == _CONTENT:
+                self.published_text.append(content)
+                out.append(frames.delta(self.message_id, self.seq, content))
+            else:
+                self.published_reasoning.append(content)
+                out.append(frames.reasoning(self.message_id, self.seq, content))
+        return out
 
     # -- the control channel --------------------------------------------------------
     async def _control(self) -> None:
@@ -221,11 +239,12 @@ class Generation:
     # -- the task -----------------------------------------------------------------
     async def _run(self) -> None:
         usage, finish_reason, ttft_ms, ended_by = None, "", None, None
+        running_usage, client, meta = None, None, upstream.StreamMeta()
         try:
             client = await self.runtime.client()
             events = upstream.stream_answer(
                 client, model=self.run.model, messages=self.run.prompt,
-                max_tokens=self.run.max_tokens, label=self.message_id,
+                max_tokens=self.run.max_tokens, label=self.message_id, meta=meta,
             )
             # aclosing: the HTTP response is closed on every exit, including a
             # CancelledError raised at any await of this task.
@@ -233,6 +252,10 @@ class Generation:
                 async for event in events:
                     if event.usage is not None:
                         usage = event.usage
+                    if event.running_usage is not None:
+                        running_usage = event.running_usage
+                    if event.reasoning:
+                        self._append(event.reasoning, _REASONING)
                     if event.content:
                         if ttft_ms is None:
                             ttft_ms = int((time.monotonic() - self.started_at) * 1000)
@@ -255,9 +278,29 @@ class Generation:
                              cancel_reason=self.cancel_reason).with_timing(
             usage=usage, ttft_ms=ttft_ms,
             duration_ms=int((time.monotonic() - self.started_at) * 1000))
+        # The upstream stream is closed by now (aclosing): counting cannot delay a stop.
+        tokenized = None
+        if usage is None and running_usage is None and client is not None:
+            tokenized = await self._tokenize(client, meta)
+        outcome = outcome.with_counts(running_usage=running_usage, tokenized=tokenized,
+                                      reasoning_hidden=meta.hidden_reasoning)
         await self._finish(outcome)
+        if client is not None and counting.lookup_wanted(meta):
+            self.runtime.spawn(
+                counting.lookup_usage(client, meta.generation_id, self.message_id),
+                name=f"lookup-{self.message_id}")
         if isinstance(ended_by, asyncio.CancelledError) and self._failure is None:
             raise asyncio.CancelledError
+
+    async def _tokenize(self, client, meta: upstream.StreamMeta) -> dict | None:
+        """counting.tokenized_usage of the text so far; None if this task is cancelled
+        meanwhile (the run still ends, estimated)."""
+        try:
+            return await counting.tokenized_usage(
+                client, meta, model=self.run.model, prompt=self.run.prompt,
+                content="".join(self.text), reasoning="".join(self.reasoning))
+        except asyncio.CancelledError:
+            return None
 
     async def _finish(self, outcome: Outcome) -> None:
         self._finishing = True
@@ -267,7 +310,8 @@ class Generation:
             await asyncio.gather(*self._helpers, return_exceptions=True)
             self._flush()
             self.status = outcome.status
-            record, outcome = await self._save(outcome, "".join(self.text))
+            record, outcome = await self._save(outcome, "".join(self.text),
+                                               "".join(self.reasoning))
             finish_reason, error, usage = outcome.finish_reason, outcome.error, None
             if record is not None:
                 usage = record.to_dict()
@@ -298,7 +342,7 @@ class Generation:
                 describe_end(outcome.finish_reason, self.cancel_reason),
             )
 
-    async def _save(self, outcome: Outcome, content: str):
+    async def _save(self, outcome: Outcome, content: str, reasoning: str):
         """``store.finalize`` in a thread: ``(record or None, the outcome saved)``.
 
         Never tells the tabs an answer ended well when it is not saved: a failed save
@@ -307,14 +351,15 @@ class Generation:
         ``busy`` until its lease expired."""
         save = database_sync_to_async(store.finalize, thread_sensitive=False)
         try:
-            return await save(self.run.ref, outcome, content), outcome
+            return await save(self.run.ref, outcome, content, reasoning), outcome
         except Exception as exc:  # noqa: BLE001
             logger.exception("could not save the end of generation %s", self.message_id)
             failed = outcome.failed(f"The answer could not be saved ({type(exc).__name__}).")
-        for kept, note in ((content, ""), (None, " Only its last saved part is kept.")):
+        for kept, thought, note in ((content, reasoning, ""),
+                                    (None, None, " Only its last saved part is kept.")):
             attempt = failed.failed(failed.error + note)
             try:
-                return await save(self.run.ref, attempt, kept), attempt
+                return await save(self.run.ref, attempt, kept, thought), attempt
             except Exception:  # noqa: BLE001
                 logger.exception("could not save generation %s as failed", self.message_id)
         return None, failed

@@ -1,0 +1,82 @@
+"""Counts of a run that come from the provider after its stream: the server's own
+tokenizer (source ``tokenized``) and OpenRouter's record of a generation (its native
+tokens and cost, source ``reported``). Both are asked only once the upstream stream is
+closed, so they never delay a stop reaching the provider (issue 12, section 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from .. import accounting
+from . import metering, upstream
+
+logger = logging.getLogger(__name__)
+
+
+async def tokenized_usage(
+    client, meta: upstream.StreamMeta, *, model: str, prompt: list[dict], content: str,
+    reasoning: str,
+) -> dict | None:
+    """``{"prompt_tokens", "completion_tokens"}`` counted by the provider's own
+    tokenizer (``upstream.tokenize``: llama.cpp / vLLM ``POST /tokenize``), or None when
+    the profile has no tokenize endpoint, a call fails or all of them together take
+    longer than ``CHAT_TOKENIZE_TIMEOUT_S`` (then the run is estimated).
+
+    ``completion_tokens`` is the saved answer's count plus the saved reasoning's (each
+    tokenized alone, as the engine generated them as separate parts);
+    ``prompt_tokens`` the messages' contents with the per-message overhead of
+    chat.accounting (the server's chat template is not known here).
+    """
+    async def count(text: str) -> int | None:
+        return await upstream.tokenize(client, meta.profile, model, text) if text else 0
+
+    texts = [content, reasoning, "\n".join(m.get("content") or "" for m in prompt)]
+    try:
+        async with asyncio.timeout(settings.CHAT_TOKENIZE_TIMEOUT_S):
+            answer, thought, asked = await asyncio.gather(*(count(t) for t in texts))
+    except (TimeoutError, Exception):  # noqa: BLE001 - a count we cannot get is estimated
+        logger.info("tokenize failed for %s; usage estimated", meta.profile, exc_info=True)
+        return None
+    if answer is None or thought is None or asked is None:
+        return None
+    overhead = accounting.count_prompt_tokens([{"content": ""} for _ in prompt])
+    return {"prompt_tokens": asked + overhead, "completion_tokens": answer + thought}
+
+
+def lookup_wanted(meta: upstream.StreamMeta) -> bool:
+    """True when the provider keeps a record of the generation worth asking for
+    (OpenRouter: ``GET /api/v1/generation?id=``, stopped generations included)."""
+    return meta.profile == "openrouter" and bool(meta.generation_id)
+
+
+async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
+    """Ask the provider for its record of ``generation_id`` until it has one, then
+    replace the run's counts and cost by it (metering.apply_lookup, source
+    ``reported``). OpenRouter publishes a record a few seconds after the end, so the
+    lookup is retried with a doubling delay from ``CHAT_USAGE_LOOKUP_FIRST_DELAY_S`` for
+    ``CHAT_USAGE_LOOKUP_WINDOW_S`` in all. Returns whether the record was updated.
+    Run it as a background task of the Runtime (Runtime.spawn), which cancels it at
+    shutdown."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.CHAT_USAGE_LOOKUP_WINDOW_S
+    delay = settings.CHAT_USAGE_LOOKUP_FIRST_DELAY_S
+    while True:
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        try:
+            usage = await upstream.lookup_generation(client, generation_id)
+        except Exception:  # noqa: BLE001 - a failed lookup is retried like a missing one
+            logger.info("generation lookup of %s failed", message_id, exc_info=True)
+            usage = None
+        if usage is not None:
+            apply = database_sync_to_async(metering.apply_lookup, thread_sensitive=False)
+            return await apply(message_id, usage) is not None
+        if loop.time() >= deadline:
+            logger.warning("no provider record of generation %s after %g s; its usage "
+                           "stays as counted", message_id, settings.CHAT_USAGE_LOOKUP_WINDOW_S)
+            return False
+        delay *= 2

@@ -55,6 +55,7 @@ class UpstreamRequest:
     # Reasoning tokens generated (streamed, or hidden by openai-reasoning) before content.
     reasoning_written: list[str] = field(default_factory=list)
     generation_id: str = ""
+    speaker: object = field(default=None, repr=False)  # chat.demo_dialects.Speaker
 
     @property
     def open(self) -> bool:
@@ -359,7 +360,8 @@ class UpstreamServer:
             tokens, finish_reason = tokens[: int(max_tokens)], "length"
         prompt_tokens = count_prompt_tokens(messages)
         cached = self.cached_tokens if self.cached_tokens is not None else prompt_tokens // 2
-        speaker = Speaker(self.dialect, body, prompt_tokens, min(cached, prompt_tokens))
+        speaker = record.speaker = Speaker(self.dialect, body, prompt_tokens,
+                                           min(cached, prompt_tokens))
         include_usage = speaker.include_usage
         model = body.get("model") or self.model
         created = int(time.time())
@@ -399,7 +401,7 @@ class UpstreamServer:
         # A client that goes away is seen at once: reading the socket returns EOF.
         watcher = asyncio.ensure_future(reader.read(65536))
         streamer = asyncio.ensure_future(
-            write_tokens(self, record, tokens, chunk, send, finish_reason, speaker)
+            self._write_tokens(record, tokens, chunk, send, finish_reason, messages, include_usage)
         )
         done, _ = await asyncio.wait({watcher, streamer}, return_when=asyncio.FIRST_COMPLETED)
         if streamer in done and not streamer.cancelled() and streamer.exception() is None:
@@ -427,3 +429,9 @@ class UpstreamServer:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await streamer
         return False
+
+    async def _write_tokens(self, record, tokens, chunk, send, finish_reason, messages, usage):
+        """Write one response (chat.demo_dialects.write_tokens); a hook, overridden by
+        bench.upstream. ``usage``: whether a usage chunk is due."""
+        return await write_tokens(self, record, tokens, chunk, send, finish_reason,
+                                  record.speaker)

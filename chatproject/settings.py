@@ -293,6 +293,10 @@ OPENAI_FIRST_BYTE_TIMEOUT_S = env_float("OPENAI_FIRST_BYTE_TIMEOUT_S", 20.0)
 # A stream that sends nothing for this long (s) ends the run as failed.
 CHAT_STREAM_IDLE_TIMEOUT_S = env_float("CHAT_STREAM_IDLE_TIMEOUT_S", 60.0)
 OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
+# What the provider is sent and where its reasoning and usage are read
+# (chat.generation.providers, docs/providers.md): auto (from OPENAI_BASE_URL, else asked
+# of the server once), openai, vllm, ollama, llamacpp, openrouter or deepseek.
+OPENAI_PROVIDER = env_str("OPENAI_PROVIDER", "auto").strip().lower()
 CHAT_DEMO_MODE = not OPENAI_API_KEY and not OPENAI_BASE_URL
 DEMO_MODEL_NAME = "demo"
 CHAT_MODEL = env_str("CHAT_MODEL", DEMO_MODEL_NAME if CHAT_DEMO_MODE else "gpt-4o-mini")

@@ -3,7 +3,7 @@
 differences (and the SDK itself) stay in this module.
 
 The ``openai`` SDK sends the request (auth, retries, HTTP errors, closing); the
-response's bytes are read here (:func:`_sse_data`) and each chunk parsed with orjson
+response's bytes are read here (chat.generation.sse) and each chunk parsed with orjson
 into a :class:`StreamEvent` (:func:`_read_chunk`), with no SDK object per chunk.
 
 Provider output is untrusted input: text is cleaned here (:func:`clean_provider_text`),
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import anyio
 import httpx2
 import openai
-import orjson
 from django.conf import settings
 
+from . import providers, sse
 from .errors import UpstreamFailure, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
@@ -300,39 +300,6 @@ async def stream_answer(
         raise failure from exc
 
 
-def _request_body(model: str, messages: list[dict], max_tokens: int) -> dict:
-    """The keyword arguments of the completion request."""
-    return {"model": model, "messages": messages, "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": max_tokens}
-
-
-async def _sse_data(response) -> AsyncIterator[bytes]:
-    """The ``data`` of each server-sent event of an httpx response, as bytes (WHATWG
-    HTML, "server-sent events": lines end in CRLF, LF or CR; ``data:`` lines of one
-    event are joined by LF; a blank line ends the event; comments and other fields are
-    skipped). Ends with the body; the stream's ``[DONE]`` is passed on like any data."""
-    buffer = b""
-    data: list[bytes] = []
-    async for raw in response.aiter_bytes():
-        buffer = buffer + raw if buffer else raw
-        if b"\r" in buffer:
-            # A lone CR at the end may be the first half of a CRLF: wait for more.
-            keep_cr = buffer.endswith(b"\r")
-            buffer = buffer.replace(b"\r\n", b"\n")
-            buffer = (buffer[:-1].replace(b"\r", b"\n") + b"\r") if keep_cr \
-                else buffer.replace(b"\r", b"\n")
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if not line:
-                if data:
-                    yield data[0] if len(data) == 1 else b"\n".join(data)
-                    data = []
-            elif line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-    if data:
-        yield b"\n".join(data)
-
-
 def _stream_error(payload: dict) -> UpstreamFailure:
     """The failure of an ``{"error": ...}`` event in the stream (the SDK's wording)."""
     error = payload.get("error")
@@ -348,28 +315,29 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
                   ) -> AsyncIterator[StreamEvent]:
     first_byte_s = settings.OPENAI_FIRST_BYTE_TIMEOUT_S
     idle_s = settings.CHAT_STREAM_IDLE_TIMEOUT_S
-    body = _request_body(model, messages, max_tokens)
-    # The SDK sends the request (auth, retries on 429/5xx and dropped connections,
-    # HTTP errors as APIStatusError) and hands back the raw response: the chunks are
-    # parsed here with orjson, not turned into SDK objects (issue 11: that cost half
-    # the worker's CPU).
-    request = client.chat.completions.with_streaming_response.create(**body)
+    profile = await providers.resolve(client)
+    base_url = providers.base_url_of(client)
+    body = providers.adapted_body(base_url, profile.request_body(model, messages, max_tokens))
+    meta.profile, meta.hidden_reasoning = profile.name, profile.hides_reasoning(model)
     # `async with` closes the HTTP response on every exit, including a CancelledError
     # or GeneratorExit raised at any await or yield inside the block.
     async with contextlib.AsyncExitStack() as stack:
         try:
             # Entering returns once the response headers are in; the SDK's retries
-            # spend the same budget.
+            # and our one retry after a refused optional parameter spend the same
+            # budget.
             async with asyncio.timeout(first_byte_s):
-                response = await stack.enter_async_context(request)
+                response, body = await _open(stack, client, base_url, body)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"The model provider did not start answering within {first_byte_s:g} s."
             ) from None
         http = response.http_response
+        meta.usage_requested = "stream_options" in body
+        reasoning_keys = profile.reasoning_keys
         meta.generation_id = _provider_message(http.headers.get("x-generation-id"), 100)
         finish_reason, usage = "", None
-        lines = _sse_data(http)
+        lines = sse.data_of(http)
         stack.push_async_callback(lines.aclose)
         while True:
             # Once finish_reason and usage are both in, the answer is whole: [DONE] gets
@@ -396,36 +364,37 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
                     return
                 raise
             if data.startswith(b"[DONE]"):
-                await _drain(lines)
+                await sse.drain(lines, _DRAIN_S)
                 return
-            chunk = _parse(data)
+            chunk = sse.parse(data)
             if not isinstance(chunk, dict):
                 raise json.JSONDecodeError("a chunk is not a JSON object", "", 0)
             if chunk.get("error"):
                 raise _stream_error(chunk)
             if not meta.generation_id and isinstance(chunk.get("id"), str):
                 meta.generation_id = _provider_message(chunk["id"], 100)
-            event = _read_chunk(chunk)
+            event = _read_chunk(chunk, reasoning_keys)
             finish_reason = event.finish_reason or finish_reason
             usage = event.usage if event.usage is not None else usage
             yield event
 
 
-def _parse(data: bytes):
-    """One chunk's JSON. orjson refuses a lone surrogate escape ("\\udcff") that the
-    stdlib accepts (and clean_provider_text then replaces): such a chunk, rare, is
-    parsed again by the stdlib. Raises json.JSONDecodeError when neither can."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # Invalid UTF-8 is replaced by U+FFFD, as the SSE standard decodes a stream.
-        return json.loads(data.decode("utf-8", "replace"))
-
-
-async def _drain(lines: AsyncIterator[bytes]) -> None:
-    """Read what follows [DONE] for a moment, so the HTTP/1.1 connection can be reused
-    (the SDK does the same); nothing read can change the answer."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_DRAIN_S):
-            async for _ in lines:
-                pass
+async def _open(stack: contextlib.AsyncExitStack, client, base_url: str, body: dict):
+    """Send the request; ``(response, body sent)`` once the server accepts it (its
+    headers in). The SDK sends it (auth, retries on 429/5xx and dropped
+    connections, HTTP errors as APIStatusError) and hands back the raw response: its
+    chunks are parsed here with orjson, not turned into SDK objects (issue 11: that cost
+    half the worker's CPU). A 400 naming an optional parameter is retried once without
+    it (chat.generation.providers.adapt_after)."""
+    for attempt in (1, 2):
+        request = client.chat.completions.with_streaming_response.create(**body)
+        try:
+            response = await stack.enter_async_context(request)
+        except openai.APIStatusError as exc:
+            retry = providers.adapt_after(base_url, exc, body) if attempt == 1 else None
+            if retry is None:
+                raise
+            body = retry
+            continue
+        return response, body
+    raise AssertionError("unreachable")

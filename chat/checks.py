@@ -12,6 +12,8 @@ processes behind a load balancer (docs/scale.md). Then:
   ``django-insecure-``): sessions, hence logins, could be forged.
 - ``chat.E005`` (always): the repetition guard's ``CHAT_REPETITION_*`` settings cannot
   work (chat.generation.autostop.RepetitionRule).
+- ``chat.E006`` (always): ``OPENAI_PROVIDER`` names no provider profile
+  (chat.generation.providers).
 - ``chat.E004`` (``--deploy`` only): ``DEBUG`` on; it leaks settings and source in error
   pages and keeps every SQL query in memory. Django only warns (``security.W018``).
 
@@ -23,6 +25,7 @@ from django.conf import settings
 from django.core import checks
 
 from .generation.autostop import RepetitionRule
+from .generation.providers import PROVIDER_CHOICES
 
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE_CHARACTERS = 5
@@ -110,3 +113,16 @@ def check_repetition_guard(app_configs=None, **kwargs):
             id="chat.E005",
         )]
     return []
+
+
+@checks.register("chat")
+def check_provider(app_configs=None, **kwargs):
+    """chat.E006: OPENAI_PROVIDER is not one of the provider profiles."""
+    value = getattr(settings, "OPENAI_PROVIDER", "auto")
+    if value in PROVIDER_CHOICES:
+        return []
+    return [checks.Error(
+        f"OPENAI_PROVIDER={value!r} is not a provider profile.",
+        hint=f"One of {', '.join(PROVIDER_CHOICES)} (docs/providers.md).",
+        id="chat.E006",
+    )]

@@ -10,7 +10,9 @@ It stops generating as soon as the client closes the connection, and it records 
 request (chunks written, when the client closed), which makes it the loopback upstream
 of the tests and of ``bench.load`` as well. Failure modes for those: ``fail_status``
 (answer an HTTP error), ``drop_after`` (cut the connection after N content chunks) and
-``fault`` (one of :data:`FAULTS`: what real providers and proxies were seen to send).
+``fault`` (one of :data:`FAULTS`: what real providers and proxies were seen to send),
+and ``dialect`` (one of :data:`DIALECTS`: a real provider's wire format, reasoning and
+usage included; chat.demo_dialects).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .accounting import count_prompt_tokens
-from .demo_faults import FAULT_ERRORS, FAULTS, NO_CHOICES, mid_stream_fault
+from .demo_dialects import DIALECTS, Speaker, check_dialect, extra_route, write_tokens
+from .demo_dialects import rejection as dialect_rejection
+from .demo_faults import FAULT_ERRORS, FAULTS, NO_CHOICES
 
-__all__ = ["FAULTS", "UpstreamRequest", "UpstreamServer", "demo_answer", "split_tokens"]
+__all__ = ["DIALECTS", "FAULTS", "UpstreamRequest", "UpstreamServer", "demo_answer",
+           "split_tokens"]
 
 TOKEN_RE = re.compile(r"\s*\S+|\s+")
 _ids = itertools.count(1)
@@ -47,6 +52,10 @@ class UpstreamRequest:
     completed: bool = False
     status: int = 200
     text_written: list[str] = field(default_factory=list)
+    # Reasoning tokens generated (streamed, or hidden by openai-reasoning) before content.
+    reasoning_written: list[str] = field(default_factory=list)
+    generation_id: str = ""
+    speaker: object = field(default=None, repr=False)  # chat.demo_dialects.Speaker
 
     @property
     def open(self) -> bool:
@@ -116,7 +125,11 @@ class UpstreamServer:
     that many content chunks; ``response_delay`` (s) waits before the response headers
     (a slow provider); ``fault`` (one of :data:`FAULTS`, None for none) misbehaves the
     way it names, mid-stream ones after ``fault_after`` content chunks, ``rate_limited``
-    with a Retry-After of ``retry_after`` s. All may be changed between requests.
+    with a Retry-After of ``retry_after`` s; ``dialect`` (one of :data:`DIALECTS`, None
+    for OpenAI's reference format) speaks a provider's format, with a reasoning phase of
+    ``reasoning_tokens`` paced like content, ``cached_tokens`` reported as cached (None:
+    half the prompt) and OpenRouter's generation lookup answering 404 until
+    ``generation_delay`` s after the stream ended. All may be changed between requests.
     """
 
     def __init__(
@@ -133,6 +146,10 @@ class UpstreamServer:
         fault: str | None = None,
         fault_after: int = 3,
         retry_after: float = 1,
+        dialect: str | None = None,
+        reasoning_tokens: int = 8,
+        cached_tokens: int | None = None,
+        generation_delay: float = 0.2,
     ):
         self.host = host
         self.port = port
@@ -145,6 +162,12 @@ class UpstreamServer:
         self.fault = fault
         self.fault_after = fault_after
         self.retry_after = retry_after
+        self.dialect = dialect
+        self.reasoning_tokens = reasoning_tokens
+        self.cached_tokens = cached_tokens
+        self.generation_delay = generation_delay
+        self.generations: dict[str, tuple] = {}  # OpenRouter id -> (record, speaker, model)
+        self.split = split_tokens
         self.requests: list[UpstreamRequest] = []
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -161,6 +184,15 @@ class UpstreamServer:
         if value is not None and value not in FAULTS:
             raise ValueError(f"unknown fault {value!r}; one of {FAULTS}")
         self._fault = value
+
+    @property
+    def dialect(self) -> str | None:
+        """The wire format every following request gets (one of :data:`DIALECTS`)."""
+        return self._dialect
+
+    @dialect.setter
+    def dialect(self, value: str | None) -> None:
+        self._dialect = check_dialect(value)
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -247,7 +279,7 @@ class UpstreamServer:
                         headers[name.strip().lower()] = value.strip()
                 length = int(headers.get("content-length") or 0)
                 body = await reader.readexactly(length) if length else b""
-                keep_going = await self._route(method, path.split("?")[0], body, reader, writer)
+                keep_going = await self._route(method, path, body, reader, writer)
                 if not keep_going:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -270,6 +302,11 @@ class UpstreamServer:
         await writer.drain()
 
     async def _route(self, method, path, body, reader, writer) -> bool:
+        path, _, query = path.partition("?")
+        extra = extra_route(self, method, path, query, body, json.loads)
+        if extra is not None:
+            await self._send_json(writer, *extra)
+            return True
         if method == "GET" and path.endswith("/models"):
             await self._send_json(
                 writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]}
@@ -301,6 +338,12 @@ class UpstreamServer:
                 {"error": {"message": "upstream failure (test)", "type": "server_error"}},
             )
             return True
+        rejected = dialect_rejection(self.dialect, request_body)
+        if rejected is not None:
+            record.status = 400
+            record.finished_at = time.monotonic()
+            await self._send_json(writer, 400, {"error": rejected})
+            return True
         if not request_body.get("stream"):
             await self._send_json(writer, 400, {"error": {"message": "only stream=true"}})
             return True
@@ -315,10 +358,18 @@ class UpstreamServer:
         finish_reason = "stop"
         if max_tokens and len(tokens) > int(max_tokens):
             tokens, finish_reason = tokens[: int(max_tokens)], "length"
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        prompt_tokens = count_prompt_tokens(messages)
+        cached = self.cached_tokens if self.cached_tokens is not None else prompt_tokens // 2
+        speaker = record.speaker = Speaker(self.dialect, body, prompt_tokens,
+                                           min(cached, prompt_tokens))
+        include_usage = speaker.include_usage
         model = body.get("model") or self.model
         created = int(time.time())
-        chunk_id = f"chatcmpl-demo{record.id}"
+        chunk_id = record.generation_id = speaker.chunk_id(record.id)
+        extra_headers = b""
+        if self.dialect == "openrouter":
+            self.generations[chunk_id] = (record, speaker, model)
+            extra_headers = f"X-Generation-Id: {chunk_id}\r\n".encode()
 
         def chunk(choices, usage=None, with_usage_key=include_usage):
             payload = {
@@ -338,7 +389,8 @@ class UpstreamServer:
                 headers_sent.append(True)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"Cache-Control: no-cache\r\n" + extra_headers
+                    + b"Transfer-Encoding: chunked\r\n\r\n"
                 )
             data = event.encode()
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -379,39 +431,7 @@ class UpstreamServer:
         return False
 
     async def _write_tokens(self, record, tokens, chunk, send, finish_reason, messages, usage):
-        fault = self.fault
-        delay = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0
-        if fault == "hang_before_headers":
-            await asyncio.Event().wait()  # until _stream sees the client leave
-        if self.response_delay:
-            await asyncio.sleep(self.response_delay)
-        await send(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                           "finish_reason": None}]))
-        for token in tokens:
-            if delay:
-                await asyncio.sleep(delay)
-            if self.drop_after is not None and record.chunks_written >= self.drop_after:
-                return "dropped"
-            if record.chunks_written == self.fault_after and fault is not None:
-                outcome = await mid_stream_fault(fault, record, chunk, send)
-                if outcome:
-                    return outcome
-            await send(chunk([{"index": 0, "delta": {"content": token}, "finish_reason": None}]))
-            record.chunks_written += 1
-            record.text_written.append(token)
-            if record.first_chunk_at is None:
-                record.first_chunk_at = time.monotonic()
-        await send(chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason}]))
-        if usage:
-            prompt_tokens = count_prompt_tokens(messages)
-            await send(chunk(None if fault == "no_choices" else [], {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens),
-            }))
-        if fault == "no_done_close":
-            return "closed"
-        if fault == "no_done_hang":
-            await asyncio.Event().wait()
-        await send("data: [DONE]\n\n")
-        return "done"
+        """Write one response (chat.demo_dialects.write_tokens); a hook, overridden by
+        bench.upstream. ``usage``: whether a usage chunk is due."""
+        return await write_tokens(self, record, tokens, chunk, send, finish_reason,
+                                  record.speaker)

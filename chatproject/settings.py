@@ -300,6 +300,10 @@ CHAT_TOKENIZE_TIMEOUT_S = env_float("CHAT_TOKENIZE_TIMEOUT_S", 2.0)
 CHAT_USAGE_LOOKUP_FIRST_DELAY_S = env_float("CHAT_USAGE_LOOKUP_FIRST_DELAY_S", 1.0)
 CHAT_USAGE_LOOKUP_WINDOW_S = env_float("CHAT_USAGE_LOOKUP_WINDOW_S", 60.0)
 OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
+# What the provider is sent and where its reasoning and usage are read
+# (chat.generation.providers, docs/providers.md): auto (from OPENAI_BASE_URL, else asked
+# of the server once), openai, vllm, ollama, llamacpp, openrouter or deepseek.
+OPENAI_PROVIDER = env_str("OPENAI_PROVIDER", "auto").strip().lower()
 CHAT_DEMO_MODE = not OPENAI_API_KEY and not OPENAI_BASE_URL
 DEMO_MODEL_NAME = "demo"
 CHAT_MODEL = env_str("CHAT_MODEL", DEMO_MODEL_NAME if CHAT_DEMO_MODE else "gpt-4o-mini")

@@ -2,9 +2,9 @@
 :class:`StreamEvent` values. The runtime never touches SDK objects: provider
 differences (and the SDK itself) stay in this module.
 
-Reading goes through the ``openai`` SDK today. A raw SSE parser would replace
-:func:`_read_chunk` and the iteration in :func:`stream_answer`, producing the same
-events and raising the same :class:`UpstreamFailure` texts.
+The ``openai`` SDK sends the request (auth, retries, HTTP errors, closing); the
+response's bytes are read here (chat.generation.sse) and each chunk parsed with orjson
+into a :class:`StreamEvent` (:func:`_read_chunk`), with no SDK object per chunk.
 
 Provider output is untrusted input: text is cleaned here (:func:`clean_provider_text`),
 usage counts are checked, and the API key is masked in any provider message.
@@ -13,15 +13,20 @@ usage counts are checked, and the API key is masked in any provider message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
+import httpx2
 import openai
 from django.conf import settings
 
+from . import providers, sse
 from .errors import UpstreamFailure, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
@@ -30,6 +35,9 @@ logger = logging.getLogger(__name__)
 # completed anyway (at most CHAT_STREAM_IDLE_TIMEOUT_S). Providers send [DONE] in the same
 # write as the usage chunk; the wait only keeps the connection reusable.
 _DONE_GRACE_S = 2.0
+# After [DONE], how long (s) to read the rest of the body (the end of the chunked body)
+# so the connection goes back to the pool, as the SDK does.
+_DRAIN_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,40 +148,84 @@ def _provider_message(value, limit: int = 300) -> str:
     return text[:limit]
 
 
-def _reported_usage(usage) -> dict | None:
-    """``{"prompt_tokens", "completion_tokens"}`` from a chunk's ``usage``, or None when
-    it is missing or not two non-negative integers (then the tokens are estimated)."""
-    if usage is None:
+def _count(value) -> int | None:
+    """A token count as reported, or None when it is not a believable one: above 10**9
+    a count is not believable, and would overflow UsageRecord's fields."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
         return None
-    counts = {}
-    for name in ("prompt_tokens", "completion_tokens"):
-        value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
-        # Above 10**9 a count is not believable, and would overflow UsageRecord's fields.
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
-            return None
-        counts[name] = value
-    return counts
+    return value
 
 
-def _read_chunk(chunk) -> StreamEvent:
-    """The event of one streamed chunk (an SDK object), all cleaned.
+def _reported_usage(usage) -> dict | None:
+    """``{"prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens"}``
+    from a chunk's ``usage`` (a JSON object), or None when it is missing or its first two
+    are not non-negative integers (then the tokens are estimated).
+
+    ``reasoning_tokens``: ``completion_tokens_details.reasoning_tokens`` (OpenAI,
+    DeepSeek, OpenRouter; part of completion_tokens); ``cached_tokens``:
+    ``prompt_tokens_details.cached_tokens`` (OpenAI, OpenRouter) or DeepSeek's
+    ``prompt_cache_hit_tokens`` (part of prompt_tokens); 0 when absent or malformed.
+    """
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    details = usage.get("completion_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if cached is None:
+        cached = _count(usage.get("prompt_cache_hit_tokens"))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "reasoning_tokens": min(reasoning or 0, completion),
+            "cached_tokens": min(cached or 0, prompt)}
+
+
+# Where reasoning text is read, in order: DeepSeek, llama.cpp and older vLLM say
+# reasoning_content; OpenRouter, Ollama and newer vLLM say reasoning.
+REASONING_KEYS = ("reasoning_content", "reasoning")
+
+
+def _read_chunk(chunk: dict, reasoning_keys: tuple[str, ...] = REASONING_KEYS) -> StreamEvent:
+    """The event of one streamed chunk (a parsed JSON object), all cleaned.
 
     Tolerates what real providers send beside the reference format: no ``choices``
     (Azure's prompt-filter chunks), ``choices: null`` (some usage chunks), a choice
-    without ``delta``, non-string content.
+    without ``delta``, non-string content. A usage on a chunk whose choices all lack a
+    finish_reason is a running count (vLLM's continuous_usage_stats), any other is the
+    final usage.
     """
     content: list[str] = []
+    reasoning: list[str] = []
     finish_reason = ""
-    for choice in getattr(chunk, "choices", None) or ():
-        delta = getattr(choice, "delta", None)
-        text = getattr(delta, "content", None)
-        if isinstance(text, str) and text:
-            content.append(clean_provider_text(text))
-        reason = getattr(choice, "finish_reason", None)
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        choices = ()
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                content.append(clean_provider_text(text))
+            for key in reasoning_keys:
+                text = delta.get(key)
+                if isinstance(text, str) and text:
+                    reasoning.append(clean_provider_text(text))
+                    break
+        reason = choice.get("finish_reason")
         if reason:
             finish_reason = _provider_message(reason, 32)
-    return StreamEvent(content="".join(content), finish_reason=finish_reason,
-                       usage=_reported_usage(getattr(chunk, "usage", None)))
+    usage = chunk.get("usage")
+    if usage is not None:
+        usage = _reported_usage(usage)
+        if usage is not None and choices and not finish_reason:
+            return StreamEvent(content="".join(content), reasoning="".join(reasoning),
+                               running_usage=usage)
+    return StreamEvent(content="".join(content), reasoning="".join(reasoning),
+                       finish_reason=finish_reason, usage=usage)
 
 
 def _retry_hint(exc: openai.APIStatusError) -> str:
@@ -203,9 +255,12 @@ def _failure(exc: Exception, label: str) -> UpstreamFailure | None:
             f"The model provider answered HTTP {exc.status_code}: "
             f"{_provider_message(_api_message(exc))}{_retry_hint(exc)}"
         )
-    if isinstance(exc, openai.APITimeoutError):
+    # The body is read with the SDK's HTTP client (httpx2): its errors while reading are
+    # what the SDK would have raised as APITimeoutError / APIConnectionError.
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
         return UpstreamFailure("The model provider did not answer in time.")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError | httpx2.RequestError | ssl.SSLError
+                  | anyio.EndOfStream):
         return UpstreamFailure("The connection to the model provider was lost.")
     if isinstance(exc, openai.APIError):
         # An {"error": {...}} event in the stream (the SDK raises it as APIError).
@@ -221,10 +276,11 @@ def _failure(exc: Exception, label: str) -> UpstreamFailure | None:
 # --- one stream --------------------------------------------------------------------------
 async def stream_answer(
     client: openai.AsyncOpenAI, *, model: str, messages: list[dict], max_tokens: int,
-    label: str,
+    label: str, meta: StreamMeta | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Request a streamed chat completion and yield its events until the provider ends
-    the answer; ``label`` (the message id) names the run in logs.
+    the answer; ``label`` (the message id) names the run in logs; ``meta``, when given,
+    is filled in as the stream goes (:class:`StreamMeta`: read it when the run ends).
 
     Raises UpstreamFailure (UpstreamTimeout: no headers within
     OPENAI_FIRST_BYTE_TIMEOUT_S, or nothing for CHAT_STREAM_IDLE_TIMEOUT_S) for every
@@ -233,8 +289,9 @@ async def stream_answer(
     cancellation at any await of the caller closes the connection and the provider
     stops generating.
     """
+    meta = meta if meta is not None else StreamMeta()
     try:
-        async for event in _events(client, model, messages, max_tokens, label):
+        async for event in _events(client, model, messages, max_tokens, label, meta):
             yield event
     except Exception as exc:
         failure = _failure(exc, label)
@@ -243,26 +300,45 @@ async def stream_answer(
         raise failure from exc
 
 
-async def _events(client, model, messages, max_tokens, label) -> AsyncIterator[StreamEvent]:
+def _stream_error(payload: dict) -> UpstreamFailure:
+    """The failure of an ``{"error": ...}`` event in the stream (the SDK's wording)."""
+    error = payload.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    return UpstreamFailure(
+        f"The model provider reported an error: {_provider_message(message)}"
+    )
+
+
+async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
+                  ) -> AsyncIterator[StreamEvent]:
     first_byte_s = settings.OPENAI_FIRST_BYTE_TIMEOUT_S
     idle_s = settings.CHAT_STREAM_IDLE_TIMEOUT_S
-    try:
-        # create() returns once the response headers are in; the SDK's retries (429,
-        # 5xx, a dropped connection) spend the same budget.
-        async with asyncio.timeout(first_byte_s):
-            stream = await client.chat.completions.create(
-                model=model, messages=messages, stream=True,
-                stream_options={"include_usage": True}, max_tokens=max_tokens,
-            )
-    except TimeoutError:
-        raise UpstreamTimeout(
-            f"The model provider did not start answering within {first_byte_s:g} s."
-        ) from None
-    finish_reason, usage = "", None
+    profile = await providers.resolve(client)
+    base_url = providers.base_url_of(client)
+    body = providers.adapted_body(base_url, profile.request_body(model, messages, max_tokens))
+    meta.profile, meta.hidden_reasoning = profile.name, profile.hides_reasoning(model)
     # `async with` closes the HTTP response on every exit, including a CancelledError
     # or GeneratorExit raised at any await or yield inside the block.
-    async with stream:
-        chunks = aiter(stream)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            # Entering returns once the response headers are in; the SDK's retries
+            # and our one retry after a refused optional parameter spend the same
+            # budget.
+            async with asyncio.timeout(first_byte_s):
+                response, body = await _open(stack, client, base_url, body)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The model provider did not start answering within {first_byte_s:g} s."
+            ) from None
+        http = response.http_response
+        meta.usage_requested = "stream_options" in body
+        reasoning_keys = profile.reasoning_keys
+        meta.generation_id = _provider_message(http.headers.get("x-generation-id"), 100)
+        finish_reason, usage = "", None
+        lines = sse.data_of(http)
+        stack.push_async_callback(lines.aclose)
         while True:
             # Once finish_reason and usage are both in, the answer is whole: [DONE] gets
             # a short grace, and whatever follows (silence, a cut connection, garbage)
@@ -270,7 +346,7 @@ async def _events(client, model, messages, max_tokens, label) -> AsyncIterator[S
             whole = bool(finish_reason) and usage is not None
             try:
                 async with asyncio.timeout(min(_DONE_GRACE_S, idle_s) if whole else idle_s):
-                    chunk = await anext(chunks)
+                    data = await anext(lines)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -287,7 +363,38 @@ async def _events(client, model, messages, max_tokens, label) -> AsyncIterator[S
                                 "ending it as completed", label, exc_info=True)
                     return
                 raise
-            event = _read_chunk(chunk)
+            if data.startswith(b"[DONE]"):
+                await sse.drain(lines, _DRAIN_S)
+                return
+            chunk = sse.parse(data)
+            if not isinstance(chunk, dict):
+                raise json.JSONDecodeError("a chunk is not a JSON object", "", 0)
+            if chunk.get("error"):
+                raise _stream_error(chunk)
+            if not meta.generation_id and isinstance(chunk.get("id"), str):
+                meta.generation_id = _provider_message(chunk["id"], 100)
+            event = _read_chunk(chunk, reasoning_keys)
             finish_reason = event.finish_reason or finish_reason
             usage = event.usage if event.usage is not None else usage
             yield event
+
+
+async def _open(stack: contextlib.AsyncExitStack, client, base_url: str, body: dict):
+    """Send the request; ``(response, body sent)`` once the server accepts it (its
+    headers in). The SDK sends it (auth, retries on 429/5xx and dropped
+    connections, HTTP errors as APIStatusError) and hands back the raw response: its
+    chunks are parsed here with orjson, not turned into SDK objects (issue 11: that cost
+    half the worker's CPU). A 400 naming an optional parameter is retried once without
+    it (chat.generation.providers.adapt_after)."""
+    for attempt in (1, 2):
+        request = client.chat.completions.with_streaming_response.create(**body)
+        try:
+            response = await stack.enter_async_context(request)
+        except openai.APIStatusError as exc:
+            retry = providers.adapt_after(base_url, exc, body) if attempt == 1 else None
+            if retry is None:
+                raise
+            body = retry
+            continue
+        return response, body
+    raise AssertionError("unreachable")

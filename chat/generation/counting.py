@@ -13,7 +13,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from .. import accounting
-from . import metering, upstream
+from . import metering, providers, upstream
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ async def tokenized_usage(
     reasoning: str,
 ) -> dict | None:
     """``{"prompt_tokens", "completion_tokens"}`` counted by the provider's own
-    tokenizer (``upstream.tokenize``: llama.cpp / vLLM ``POST /tokenize``), or None when
+    tokenizer (``providers.tokenize``: llama.cpp / vLLM ``POST /tokenize``), or None when
     the profile has no tokenize endpoint, a call fails or all of them together take
     longer than ``CHAT_TOKENIZE_TIMEOUT_S`` (then the run is estimated).
 
@@ -32,8 +32,12 @@ async def tokenized_usage(
     ``prompt_tokens`` the messages' contents with the per-message overhead of
     chat.accounting (the server's chat template is not known here).
     """
+    profile = providers.PROFILES.get(meta.profile)
+    if profile is None or not profile.tokenize:
+        return None
+
     async def count(text: str) -> int | None:
-        return await upstream.tokenize(client, meta.profile, model, text) if text else 0
+        return await providers.tokenize(client, profile, model, text) if text else 0
 
     texts = [content, reasoning, "\n".join(m.get("content") or "" for m in prompt)]
     try:
@@ -51,7 +55,8 @@ async def tokenized_usage(
 def lookup_wanted(meta: upstream.StreamMeta) -> bool:
     """True when the provider keeps a record of the generation worth asking for
     (OpenRouter: ``GET /api/v1/generation?id=``, stopped generations included)."""
-    return meta.profile == "openrouter" and bool(meta.generation_id)
+    profile = providers.PROFILES.get(meta.profile)
+    return profile is not None and profile.generation_lookup and bool(meta.generation_id)
 
 
 async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
@@ -68,7 +73,7 @@ async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
     while True:
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         try:
-            usage = await upstream.lookup_generation(client, generation_id)
+            usage = await providers.lookup_generation(client, generation_id)
         except Exception:  # noqa: BLE001 - a failed lookup is retried like a missing one
             logger.info("generation lookup of %s failed", message_id, exc_info=True)
             usage = None

@@ -138,6 +138,10 @@ class Runtime:
         task.add_done_callback(self._background.discard)
         return task
 
+    def background_tasks(self) -> int:
+        """How many tasks of :meth:`spawn` are still running."""
+        return sum(not task.done() for task in self._background)
+
     async def shutdown(self) -> None:
         """Cancel the background tasks of :meth:`spawn` and wait for them (the process
         is ending: a lookup not done by then leaves the record as counted)."""

@@ -148,6 +148,9 @@ CSV_HEADER = [
     "message_id", "model", "status", "prompt_tokens", "completion_tokens", "total_tokens",
     "estimated", "input_usd_per_mtok", "output_usd_per_mtok", "cost_usd", "ttft_ms",
     "duration_ms",
+    # Added with issue 12, at the end so scripts reading columns by position still work.
+    "finish_reason", "source", "reasoning_tokens", "cached_tokens", "reasoning_hidden",
+    "cached_input_usd_per_mtok",
 ]
 # Records fetched per query while exporting: bounds memory whatever the export's size.
 CSV_CHUNK_ROWS = 2000
@@ -188,6 +191,14 @@ def _csv_row(record) -> list:
         plain_decimal(record.cost_usd),
         "" if record.ttft_ms is None else record.ttft_ms,
         record.duration_ms,
+        _text(record.finish_reason),
+        record.source,
+        record.reasoning_tokens,
+        record.cached_tokens,
+        "true" if record.reasoning_hidden else "false",
+        # Empty: the record predates the field (its cached tokens cost the input price).
+        "" if record.cached_input_price_per_mtok is None
+        else plain_decimal(record.cached_input_price_per_mtok),
     ]
 
 

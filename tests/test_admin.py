@@ -28,7 +28,8 @@ REPORT = "admin:chat_usagerecord_report"
 
 # --- helpers ---------------------------------------------------------------------------------
 def make_record(user, *, model="gpt-4o-mini", status="completed", prompt=100, completion=50,
-                cost="0.001", estimated=False, title="A chat", created_at=None, conversation=None):
+                cost="0.001", estimated=False, title="A chat", created_at=None, conversation=None,
+                source=None, reasoning=0, cached=0, finish_reason=""):
     conversation = conversation or Conversation.objects.create(owner=user, title=title,
                                                                model=model)
     return UsageRecord.objects.create(
@@ -36,6 +37,10 @@ def make_record(user, *, model="gpt-4o-mini", status="completed", prompt=100, co
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
         estimated=estimated, cost_usd=Decimal(cost), ttft_ms=120, duration_ms=900,
         created_at=created_at or timezone.now(),
+        source=source or ("estimated" if estimated else "reported"),
+        reasoning_tokens=reasoning, cached_tokens=cached,
+        finish_reason=finish_reason or {"completed": "stop", "cancelled": "cancelled"}.get(
+            status, "error"),
     )
 
 
@@ -46,9 +51,9 @@ def records(alice, bob):
         make_record(alice, model="gpt-4o", status="completed", prompt=1000, completion=500,
                     cost="0.0075", title="Alice's big question"),
         make_record(alice, model="gpt-4o", status="cancelled", prompt=800, completion=20,
-                    cost="0.0022", estimated=True, title="Stopped early"),
+                    cost="0.0022", estimated=True, title="Stopped early", source="tokenized"),
         make_record(alice, model="gpt-4o-mini", status="completed", prompt=300, completion=300,
-                    cost="0.000225"),
+                    cost="0.000225", reasoning=120, cached=256, finish_reason="length"),
         make_record(bob, model="gpt-4o", status="failed", prompt=50, completion=0,
                     cost="0.000125", title="Bob failed"),
         make_record(bob, model="gpt-4o", status="cancelled", prompt=400, completion=10,
@@ -155,6 +160,8 @@ def expected_totals(rows):
     ("?q=bob", lambda r: r.user.username == "bob"),
     ("?q=stopped", lambda r: "stopped" in r.conversation.title.lower()),
     ("?estimated__exact=1", lambda r: r.estimated),
+    ("?source__exact=tokenized", lambda r: r.source == "tokenized"),
+    ("?source__exact=estimated", lambda r: r.source == "estimated"),
 ])
 def test_totals_above_the_list_match_the_filtered_records(admin_client, records, query, keep):
     response = admin_client.get(reverse(CHANGELIST) + query)
@@ -211,6 +218,21 @@ def test_the_export_button_downloads_the_filtered_records_as_csv(admin_client, r
         assert row["status"] == record.status
         assert row["conversation_title"] == record.conversation.title
         assert row["estimated"] == ("true" if record.estimated else "false")
+        assert row["source"] == record.source
+        assert row["finish_reason"] == record.finish_reason
+        assert int(row["reasoning_tokens"]) == record.reasoning_tokens
+        assert int(row["cached_tokens"]) == record.cached_tokens
+
+
+def test_the_list_shows_where_each_record_s_numbers_come_from(admin_client, records):
+    response = admin_client.get(reverse(CHANGELIST))
+    html = response.content.decode()
+    assert "column-source" in html
+    assert html.count('<td class="field-source">Tokenized</td>') == 1
+    assert html.count('<td class="field-source">Estimated</td>') == 1
+    assert html.count('<td class="field-source">Reported</td>') == 4
+    filters = admin_client.get(reverse(CHANGELIST) + "?source__exact=tokenized")
+    assert [r.pk for r in filters.context["cl"].result_list] == [records[1].pk]
 
 
 def test_the_changelist_links_the_export_with_its_current_filters(admin_client, records):

@@ -24,10 +24,16 @@ class ModelPriceForm(forms.ModelForm):
     output_per_mtok = forms.DecimalField(
         min_value=0, max_digits=12, decimal_places=6, label="USD per 1M output tokens"
     )
+    cached_input_per_mtok = forms.DecimalField(
+        min_value=0, max_digits=12, decimal_places=6, required=False,
+        label="USD per 1M cached input tokens",
+        help_text="Prompt tokens the provider served from its cache; empty: the input price.",
+    )
 
     class Meta:
         model = ModelPrice
-        fields = ("model", "input_per_mtok", "output_per_mtok", "valid_from")
+        fields = ("model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok",
+                  "valid_from")
 
 
 @admin.register(ModelPrice)
@@ -36,7 +42,8 @@ class ModelPriceAdmin(admin.ModelAdmin):
     row with that ``valid_from``: usage records keep the unit prices they were charged."""
 
     form = ModelPriceForm
-    list_display = ("model", "input_per_mtok", "output_per_mtok", "valid_from", "in_effect")
+    list_display = ("model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok",
+                    "valid_from", "in_effect")
     list_filter = ("model",)
     search_fields = ("model",)
     ordering = ("model", "-valid_from")

@@ -102,10 +102,11 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     list_display = (
         "created_at", "user", "conversation", "model", "prompt_tokens", "completion_tokens",
-        "total_tokens", "cost", "status", "estimated", "ttft_ms", "duration_ms",
+        "total_tokens", "cost", "status", "source", "ttft_ms", "duration_ms",
     )
     list_filter = (
-        "model", "status", "finish_reason", "estimated", ("user", UserWithRecordsFilter),
+        "model", "status", "finish_reason", "source", "estimated",
+        ("user", UserWithRecordsFilter),
     )
     date_hierarchy = "created_at"
     search_fields = ("user__username", "conversation__title")
@@ -232,8 +233,8 @@ class TranscriptInline(ReadOnlyMixin, admin.TabularInline):
     verbose_name = "message"
     verbose_name_plural = "transcript"
     fields = (
-        "created_at", "role", "status", "superseded", "content", "model", "finish_reason",
-        "tokens", "cost", "error",
+        "created_at", "role", "status", "superseded", "reasoning", "content", "model",
+        "finish_reason", "tokens", "cost", "error",
     )
     readonly_fields = fields
     extra = 0

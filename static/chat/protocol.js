@@ -3,7 +3,7 @@
 // typed while offline, and the server's frames applied to the model in state.js.
 //
 // Rules kept here:
-// - deltas are applied by seq, each exactly once; a gap asks the server for a fresh
+// - deltas and reasoning frames (one seq series) are applied by seq, each exactly once; a gap asks the server for a fresh
 //   `state` frame (`sync`) instead of ever showing text with a hole in it;
 // - every `state` frame rebuilds the transcript from scratch, so a reconnect never
 //   duplicates text.
@@ -162,6 +162,7 @@ export function handleFrame(frame) {
     case "message": return onUserMessage(frame);
     case "generation.start": return onGenerationStart(frame);
     case "delta": return onDelta(frame);
+    case "reasoning": return onDelta(frame);  // same seq series as the deltas
     case "generation.end": return onGenerationEnd(frame);
     case "error": return onError(frame);
     case "conversation": return setConversation(frame.conversation);
@@ -299,10 +300,11 @@ function onDelta(frame) {
   queueRender(message.id);
 }
 
-/** One delta's text joins its message, after the seq checks above. Text of another
- *  kind streamed in the same run (an answer's reasoning) would join its own field here. */
+/** One delta's text joins its message, after the seq checks above; a `reasoning`
+ *  frame's joins the answer's reasoning (the "Thinking" part). */
 function applyDelta(message, frame) {
-  message.content += frame.content;
+  if (frame.type === "reasoning") message.reasoning = (message.reasoning || "") + frame.content;
+  else message.content += frame.content;
 }
 
 function onGenerationEnd(frame) {

@@ -51,26 +51,37 @@ function formatCost(costUsd) {
   return `$${value.toFixed(4)}`;
 }
 
-/** "N tokens (in · out) · $cost[ · estimated]" from a message's `usage` dict. */
+// Where the counts come from, said under the answer unless the provider reported them
+// (UsageRecord.source; docs/ui.md).
+const SOURCE_LABELS = {
+  running: "counted by the provider when stopped",
+  tokenized: "counted by the model's tokenizer",
+  estimated: "estimated",
+};
+
+/** "N tokens (in · out) · $cost[ · source]" from a message's `usage` dict. */
 function formatUsage(usage) {
   if (!usage) return "";
   const parts = [
     `${usage.total_tokens} tokens (${usage.prompt_tokens} in · ${usage.completion_tokens} out)`,
     formatCost(usage.cost_usd),
   ];
-  if (usage.estimated) parts.push("estimated");
+  // Older servers send only `estimated`.
+  const source = usage.source || (usage.estimated ? "estimated" : "reported");
+  if (SOURCE_LABELS[source]) parts.push(SOURCE_LABELS[source]);
+  if (usage.reasoning_hidden) parts.push("hidden reasoning not counted");
   return parts.filter(Boolean).join(" · ");
 }
 
 // --- the parts of a message --------------------------------------------------------------
 // A message element is this list of parts, top to bottom. Each part is made once with
 // the element (make) and brought up to date from the message dict at every render
-// (update, if the part changes). A part to come is one more entry here: an answer's
-// reasoning ("Thinking", collapsible, streaming like the text) goes between the role
-// and the body.
+// (update, if the part changes). An answer's reasoning ("Thinking", collapsible,
+// streaming like the text) goes between the role and the body.
 
 const PARTS = [
   { className: "msg-role", make: makeRole },
+  { className: "msg-thinking", make: makeThinking, update: updateThinking },
   { className: "msg-body", make: makeBody, update: updateBody },
   { className: "msg-status", make: () => element("div", "msg-status"), update: updateStatus },
   { className: "msg-notice", make: makeNotice, update: updateNotice },
@@ -79,6 +90,30 @@ const PARTS = [
 
 function makeRole(message) {
   return element("div", "msg-role", message.role === "user" ? "You" : (message.model || "Assistant"));
+}
+
+function makeThinking() {
+  const details = element("details", "msg-thinking");
+  details.append(element("summary", "thinking-summary", "Thinking"),
+    element("div", "thinking-text"));
+  details.hidden = true;
+  return details;
+}
+
+/** The reasoning, as plain text (textContent: provider text is untrusted). Open while
+ *  the model thinks; closed when the answer starts or ends. Only a change of phase opens
+ *  or closes it, so a reader's own click holds until then. */
+function updateThinking(details, message) {
+  const reasoning = message.role === "assistant" ? (message.reasoning || "") : "";
+  details.hidden = !reasoning;
+  details.querySelector(".thinking-text").textContent = reasoning;
+  const phase = message.status !== "streaming" ? "done" : (message.content ? "answering" : "thinking");
+  if (details.dataset.phase !== phase) {
+    details.open = phase === "thinking";
+    details.dataset.phase = phase;
+  }
+  details.querySelector(".thinking-summary").textContent =
+    phase === "thinking" ? "Thinking…" : "Thinking";
 }
 
 function makeBody(message) {

@@ -158,10 +158,6 @@ async def test_a_closed_socket_leaves_the_engine_at_most_2_tokens_beyond_the_sav
     assert figures["beyond_saved"] <= MAX_TOKENS_BEYOND_SAVED
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="usage source 'tokenized' arrives with issue 12 §3",
-)
 async def test_a_stopped_runs_usage_is_tokenized_within_2_tokens_of_the_engines_count(
     alice, engine, connect, request, record_property
 ):
@@ -178,9 +174,9 @@ async def test_a_stopped_runs_usage_is_tokenized_within_2_tokens_of_the_engines_
         request, record_property, engine_generated=generated,
         usage_completion_tokens=usage.completion_tokens,
         usage_error=usage.completion_tokens - generated,
-        usage_source=getattr(usage, "source", "(no source field)"),
+        usage_source=usage.source,
     )
-    assert getattr(usage, "source", None) == "tokenized"
+    assert usage.source == "tokenized"
     assert abs(usage.completion_tokens - generated) <= MAX_TOKENS_BEYOND_SAVED
 
 

@@ -315,24 +315,25 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
                   ) -> AsyncIterator[StreamEvent]:
     first_byte_s = settings.OPENAI_FIRST_BYTE_TIMEOUT_S
     idle_s = settings.CHAT_STREAM_IDLE_TIMEOUT_S
-    profile = await providers.resolve(client)
     base_url = providers.base_url_of(client)
-    body = providers.adapted_body(base_url, profile.request_body(model, messages, max_tokens))
-    meta.profile, meta.hidden_reasoning = profile.name, profile.hides_reasoning(model)
     # `async with` closes the HTTP response on every exit, including a CancelledError
     # or GeneratorExit raised at any await or yield inside the block.
     async with contextlib.AsyncExitStack() as stack:
         try:
-            # Entering returns once the response headers are in; the SDK's retries
-            # and our one retry after a refused optional parameter spend the same
-            # budget.
+            # Entering returns once the response headers are in; the profile's one-time
+            # probe of a server, the SDK's retries and our one retry after a refused
+            # optional parameter all spend the same budget.
             async with asyncio.timeout(first_byte_s):
-                response, body = await _open(stack, client, base_url, body)
+                profile = await providers.resolve(client)
+                body = profile.request_body(model, messages, max_tokens)
+                response, body = await _open(stack, client, base_url,
+                                             providers.adapted_body(base_url, body))
         except TimeoutError:
             raise UpstreamTimeout(
                 f"The model provider did not start answering within {first_byte_s:g} s."
             ) from None
         http = response.http_response
+        meta.profile, meta.hidden_reasoning = profile.name, profile.hides_reasoning(model)
         meta.usage_requested = "stream_options" in body
         reasoning_keys = profile.reasoning_keys
         meta.generation_id = _provider_message(http.headers.get("x-generation-id"), 100)

@@ -81,7 +81,7 @@ def price_list(model: str, at=None) -> tuple[Decimal, Decimal, Decimal]:
                 best.input_per_mtok if cached is None else cached)
     matches = [name for name in settings.CHAT_MODEL_PRICES if model.startswith(name)]
     if matches:
-        entry = tuple(settings.CHAT_MODEL_PRICES[max(matches, key=len)])
+        entry = [Decimal(str(p)) for p in settings.CHAT_MODEL_PRICES[max(matches, key=len)]]
         return entry[0], entry[1], entry[2] if len(entry) > 2 else entry[0]
     _warn_unpriced(model)
     return Decimal(0), Decimal(0), Decimal(0)

@@ -310,6 +310,9 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
 CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
 # Frames a generation may queue for the channel layer before it waits for them to be sent.
 CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
+# Frames one socket may have waiting (chat.generation.fanout.Inbox); past it the socket
+# drops them and resynchronises from a fresh state frame instead of holding more.
+CHAT_INBOX_LIMIT = env_int("CHAT_INBOX_LIMIT", 1000)
 # The streaming assistant message is written to the database at least this often (ms).
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.

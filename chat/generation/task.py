@@ -80,8 +80,9 @@ class Generation:
 
     @property
     def queued_frames(self) -> int:
-        """Frames waiting for the channel layer; the run stops reading upstream at
-        ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
+        """Frames waiting to be published (local sockets get them without waiting; the
+        channel layer, for other processes, may make them wait); the run stops reading
+        upstream at ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
         return self._outbox.qsize()
 
     def is_streaming(self) -> bool:
@@ -157,7 +158,8 @@ class Generation:
                 for queue in self._subscribers:
                     queue.put_nowait(frame)
                 try:
-                    await frames.send_to_group(self.conversation_id, frame, layer=self.layer)
+                    # This process's sockets at once; the layer only for other processes.
+                    await self.runtime.fanout.publish(self.conversation_id, frame, self.layer)
                 except Exception:  # noqa: BLE001 - a layer hiccup must not kill the run
                     logger.exception("group_send failed for %s", self.message_id)
             finally:

@@ -1,10 +1,10 @@
 """The chat WebSocket: ``ws/conversations/<uuid>/`` (protocol in README.md).
 
 A thin adapter: it parses and validates client frames and hands them to
-``chat.generation`` (which runs generations and publishes their frames to the
-conversation's group), and it forwards group frames as the socket's
-:class:`~chat.generation.sequencer.FrameSequencer` decides. Frames are built by
-``chat.generation.frames`` only.
+``chat.generation`` (which runs generations and publishes their frames to the sockets
+watching the conversation: chat.generation.fanout), and it forwards the frames of its
+inbox as the socket's :class:`~chat.generation.sequencer.FrameSequencer` decides.
+Frames are built by ``chat.generation.frames`` only.
 """
 
 import asyncio

@@ -32,6 +32,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
+from contextvars import Context
 from dataclasses import dataclass, field
 
 from channels.layers import InMemoryChannelLayer
@@ -179,8 +180,9 @@ class Fanout:
             return
         self._relay_layer = layer
         self._relay_channel = await layer.new_channel()
+        # A fresh context: the relay outlives the socket whose watch started it.
         self._relay_task = asyncio.get_running_loop().create_task(
-            self._relay(layer, self._relay_channel), name="fanout-relay"
+            self._relay(layer, self._relay_channel), name="fanout-relay", context=Context()
         )
 
     async def _stop_relay(self) -> None:

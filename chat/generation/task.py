@@ -53,6 +53,7 @@ class Generation:
     task: asyncio.Task | None = None
     cancel_reason: str | None = None
     _pending: list[str] = field(default_factory=list)
+    _pending_chars: int = 0
     _flush_handle: asyncio.TimerHandle | None = None
     _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     _delta_queued: bool = False
@@ -166,9 +167,15 @@ class Generation:
                 self._outbox.task_done()
 
     def _append(self, content: str) -> None:
+        """Add provider text: coalesced by time (a delta at most every
+        CHAT_DELTA_COALESCE_MS) and by size (at once when CHAT_DELTA_MAX_CHARS are
+        pending, so a fast provider's text does not wait for the window)."""
         self.text.append(content)
         self._pending.append(content)
-        if self._flush_handle is None:
+        self._pending_chars += len(content)
+        if self._pending_chars >= settings.CHAT_DELTA_MAX_CHARS:
+            self._flush()
+        elif self._flush_handle is None:
             window = settings.CHAT_DELTA_COALESCE_MS / 1000
             self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
 
@@ -194,6 +201,7 @@ class Generation:
             return None
         content = "".join(self._pending)
         self._pending.clear()
+        self._pending_chars = 0
         self.seq += 1
         self.published_text.append(content)
         return frames.delta(self.message_id, self.seq, content)

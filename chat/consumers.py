@@ -1,22 +1,27 @@
 """The chat WebSocket: ``ws/conversations/<uuid>/`` (protocol in README.md).
 
 A thin adapter: it parses and validates client frames and hands them to
-``chat.generation`` (which runs generations and publishes their frames to the
-conversation's group), and it forwards group frames as the socket's
-:class:`~chat.generation.sequencer.FrameSequencer` decides. Frames are built by
-``chat.generation.frames`` only.
+``chat.generation`` (which runs generations and publishes their frames to the sockets
+watching the conversation: chat.generation.fanout), and it forwards the frames of its
+inbox as the socket's :class:`~chat.generation.sequencer.FrameSequencer` decides.
+Frames are built by ``chat.generation.frames`` only.
 """
 
 import asyncio
+import functools
 import logging
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.utils import await_many_dispatch
 from django.conf import settings
 
 from . import generation as gen
 from . import validation
 from .generation import autostop, frames
+from .generation.fanout import Batch
 from .generation.sequencer import Action, FrameSequencer
 from .layers import release_channel
 from .models import Conversation
@@ -73,19 +78,36 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     """
 
     generation = None
-    group: str | None = None
+    # Its inbox gets the conversation's frames (chat.generation.fanout).
+    watching = False
     authorized = False
     # The conversation did not exist when this socket connected (see above).
     _owner_unverified = False
     _fallback: asyncio.Future | None = None
 
     async def __call__(self, scope, receive, send):
+        """AsyncConsumer.__call__ (channels 4.3) with a third source beside the client
+        and the socket's layer channel: its fan-out inbox, whose frames come in batches
+        and skip the framework's per-message thread hop (``aclose_old_connections``)."""
+        self.scope = scope
+        self.inbox = gen.Inbox()
         # The server may tear the application down (shutdown, crash of the connection)
         # without a clean websocket.disconnect: the run this socket started still stops.
         try:
-            await super().__call__(scope, receive, send)
+            self.channel_layer = get_channel_layer(self.channel_layer_alias)
+            # Other processes answer snapshot requests on it (generation_snapshot).
+            self.channel_name = await self.channel_layer.new_channel()
+            self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+            self.base_send = send
+            try:
+                await await_many_dispatch(
+                    [receive, self.channel_receive, self.inbox.get], self.dispatch
+                )
+            except StopConsumer:
+                pass
         finally:
             self._cancel_own_generation("teardown")
+            await self._unwatch()
             # After the consumer's last receive: RedisPubSubChannelLayer keeps a
             # channel subscribed whose last receive returned a message (chat.layers).
             await release_channel(
@@ -109,14 +131,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # --websocket_connect_timeout (5 s), which a busy worker reached in bench.load.
         # Frames are held until the state frame anyway.
         await self.accept()
-        self.group = frames.group_name(self.conversation_id)
-        # Join before reading the state so no frame published meanwhile is missed.
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        # Watch before reading the state so no frame published meanwhile is missed.
+        self.watching = True
+        await gen.watch(self.conversation_id, self.inbox, layer=self.channel_layer)
         try:
             state = await _load_state(user, self.conversation_id)
         except gen.Forbidden:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            self.group = None
+            await self._unwatch()
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.authorized = True
@@ -182,8 +203,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self._fallback.cancel()
         # Cancel first: the upstream stream is closed without waiting for the layer.
         self._cancel_own_generation("disconnect")
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self._unwatch()
+
+    async def _unwatch(self):
+        """Stop this socket's frames and drop those waiting (idempotent)."""
+        if self.watching:
+            self.watching = False
+            await gen.unwatch(self.conversation_id, self.inbox)
 
     def _cancel_own_generation(self, reason):
         if self.generation is not None:
@@ -196,9 +222,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.authorized = False
         if frame is not None:
             await self.send_json(frame)
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            self.group = None
+        await self._unwatch()
         await self.close(code=CLOSE_FORBIDDEN)
 
     # -- client frames ------------------------------------------------------------
@@ -300,10 +324,26 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._resync()
 
     # -- group frames -------------------------------------------------------------
-    async def chat_frame(self, event):
-        if not self.authorized or self.sequencer.hold(event["frame"]):
+    async def dispatch(self, message):
+        if isinstance(message, Batch):
+            # No database work per frame: Channels' per-message connection cleanup
+            # (a thread hop each) is left to the handlers that do use it.
+            return await self._on_batch(message)
+        await super().dispatch(message)
+
+    async def _on_batch(self, batch: Batch):
+        """Frames of the conversation, in order, from the fan-out inbox."""
+        if not self.authorized:
             return
-        await self._deliver(event["frame"])
+        if batch.overflowed:
+            # This socket fell CHAT_INBOX_LIMIT frames behind; they were dropped.
+            logger.warning("inbox overflow on %s: resynchronising", self.channel_name)
+            await self._resync()
+        for frame in batch.frames:
+            if not self.authorized:
+                return
+            if not self.sequencer.hold(frame):
+                await self._deliver(frame)
 
     async def _deliver(self, frame):
         """Send ``frame`` as the sequencer decides, after checking the owner of a

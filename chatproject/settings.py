@@ -319,8 +319,13 @@ CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
 # Deltas are coalesced over this window (ms) instead of one frame per token.
 CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
+# ... and sent at once, whatever the window, when this many characters are pending.
+CHAT_DELTA_MAX_CHARS = env_int("CHAT_DELTA_MAX_CHARS", 2000)
 # Frames a generation may queue for the channel layer before it waits for them to be sent.
 CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
+# Frames one socket may have waiting (chat.generation.fanout.Inbox); past it the socket
+# drops them and resynchronises from a fresh state frame instead of holding more.
+CHAT_INBOX_LIMIT = env_int("CHAT_INBOX_LIMIT", 1000)
 # The streaming assistant message is written to the database at least this often (ms).
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.

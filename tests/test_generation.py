@@ -2,6 +2,7 @@
 script gets from start_generation, and how it stops."""
 
 import asyncio
+import os
 import time
 import uuid
 from datetime import timedelta
@@ -9,6 +10,7 @@ from datetime import timedelta
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.utils import timezone
 
 from chat import generation as gen
@@ -18,16 +20,23 @@ from tests.eventually import eventually
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class SlowLayer(InMemoryChannelLayer):
-    """A channel layer whose group_send takes ``delay`` seconds (a loaded Redis)."""
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+class SlowLayer(RedisPubSubChannelLayer):
+    """A Redis channel layer whose group_send takes ``delay`` seconds (a loaded Redis).
+    Redis, not the in-memory layer: frames of a run use the layer only to reach other
+    processes (chat.generation.fanout), which only a Redis layer does."""
 
     def __init__(self, delay, **kwargs):
-        super().__init__(**kwargs)
+        prefix = f"{os.environ.get('CHANNEL_PREFIX', '')}slow{uuid.uuid4().hex[:8]}"
+        super().__init__(hosts=[REDIS_URL], prefix=prefix, **kwargs)
         self.delay = delay
 
     async def group_send(self, group, message):
         await asyncio.sleep(self.delay)
-        await super().group_send(group, message)
+        # The pub/sub layer proxies its methods to a per-loop layer (no super() ones).
+        await self._get_layer().group_send(group, message)
 
 
 async def collect(queue):
@@ -73,6 +82,7 @@ async def test_cancel_while_waiting_for_slow_channel_layer_closes_upstream_at_on
     end = await generation.wait()
     assert end["status"] == "cancelled"
     assert request.client_closed_at < time.monotonic() - 0.2  # closed well before the end
+    await layer.flush()
 
 
 async def test_stop_through_the_control_group_cancels_the_run(alice, upstream):
@@ -198,14 +208,15 @@ async def test_start_finishes_a_stale_run_instead_of_answering_busy(alice, upstr
         heartbeat_at=timezone.now() - timedelta(minutes=5),
     )
     layer = InMemoryChannelLayer()
-    tab = await layer.new_channel()
-    await layer.group_add(gen.group_name(conversation.id), tab)
+    tab = gen.Inbox()
+    await gen.watch(conversation.id, tab, layer=layer)
     generation = await gen.start_generation(alice, conversation.id, "again", layer=layer)
     # Open tabs learn that the stale run ended before they see the new one start.
-    first = (await asyncio.wait_for(layer.receive(tab), 2))["frame"]
+    first = (await asyncio.wait_for(tab.get(), 2)).frames[0]
     assert first["type"] == "generation.end" and first["message_id"] == str(stale.id)
     assert first["status"] == "interrupted"
     end = await generation.wait()
     assert end["status"] == "completed"
     assert await Message.objects.filter(status="interrupted").acount() == 1
     assert await UsageRecord.objects.acount() == 2
+    await gen.unwatch(conversation.id, tab)

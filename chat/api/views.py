@@ -174,7 +174,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
     def perform_update(self, serializer):
         conversation = serializer.save()
         # Other open tabs of this conversation show the new title/model/prompt at once.
-        async_to_sync(frames.send_to_group)(
+        async_to_sync(gen.send_to_group)(
             conversation.id, frames.conversation_changed(conversation.to_dict())
         )
 
@@ -185,7 +185,7 @@ class ConversationViewSet(viewsets.ModelViewSet):
             if instance.messages.streaming().exists():
                 raise Conflict("A generation is running; stop it first.")
             instance.delete()
-        async_to_sync(frames.send_to_group)(
+        async_to_sync(gen.send_to_group)(
             conversation_id, frames.conversation_deleted(conversation_id)
         )
 

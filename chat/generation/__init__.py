@@ -4,7 +4,7 @@ Knows nothing of WebSockets or HTTP. Callers (the WebSocket consumer, the API vi
 use the names re-exported here; docs/architecture.md draws the path of a frame.
 Modules, each depending only on those listed before it::
 
-    frames    every server frame, group names, send_to_group (no chat imports)
+    frames    every server frame, group names, the relay envelope (no chat imports)
     errors    GenerationError and subclasses with frame code and HTTP status
     prompt    build_prompt and the prompt used for estimates
     budgets   per-user quotas and concurrency, checked inside the start transaction
@@ -12,6 +12,7 @@ Modules, each depending only on those listed before it::
     outcome   Outcome: how a run ended (status, finish_reason, error, usage, timings)
     store     the transactions: prepare_*, finalize, finish_stale, checkpoints, load_state
     upstream  the provider client and the reading of one stream into StreamEvents
+    fanout    Fanout, Inbox: frames to this process's sockets, the relay to the others
     runtime   Runtime: the per-event-loop registry (runs, clients, demo server, services)
     task      Generation: the running task, cancellation, coalescing, publishing
     leases    the checkpointer, the sweeper of dead processes' runs, worker stats
@@ -36,16 +37,21 @@ from .errors import (
     UpstreamFailure,
     UpstreamTimeout,
 )
-from .frames import broadcast, control_group_name, group_name, send_to_group
+from .fanout import Inbox
+from .frames import control_group_name, group_name
 from .outcome import Outcome
 from .prompt import build_prompt, build_prompt_safe, prompt_for_estimate
 from .runtime import Runtime
 from .service import (
+    broadcast,
     request_snapshot,
     request_stop,
     running_generation,
+    send_to_group,
     start_detached,
     start_generation,
+    unwatch,
+    watch,
 )
 from .store import (
     WORKER_ID,
@@ -64,12 +70,13 @@ from .task import Generation
 from .upstream import StreamEvent, clean_provider_text, uses_demo_model
 
 __all__ = [
-    "Busy", "ConcurrencyLimit", "Forbidden", "Generation", "GenerationError", "InvalidRequest",
+    "Busy", "ConcurrencyLimit", "Forbidden", "Generation", "GenerationError", "Inbox",
+    "InvalidRequest",
     "Outcome", "PreparedRun", "QuotaExceeded", "RunRef", "Runtime", "StreamEvent",
     "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "autostop", "broadcast", "budgets",
     "build_prompt", "build_prompt_safe", "clean_provider_text", "control_group_name",
     "finalize", "finish_stale", "frames", "group_name", "leases", "load_state", "prepare_edit",
     "prepare_message", "prepare_regenerate", "prepare_run", "prompt_for_estimate",
     "request_snapshot", "request_stop", "running_generation", "send_to_group", "start_detached",
-    "start_generation", "store", "uses_demo_model", "validate_model",
+    "start_generation", "store", "unwatch", "uses_demo_model", "validate_model", "watch",
 ]

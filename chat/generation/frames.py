@@ -1,8 +1,9 @@
-"""Every server frame, and the one way to send a frame to a conversation's sockets.
+"""Every server frame, and the envelope that carries one between processes.
 
 The WebSocket protocol in README.md is the contract; this module is the only place in
 chat/ that knows a frame's shape or the ``chat.frame`` envelope that carries it through
-the channel layer (tests/test_architecture.py checks it). Payloads of messages and
+the channel layer (tests/test_architecture.py checks it). Sending is
+chat.generation.fanout's (``service.send_to_group``). Payloads of messages and
 conversations are the dicts of ``Message.to_dict()`` / ``Conversation.to_dict()``, the
 one serializer the REST API shares (chat.api.serializers delegates to it).
 
@@ -16,8 +17,6 @@ Nothing here imports the rest of chat/: frames are data.
 from __future__ import annotations
 
 import uuid
-
-from channels.layers import get_channel_layer
 
 # Types of the frames the server sends to browsers (README, "WebSocket protocol").
 SERVER_FRAME_TYPES = frozenset({
@@ -104,21 +103,11 @@ def snapshot(message_id: str, content: str, seq: int | None, reasoning: str = ""
 
 
 # --- channel-layer messages --------------------------------------------------------------
-def envelope(frame: dict) -> dict:
-    """The channel-layer message carrying ``frame`` to a group's sockets
-    (ChatConsumer.chat_frame)."""
-    return {"type": "chat.frame", "frame": frame}
-
-
-async def send_to_group(conversation_id, frame: dict, *, layer=None) -> None:
-    """Send ``frame`` to every socket of the conversation, in whichever process.
-    Raises what the channel layer raises."""
-    layer = layer or get_channel_layer()
-    await layer.group_send(group_name(conversation_id), envelope(frame))
-
-
-# The name callers of the old module knew.
-broadcast = send_to_group
+def envelope(frame: dict, *, group: str, origin: str) -> dict:
+    """The channel-layer message carrying ``frame`` to the other processes watching
+    ``group`` (their chat.generation.fanout relay); ``origin`` names the sending
+    process's Fanout, whose own relay ignores it (its sockets had the frame already)."""
+    return {"type": "chat.frame", "frame": frame, "group": group, "origin": origin}
 
 
 def stop_request(user_id: int, reason: str) -> dict:

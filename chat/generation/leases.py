@@ -102,7 +102,9 @@ async def sweep_once(layer=None) -> list[dict]:
     finished = await database_sync_to_async(finish_expired, thread_sensitive=False)()
     for conversation_id, frame in finished:
         try:
-            await frames.send_to_group(conversation_id, frame, layer=layer)
+            await Runtime.current().fanout.publish(
+                conversation_id, frame, layer or get_channel_layer()
+            )
         except Exception:  # noqa: BLE001 - the row is final; a lost frame is repaired by sync
             logger.exception("could not publish the end of %s", frame["message_id"])
     return [frame for _, frame in finished]

@@ -3,12 +3,13 @@
 It holds what used to be six module-level registries: the generations running here
 (by conversation), the provider clients (their connection pools are bound to the
 loop), the demo model server, the loop's background tasks (lease checkpointer and
-sweeper) and the tasks that own detached runs (the SSE view's). Tests run one loop per
-test and daphne one per process, so a Runtime lives and dies with its loop (weakly
-keyed: nothing outlives a closed loop).
+sweeper) and the tasks that own detached runs (the SSE view's); and the loop's
+:class:`~chat.generation.fanout.Fanout` (the sockets watching each conversation). Tests
+run one loop per test and daphne one per process, so a Runtime lives and dies with its
+loop (weakly keyed: nothing outlives a closed loop).
 
-Only this module keeps mutable per-loop state; everything else asks
-``Runtime.current()`` through the public methods below.
+Only this module (and the Fanout it owns) keeps mutable per-loop state; everything else
+asks ``Runtime.current()`` through the public methods below.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from django.conf import settings
 
 from ..demo_model import UpstreamServer
 from . import upstream
+from .fanout import Fanout
 
 if TYPE_CHECKING:
     from .task import Generation
@@ -44,6 +46,8 @@ class Runtime:
         self._services: dict[str, asyncio.Task] = {}
         self._detached: set[asyncio.Task] = set()
         self._background: set[asyncio.Task] = set()
+        # The sockets of this loop by conversation, and the relay to other processes.
+        self.fanout = Fanout()
 
     @classmethod
     def current(cls) -> Runtime:

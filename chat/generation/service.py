@@ -38,6 +38,28 @@ def running_generation(conversation_id) -> Generation | None:
     return Runtime.current().get(conversation_id)
 
 
+async def send_to_group(conversation_id, frame: dict, *, layer=None) -> None:
+    """Send ``frame`` (a chat.generation.frames dict) to every socket of the
+    conversation: this process's directly, other processes' through the channel layer
+    (chat.generation.fanout). Raises what the channel layer raises."""
+    await Runtime.current().fanout.publish(conversation_id, frame, layer or get_channel_layer())
+
+
+# The name callers of the old module knew.
+broadcast = send_to_group
+
+
+async def watch(conversation_id, inbox, *, layer=None) -> None:
+    """Give ``inbox`` (a fanout.Inbox) every frame of the conversation from now on, in
+    whichever process it is published (Fanout.watch). Raises what the layer raises."""
+    await Runtime.current().fanout.watch(conversation_id, inbox, layer or get_channel_layer())
+
+
+async def unwatch(conversation_id, inbox) -> None:
+    """Stop ``inbox``'s frames (idempotent, never raises)."""
+    await Runtime.current().fanout.unwatch(conversation_id, inbox)
+
+
 def _clean_input(mode: str, content: str | None, create: dict | None):
     """``(content, create)`` after chat.validation's text rules; raises InvalidRequest."""
     try:
@@ -91,7 +113,7 @@ async def start_generation(
     # Straight to the group, not through the run's outbox: its subscribers (an SSE
     # client) wait for *their* generation.end.
     for frame in run.stale_ends:
-        await frames.send_to_group(run.conversation["id"], frame, layer=generation.layer)
+        await send_to_group(run.conversation["id"], frame, layer=generation.layer)
     if run.user_message is not None:
         generation.publish(frames.user_message(run.user_message, run.conversation))
     generation.publish(frames.generation_start(run.assistant_message))

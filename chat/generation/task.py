@@ -59,6 +59,7 @@ class Generation:
     task: asyncio.Task | None = None
     cancel_reason: str | None = None
     _pending: list[tuple[str, str]] = field(default_factory=list)
+    _pending_chars: int = 0
     _flush_handle: asyncio.TimerHandle | None = None
     _outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     _delta_queued: bool = False
@@ -86,8 +87,9 @@ class Generation:
 
     @property
     def queued_frames(self) -> int:
-        """Frames waiting for the channel layer; the run stops reading upstream at
-        ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
+        """Frames waiting to be published (local sockets get them without waiting; the
+        channel layer, for other processes, may make them wait); the run stops reading
+        upstream at ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
         return self._outbox.qsize()
 
     def is_streaming(self) -> bool:
@@ -162,17 +164,24 @@ class Generation:
                     for queue in self._subscribers:
                         queue.put_nowait(frame)
                     try:
-                        await frames.send_to_group(self.conversation_id, frame,
-                                                   layer=self.layer)
+                        # This process's sockets at once; the layer only for other processes.
+                        await self.runtime.fanout.publish(self.conversation_id, frame,
+                                                          self.layer)
                     except Exception:  # noqa: BLE001 - a layer hiccup must not kill the run
                         logger.exception("group_send failed for %s", self.message_id)
             finally:
                 self._outbox.task_done()
 
     def _append(self, content: str, kind: str = _CONTENT) -> None:
+        """Add provider text (answer or reasoning): coalesced by time (a frame at most
+        every CHAT_DELTA_COALESCE_MS) and by size (at once when CHAT_DELTA_MAX_CHARS are
+        pending, so a fast provider's text does not wait for the window)."""
         (self.text if kind == _CONTENT else self.reasoning).append(content)
         self._pending.append((kind, content))
-        if self._flush_handle is None:
+        self._pending_chars += len(content)
+        if self._pending_chars >= settings.CHAT_DELTA_MAX_CHARS:
+            self._flush()
+        elif self._flush_handle is None:
             window = settings.CHAT_DELTA_COALESCE_MS / 1000
             self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
 
@@ -203,6 +212,7 @@ class Generation:
             else:
                 runs.append((kind, [text]))
         self._pending.clear()
+        self._pending_chars = 0
         for kind, texts in runs:
             content = "".join(texts)
             self.seq += 1

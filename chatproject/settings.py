@@ -310,6 +310,13 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
 CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
 # Frames a generation may queue for the channel layer before it waits for them to be sent.
 CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
+# Admission control (chat.generation.admission; docs/scale.md): new generations are
+# refused with `overloaded` (HTTP 503) when this worker runs this many (0 = no limit) ...
+CHAT_MAX_STREAMS_PER_WORKER = env_int("CHAT_MAX_STREAMS_PER_WORKER", 0)
+# ... or when its event loop runs late by more than this on average (ms, 0 = off) ...
+CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 500)
+# ... and tell the client to try again after this long (ms, times 1 to 1.5 at random).
+CHAT_OVERLOAD_RETRY_MS = env_int("CHAT_OVERLOAD_RETRY_MS", 2000)
 # The streaming assistant message is written to the database at least this often (ms).
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.

@@ -13,6 +13,7 @@ Modules, each depending only on those listed before it::
     store     the transactions: prepare_*, finalize, finish_stale, checkpoints, load_state
     upstream  the provider client and the reading of one stream into StreamEvents
     runtime   Runtime: the per-event-loop registry (runs, clients, demo server, services)
+    admission refuse new runs past this worker's capacity (overloaded, HTTP 503)
     task      Generation: the running task, cancellation, coalescing, publishing
     leases    the checkpointer, the sweeper of dead processes' runs, worker stats
     sequencer FrameSequencer: what one socket may send (no I/O)
@@ -25,13 +26,14 @@ the connection close and stops generating. Every run, whatever its end, finishes
 exactly one ``generation.end`` frame and one ``UsageRecord``.
 """
 
-from . import autostop, budgets, frames, leases, store
+from . import admission, autostop, budgets, frames, leases, store
 from .errors import (
     Busy,
     ConcurrencyLimit,
     Forbidden,
     GenerationError,
     InvalidRequest,
+    Overloaded,
     QuotaExceeded,
     UpstreamFailure,
     UpstreamTimeout,
@@ -65,8 +67,9 @@ from .upstream import StreamEvent, clean_provider_text, uses_demo_model
 
 __all__ = [
     "Busy", "ConcurrencyLimit", "Forbidden", "Generation", "GenerationError", "InvalidRequest",
-    "Outcome", "PreparedRun", "QuotaExceeded", "RunRef", "Runtime", "StreamEvent",
-    "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "autostop", "broadcast", "budgets",
+    "Outcome", "Overloaded", "PreparedRun", "QuotaExceeded", "RunRef", "Runtime", "StreamEvent",
+    "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "admission", "autostop", "broadcast",
+    "budgets",
     "build_prompt", "build_prompt_safe", "clean_provider_text", "control_group_name",
     "finalize", "finish_stale", "frames", "group_name", "leases", "load_state", "prepare_edit",
     "prepare_message", "prepare_regenerate", "prepare_run", "prompt_for_estimate",

@@ -43,6 +43,12 @@ class Runtime:
         self._demo_server: UpstreamServer | None = None
         self._services: dict[str, asyncio.Task] = {}
         self._detached: set[asyncio.Task] = set()
+        # Admission control (chat.generation.admission): the smoothed lateness of the
+        # loop's probe timer (ms), its largest single lateness, and whether new
+        # generations are refused for lag (kept for the hysteresis).
+        self.loop_lag_ms = 0.0
+        self.loop_lag_peak_ms = 0.0
+        self.lag_refusing = False
 
     @classmethod
     def current(cls) -> Runtime:

@@ -19,7 +19,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from .. import validation
-from . import frames, leases, store
+from . import admission, frames, leases, store
 from .errors import InvalidRequest
 from .runtime import Runtime
 from .task import Generation
@@ -70,14 +70,17 @@ async def start_generation(
     ``{"model", "system_prompt"}`` for a conversation this message creates.
     Returns the running :class:`Generation` (its frames already queued: ``message``
     unless regenerating, then ``generation.start``). Raises GenerationError subclasses
-    (Forbidden, Busy, InvalidRequest, QuotaExceeded) before anything is sent
-    upstream; nothing is saved then. Text follows chat.validation (lone surrogates
+    (Forbidden, Busy, InvalidRequest, QuotaExceeded, Overloaded: this worker is past
+    its capacity, chat.generation.admission) before anything is sent upstream;
+    nothing is saved then. Text follows chat.validation (lone surrogates
     refused, NUL dropped), whichever door it came through.
     """
     prepare = _PREPARE.get(mode)
     if prepare is None:
         raise InvalidRequest(f"Unknown mode {mode!r}.")
     content, create = _clean_input(mode, content, create)
+    # Before the database: a refused message leaves no row (no orphan user message).
+    admission.admit()
     leases.ensure_sweeper(layer)
     # Not thread-sensitive: self-contained transactions may run in the executor's
     # threads, beside the one thread Channels gives session and user loading (under

@@ -182,20 +182,24 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
-# "pubsub" (default): channels-redis RedisPubSubChannelLayer; "core": RedisChannelLayer.
+# "pubsub" (default): channels-redis RedisPubSubChannelLayer publishing in batches
+# (chat.pubsub); "pubsub-plain": the stock layer, one locked round trip per message
+# (collapsed past K = 200 streams: docs/scale.md); "core": RedisChannelLayer.
 # Measured in docs/scale.md: the core layer pops one message per Redis round trip per
 # process and drops silently over `capacity`; pubsub lost nothing at the same load.
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
-if CHANNEL_LAYER not in {"pubsub", "core"}:
-    raise ValueError(f"CHANNEL_LAYER={CHANNEL_LAYER!r} is not 'pubsub' or 'core'")
+if CHANNEL_LAYER not in {"pubsub", "pubsub-plain", "core"}:
+    raise ValueError(
+        f"CHANNEL_LAYER={CHANNEL_LAYER!r} is not 'pubsub', 'pubsub-plain' or 'core'")
 # redis-py 8 times reads out after 5 s by default, exactly the time channels-redis blocks
 # in BZPOPMIN (core layer): every idle receive (a consumer, a generation's stop listener)
 # then died with TimeoutError.
 REDIS_HOST = {"address": REDIS_URL, "socket_timeout": 30}
-if REDIS_URL and CHANNEL_LAYER == "pubsub":
+if REDIS_URL and CHANNEL_LAYER.startswith("pubsub"):
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": ("chat.pubsub.BatchingPubSubChannelLayer" if CHANNEL_LAYER == "pubsub"
+                        else "channels_redis.pubsub.RedisPubSubChannelLayer"),
             "CONFIG": {"hosts": [REDIS_HOST], "prefix": env_str("CHANNEL_PREFIX", "asgi")},
         }
     }

@@ -319,6 +319,8 @@ CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
 CHAT_MAX_STREAMS_PER_WORKER = env_int("CHAT_MAX_STREAMS_PER_WORKER", 0)
 # ... or when its event loop runs late by more than this on average (ms, 0 = off) ...
 CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 500)
+# ... or when its event loop is busy more than this share of the time (%, 0 = off) ...
+CHAT_MAX_LOOP_BUSY_PCT = env_int("CHAT_MAX_LOOP_BUSY_PCT", 90)
 # ... and tell the client to try again after this long (ms, times 1 to 1.5 at random).
 CHAT_OVERLOAD_RETRY_MS = env_int("CHAT_OVERLOAD_RETRY_MS", 2000)
 # The streaming assistant message is written to the database at least this often (ms).

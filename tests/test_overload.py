@@ -78,6 +78,7 @@ async def test_an_event_loop_that_runs_late_refuses_new_answers_then_admits_them
     alice, bob, upstream, connect, settings
 ):
     settings.CHAT_MAX_LOOP_LAG_MS = 100
+    settings.CHAT_MAX_LOOP_BUSY_PCT = 0
     upstream.answer = ANSWER
     upstream.tokens_per_second = 40
     first = await open_socket(connect, alice)
@@ -103,6 +104,40 @@ async def test_an_event_loop_that_runs_late_refuses_new_answers_then_admits_them
         return answer if answer["type"] == "generation.start" else None
 
     # The smoothed lag falls under half the limit within a few seconds of an idle loop.
+    assert await eventually(admitted, timeout=10, interval=0.3)
+    assert (await second.receive_type("generation.end", timeout=20))["status"] == "completed"
+
+
+async def test_an_event_loop_busy_nearly_all_the_time_refuses_before_any_lag_builds_up(
+    alice, bob, upstream, connect, settings
+):
+    settings.CHAT_MAX_LOOP_LAG_MS = 0
+    settings.CHAT_MAX_LOOP_BUSY_PCT = 60
+    upstream.answer = ANSWER
+    upstream.tokens_per_second = 40
+    first = await open_socket(connect, alice)
+    start = await first_answer(first, "Count slowly")
+    assert start["type"] == "generation.start"
+    second = await open_socket(connect, bob)
+
+    # Work in 20 ms slices for 2 s: no callback waits long (no lag to speak of), but
+    # the loop is never idle, as a worker given more work than it can do.
+    until = time.monotonic() + 2
+    while time.monotonic() < until:
+        spin = time.perf_counter() + 0.02
+        while time.perf_counter() < spin:
+            pass
+        await asyncio.sleep(0)
+    refused = await first_answer(second, "And me")
+    assert refused["type"] == "error" and refused["code"] == "overloaded"
+    assert refused["reason"] == "busy"
+    end = await first.receive_type("generation.end", timeout=20)
+    assert end["status"] == "completed" and first.text(start["message"]["id"]) == ANSWER
+
+    async def admitted():
+        answer = await first_answer(second, "And me")
+        return answer if answer["type"] == "generation.start" else None
+
     assert await eventually(admitted, timeout=10, interval=0.3)
     assert (await second.receive_type("generation.end", timeout=20))["status"] == "completed"
 

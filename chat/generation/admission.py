@@ -2,8 +2,8 @@
 cannot keep up refuses NEW generations with ``overloaded`` (HTTP 503) so that the runs
 it already streams keep their lag bounded.
 
-Two signals, checked by :func:`admit` before anything is saved (docs/scale.md,
-"Admission control", says why these two):
+Three signals, checked by :func:`admit` before anything is saved (docs/scale.md,
+"Admission control", says why these):
 
 - **streams**: generations registered on this event loop (starting, streaming or
   ending) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit). The operator's
@@ -18,6 +18,13 @@ Two signals, checked by :func:`admit` before anything is saved (docs/scale.md,
   loop) raises the average by about 420 ms, a lag that lasts raises it to its size.
   Once refusing for lag, the worker admits again only when the average fell under half
   the limit (hysteresis: no flapping at the edge).
+- **event-loop busy share**: the share of wall time the loop spends outside its
+  selector's ``select()`` (running callbacks, or runnable and waiting for a CPU),
+  averaged with a time constant of ``BUSY_SMOOTHING_S`` (1 s), against
+  ``CHAT_MAX_LOOP_BUSY_PCT`` (90; 0 = off); admits again 10 points under it. The early
+  signal: a loop reaches 100 % busy as soon as the work offered exceeds what it can do,
+  while the lag only grows once a queue has built up, seconds later, when a burst of
+  starts (100 a second in bench.throughput's ramp) has all been admitted already.
 
 The per-loop figures live on :class:`~chat.generation.runtime.Runtime` (``loop_lag_ms``,
 ``lag_refusing``); this module only measures and decides.
@@ -29,6 +36,7 @@ import asyncio
 import logging
 import math
 import random
+import time
 
 from django.conf import settings
 
@@ -39,13 +47,45 @@ logger = logging.getLogger(__name__)
 
 PROBE_S = 0.1
 SMOOTHING_S = 2.0
+BUSY_SMOOTHING_S = 1.0
+BUSY_HYSTERESIS_PCT = 10
+
+
+class _TimedSelector:
+    """The loop's selector, timing ``select()``: the time the loop was idle (s)."""
+
+    def __init__(self, selector):
+        self._selector = selector
+        self.idle_s = 0.0
+
+    def select(self, timeout=None):
+        started = time.perf_counter()
+        try:
+            return self._selector.select(timeout)
+        finally:
+            self.idle_s += time.perf_counter() - started
+
+    def __getattr__(self, name):
+        return getattr(self._selector, name)
+
+
+def _timed_selector(loop) -> _TimedSelector | None:
+    """The loop's selector wrapped once (asyncio selector loops: daphne's and the
+    tests'); None for a loop without one (the busy signal is then off)."""
+    selector = getattr(loop, "_selector", None)
+    if selector is None or isinstance(selector, _TimedSelector):
+        return selector
+    loop._selector = _TimedSelector(selector)
+    return loop._selector
 
 
 async def _probe_lag(runtime: Runtime) -> None:
     """Forever: sleep ``PROBE_S``, add how late the wake-up came to the loop's average."""
     loop = runtime.loop
+    selector = _timed_selector(loop)
     while True:
         before = loop.time()
+        idle_before = selector.idle_s if selector is not None else 0.0
         await asyncio.sleep(PROBE_S)
         elapsed = loop.time() - before
         late_ms = max(0.0, elapsed - PROBE_S) * 1000.0
@@ -53,12 +93,16 @@ async def _probe_lag(runtime: Runtime) -> None:
         weight = 1.0 - math.exp(-elapsed / SMOOTHING_S)
         runtime.loop_lag_ms += (late_ms - runtime.loop_lag_ms) * weight
         runtime.loop_lag_peak_ms = max(runtime.loop_lag_peak_ms, late_ms)
+        if selector is not None and elapsed > 0:
+            busy_pct = 100.0 * max(0.0, 1.0 - (selector.idle_s - idle_before) / elapsed)
+            weight = 1.0 - math.exp(-elapsed / BUSY_SMOOTHING_S)
+            runtime.loop_busy_pct += (busy_pct - runtime.loop_busy_pct) * weight
 
 
 def ensure_probe() -> asyncio.Task | None:
-    """Start this loop's lag probe unless it runs (cheap; call it freely). None when
-    ``CHAT_MAX_LOOP_LAG_MS`` is 0 (the lag signal is off)."""
-    if not settings.CHAT_MAX_LOOP_LAG_MS:
+    """Start this loop's probe unless it runs (cheap; call it freely). None when both
+    ``CHAT_MAX_LOOP_LAG_MS`` and ``CHAT_MAX_LOOP_BUSY_PCT`` are 0 (both signals off)."""
+    if not settings.CHAT_MAX_LOOP_LAG_MS and not settings.CHAT_MAX_LOOP_BUSY_PCT:
         return None
     runtime = Runtime.current()
     return runtime.ensure_service("loop-lag-probe", lambda: _probe_lag(runtime))
@@ -71,25 +115,29 @@ def retry_after_ms() -> int:
 
 
 def refusal_reason(runtime: Runtime) -> str | None:
-    """Why this loop refuses new generations now (``"streams"`` or ``"lag"``), or None
-    when it admits them. Updates the lag hysteresis state."""
+    """Why this loop refuses new generations now (``"streams"``, ``"lag"`` or
+    ``"busy"``), or None when it admits them. Updates the hysteresis state."""
     limit = settings.CHAT_MAX_STREAMS_PER_WORKER
     if limit and runtime.count() >= limit:
         return "streams"
     max_lag = settings.CHAT_MAX_LOOP_LAG_MS
-    if not max_lag:
-        runtime.lag_refusing = False
-        return None
     lag = runtime.loop_lag_ms
     was = runtime.lag_refusing
-    runtime.lag_refusing = lag > max_lag or (was and lag > max_lag / 2)
-    if runtime.lag_refusing != was:
+    runtime.lag_refusing = bool(max_lag) and (lag > max_lag or (was and lag > max_lag / 2))
+    max_busy = settings.CHAT_MAX_LOOP_BUSY_PCT
+    busy = runtime.loop_busy_pct
+    was_busy = runtime.busy_refusing
+    runtime.busy_refusing = bool(max_busy) and (
+        busy > max_busy or (was_busy and busy > max_busy - BUSY_HYSTERESIS_PCT))
+    if (runtime.lag_refusing or runtime.busy_refusing) != (was or was_busy):
         logger.warning(
-            "%s new generations: event-loop lag %.0f ms (limit %s ms), %d running",
-            "refusing" if runtime.lag_refusing else "admitting again", lag, max_lag,
-            runtime.count(),
+            "%s new generations: event-loop lag %.0f ms (limit %s), busy %.0f %% (limit %s), "
+            "%d running", "refusing" if runtime.lag_refusing or runtime.busy_refusing
+            else "admitting again", lag, max_lag, busy, max_busy, runtime.count(),
         )
-    return "lag" if runtime.lag_refusing else None
+    if runtime.lag_refusing:
+        return "lag"
+    return "busy" if runtime.busy_refusing else None
 
 
 def admit() -> None:
@@ -109,8 +157,10 @@ def admit() -> None:
 
 def stats() -> dict:
     """This loop's admission figures for ``worker.stats``: ``loop_lag_ms`` (smoothed),
-    ``loop_lag_peak_ms`` (largest single lateness since start), ``refusing``."""
+    ``loop_lag_peak_ms`` (largest single lateness since start), ``loop_busy_pct``
+    (smoothed), ``refusing`` (the reason, or None)."""
     runtime = Runtime.current()
     return {"loop_lag_ms": round(runtime.loop_lag_ms, 1),
+            "loop_busy_pct": round(runtime.loop_busy_pct, 1),
             "loop_lag_peak_ms": round(runtime.loop_lag_peak_ms, 1),
             "refusing": refusal_reason(runtime)}

@@ -49,6 +49,9 @@ class Runtime:
         self.loop_lag_ms = 0.0
         self.loop_lag_peak_ms = 0.0
         self.lag_refusing = False
+        # ... and the smoothed share of wall time the loop was busy (%), likewise.
+        self.loop_busy_pct = 0.0
+        self.busy_refusing = False
 
     @classmethod
     def current(cls) -> Runtime:

@@ -56,7 +56,8 @@ Columns (one row per configuration and K):
 - chunks after stop: chunks the upstream wrote after the stop was sent, summed over the
   stopped streams;
 - refused: ``{"type": "error", "code": "overloaded"}`` frames the clients received
-  (admission control; none before it exists);
+  (admission control, chat.generation.admission: a worker past its capacity refuses
+  new runs);
 - unfinished / errors: streams still running when they were closed, 5 s after the
   window (their lag was longer than 4 s) / streams that failed otherwise (an error
   frame or a closed socket, or no token at all without being stopped or refused).

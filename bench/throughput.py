@@ -256,6 +256,8 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
         # A second tab on another worker, once the answer runs (its state frame then
         # shows the run); the stop it sends crosses processes through the layer.
         await client.started.wait()
+        if client.ended.is_set():  # refused (overloaded) or failed: nothing to stop
+            return
         await stopper.open(spec.stop_port, conversation, spec.cookie,
                            timeout=deadline - time.monotonic(), close_timeout=2)
 
@@ -269,9 +271,11 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
             if spec.stop is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(client.ended.wait(), t0 + spec.stop - time.monotonic())
+                if not client.ended.is_set() and opening is not None:
+                    # The second tab opens once the answer started, or at once when it
+                    # was refused (then no stop is sent: there is nothing to stop).
+                    await opening
                 if not client.ended.is_set():
-                    if opening is not None:
-                        await opening
                     record.stop_sent_at = time.monotonic()
                     await (stopper or client).send({"type": "stop"})
             await client.ended.wait()
@@ -469,7 +473,7 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
     after_stop = 0
     not_closed = 0
     for result in results:
-        if result["stop_sent_at"] is None:
+        if result["stop_sent_at"] is None or result["refused"]:
             continue
         request = by_tag.get(result["tag"])
         if request is None or request["client_closed_at"] is None:

@@ -74,6 +74,29 @@ async def test_a_worker_at_its_stream_limit_refuses_with_overloaded_while_runnin
     assert (await refused_ws.receive_type("generation.end", timeout=20))["status"] == "completed"
 
 
+async def test_starts_waiting_for_their_transaction_past_the_limit_are_refused(
+    alice, bob, carol, upstream, connect, settings
+):
+    settings.CHAT_MAX_PENDING_STARTS = 1
+    upstream.answer = ANSWER
+    upstream.tokens_per_second = 200
+    sockets = [await open_socket(connect, user) for user in (alice, bob, carol)]
+    # All three at once: the first one's transaction (in a thread) is still running
+    # when the others are checked.
+    await asyncio.gather(*(ws.send({"type": "message", "content": f"Question {n}"})
+                           for n, ws in enumerate(sockets)))
+    answers = await asyncio.gather(*(
+        ws.receive_until(lambda f: f["type"] in ("generation.start", "error"))
+        for ws in sockets))
+    refused = [a for a in answers if a["type"] == "error"]
+    assert any(a["type"] == "generation.start" for a in answers)
+    assert refused and all(a["code"] == "overloaded" and a["reason"] == "starts"
+                           for a in refused)
+    for ws, answer in zip(sockets, answers, strict=True):
+        if answer["type"] == "generation.start":
+            assert (await ws.receive_type("generation.end", timeout=20))["status"] == "completed"
+
+
 async def test_an_event_loop_that_runs_late_refuses_new_answers_then_admits_them_again(
     alice, bob, upstream, connect, settings
 ):

@@ -2,12 +2,17 @@
 cannot keep up refuses NEW generations with ``overloaded`` (HTTP 503) so that the runs
 it already streams keep their lag bounded.
 
-Three signals, checked by :func:`admit` before anything is saved (docs/scale.md,
+Four signals, checked by :func:`admit` before anything is saved (docs/scale.md,
 "Admission control", says why these):
 
 - **streams**: generations registered on this event loop (starting, streaming or
   ending) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit). The operator's
   capacity plan: deterministic, cheap, and it holds before the loop shows any lag.
+- **starts waiting**: starts admitted whose transaction (``store.prepare_*``, in the
+  executor's threads) has not finished, against ``CHAT_MAX_PENDING_STARTS`` (32; 0 =
+  no limit). Invisible to the loop's signals: while the threads work the loop idles in
+  ``select()``; measured on PostgreSQL + Redis at K = 400, 150 starts were admitted in
+  the burst and the first tokens came 10 s later.
 - **event-loop lag**: a timer that should fire every ``PROBE_S`` (100 ms) measures how
   late it fires; the lateness (ms) is smoothed (exponential moving average with a time
   constant of ``SMOOTHING_S``, 2 s) and compared with ``CHAT_MAX_LOOP_LAG_MS`` (0 =
@@ -115,11 +120,14 @@ def retry_after_ms() -> int:
 
 
 def refusal_reason(runtime: Runtime) -> str | None:
-    """Why this loop refuses new generations now (``"streams"``, ``"lag"`` or
-    ``"busy"``), or None when it admits them. Updates the hysteresis state."""
+    """Why this loop refuses new generations now (``"streams"``, ``"starts"``,
+    ``"lag"`` or ``"busy"``), or None when it admits them. Updates the hysteresis state."""
     limit = settings.CHAT_MAX_STREAMS_PER_WORKER
-    if limit and runtime.count() >= limit:
+    if limit and runtime.count() + runtime.starting >= limit:
         return "streams"
+    pending = settings.CHAT_MAX_PENDING_STARTS
+    if pending and runtime.starting >= pending:
+        return "starts"
     max_lag = settings.CHAT_MAX_LOOP_LAG_MS
     lag = runtime.loop_lag_ms
     was = runtime.lag_refusing
@@ -160,7 +168,8 @@ def stats() -> dict:
     ``loop_lag_peak_ms`` (largest single lateness since start), ``loop_busy_pct``
     (smoothed), ``refusing`` (the reason, or None)."""
     runtime = Runtime.current()
-    return {"loop_lag_ms": round(runtime.loop_lag_ms, 1),
+    return {"starting": runtime.starting,
+            "loop_lag_ms": round(runtime.loop_lag_ms, 1),
             "loop_busy_pct": round(runtime.loop_busy_pct, 1),
             "loop_lag_peak_ms": round(runtime.loop_lag_peak_ms, 1),
             "refusing": refusal_reason(runtime)}

@@ -52,6 +52,8 @@ class Runtime:
         # ... and the smoothed share of wall time the loop was busy (%), likewise.
         self.loop_busy_pct = 0.0
         self.busy_refusing = False
+        # Starts admitted whose transaction has not finished (service.start_generation).
+        self.starting = 0
 
     @classmethod
     def current(cls) -> Runtime:

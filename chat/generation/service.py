@@ -82,13 +82,18 @@ async def start_generation(
     # Before the database: a refused message leaves no row (no orphan user message).
     admission.admit()
     leases.ensure_sweeper(layer)
+    runtime = Runtime.current()
+    # Counted from admission to the end of its transaction (admission's "starts").
+    runtime.starting += 1
     # Not thread-sensitive: self-contained transactions may run in the executor's
     # threads, beside the one thread Channels gives session and user loading (under
     # load that thread was the queue new sockets waited in; docs/scale.md).
-    run = await database_sync_to_async(prepare, thread_sensitive=False)(
-        user, conversation_id, content, create
-    )
-    runtime = Runtime.current()
+    try:
+        run = await database_sync_to_async(prepare, thread_sensitive=False)(
+            user, conversation_id, content, create
+        )
+    finally:
+        runtime.starting -= 1
     generation = Generation(run=run, layer=layer or get_channel_layer(), runtime=runtime)
     runtime.add(generation)
     # Straight to the group, not through the run's outbox: its subscribers (an SSE

@@ -73,7 +73,7 @@ class ConcurrencyLimit(Busy):
 class Overloaded(GenerationError):
     """This worker refuses new generations to keep its running ones on time
     (``overloaded``; chat.generation.admission). ``extra``: ``retry_after_ms`` (the
-    hint, ms) and ``reason`` (``streams`` or ``lag``).
+    hint, ms) and ``reason`` (``streams``, ``starts``, ``lag`` or ``busy``).
 
     HTTP 503 Service Unavailable with ``Retry-After`` in whole seconds, rounded up (RFC
     9110, sections 15.6.4 and 10.2.3): the server is temporarily unable to handle the

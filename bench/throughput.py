@@ -48,11 +48,16 @@ Columns (one row per configuration and K):
 - TTFT p50: message frame sent -> first delta received (floor: request sent -> first
   content chunk);
 - stop -> close p50 / p99 (n): stop frame sent -> the upstream saw the connection
-  closed (monotonic clock on both sides), over the stopped streams;
+  closed (monotonic clock on both sides), over the stopped streams. With ``--stop-via
+  other-worker`` (needs ``--workers`` 2 or more) the stop is sent by a second tab of
+  the same user and conversation connected to ANOTHER worker than the one running the
+  answer (opened once the answer started): a cross-process stop, through the
+  channel layer;
 - chunks after stop: chunks the upstream wrote after the stop was sent, summed over the
   stopped streams;
 - refused: ``{"type": "error", "code": "overloaded"}`` frames the clients received
-  (admission control; none before it exists);
+  (admission control, chat.generation.admission: a worker past its capacity refuses
+  new runs);
 - unfinished / errors: streams still running when they were closed, 5 s after the
   window (their lag was longer than 4 s) / streams that failed otherwise (an error
   frame or a closed socket, or no token at all without being stopped or refused).
@@ -160,14 +165,17 @@ class StreamSpec:
     stop: float | None
     port: int = 0  # app: the worker's port
     cookie: str = ""  # app: the user's session
+    stop_port: int = 0  # app, --stop-via other-worker: the port the stop is sent to
 
 
 def make_specs(k: int, run_tag: str, timeline: Timeline, rate: float, *, stop_share: float,
                seed: int, ports: list[int] | None = None,
-               cookies: list[str] | None = None) -> list[StreamSpec]:
+               cookies: list[str] | None = None,
+               stop_via: str = "owner") -> list[StreamSpec]:
     """K streams started evenly over the ramp, each lasting to ``tail`` s after the
     window; ``round(stop_share * k)`` of them (spread over the ramp) stopped at a random
-    point between 10 % and 90 % of the window."""
+    point between 10 % and 90 % of the window; with ``stop_via="other-worker"``, by a
+    tab on the next worker of ``ports`` (the stream's own is ``ports[i % n]``)."""
     rng = random.Random(seed)
     start_w, end_w = timeline.window
     stopped = set()
@@ -184,6 +192,9 @@ def make_specs(k: int, run_tag: str, timeline: Timeline, rate: float, *, stop_sh
             index=i, tag=f"{run_tag}-{i} tokens={tokens}", tokens=tokens, start=start,
             stop=stop, port=ports[i % len(ports)] if ports else 0,
             cookie=cookies[i] if cookies else "",
+            stop_port=(ports[(i + 1) % len(ports)]
+                       if stop is not None and stop_via == "other-worker" and ports
+                       and len(ports) > 1 else 0),
         ))
     return specs
 
@@ -237,18 +248,36 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
     client = Client("owner")
     record = client.record
     timed_out = False
+    conversation = str(uuid.uuid4())
+    stopper = Client("stopper") if spec.stop_port else None
+    opening = None
+
+    async def open_stopper():
+        # A second tab on another worker, once the answer runs (its state frame then
+        # shows the run); the stop it sends crosses processes through the layer.
+        await client.started.wait()
+        if client.ended.is_set():  # refused (overloaded) or failed: nothing to stop
+            return
+        await stopper.open(spec.stop_port, conversation, spec.cookie,
+                           timeout=deadline - time.monotonic(), close_timeout=2)
+
     try:
         async with asyncio.timeout(deadline - time.monotonic()):
-            await client.open(spec.port, str(uuid.uuid4()), spec.cookie,
+            await client.open(spec.port, conversation, spec.cookie,
                               timeout=deadline - time.monotonic(), close_timeout=2)
             record.sent_at = time.monotonic()
             await client.send({"type": "message", "content": spec.tag})
+            opening = asyncio.create_task(open_stopper()) if stopper else None
             if spec.stop is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(client.ended.wait(), t0 + spec.stop - time.monotonic())
+                if not client.ended.is_set() and opening is not None:
+                    # The second tab opens once the answer started, or at once when it
+                    # was refused (then no stop is sent: there is nothing to stop).
+                    await opening
                 if not client.ended.is_set():
                     record.stop_sent_at = time.monotonic()
-                    await client.send({"type": "stop"})
+                    await (stopper or client).send({"type": "stop"})
             await client.ended.wait()
     except TimeoutError:
         timed_out = True
@@ -259,6 +288,13 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await client.close()
+        if stopper is not None:
+            stopper.record.left_early = True
+            if opening is not None and not opening.done():
+                opening.cancel()
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(5):
+                    await stopper.close()
     return stream_result(
         spec, sent_at=record.sent_at, first_at=record.first_delta_at,
         stop_sent_at=record.stop_sent_at, received_at=record.received_at,
@@ -437,7 +473,7 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
     after_stop = 0
     not_closed = 0
     for result in results:
-        if result["stop_sent_at"] is None:
+        if result["stop_sent_at"] is None or result["refused"]:
             continue
         request = by_tag.get(result["tag"])
         if request is None or request["client_closed_at"] is None:
@@ -513,6 +549,9 @@ def table(rows: list[dict]) -> str:
             "| lag p50 / p99 "
             "| TTFT p50 | stop → upstream close p50 / p99 (n) | chunks after stop "
             "| refused (overloaded) | unfinished / errors |")
+    if any(r.get("stop_via") == "other-worker" for r in rows):
+        head = head.replace("| stop → upstream close",
+                            "| stop from another worker's tab → upstream close")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         stop = r["stop_to_upstream_close_ms"]
@@ -656,7 +695,8 @@ class Harness:
                  postgres: str = "postgres://postgres@127.0.0.1:5432", database: str = "tp",
                  redis: str = "redis://127.0.0.1:6379/7", channel_prefix: str = "tp",
                  conn_max_age: int = 60, worker_env: dict[str, str] | None = None,
-                 stop_share: float = 0.1, seed: int = 1, quiet: bool = False):
+                 stop_share: float = 0.1, seed: int = 1, quiet: bool = False,
+                 stop_via: str = "owner"):
         self.rate = rate
         self.workers = workers
         self.client_procs = client_procs
@@ -667,6 +707,7 @@ class Harness:
         self.conn_max_age = conn_max_age
         self.worker_env = worker_env or {}
         self.stop_share = stop_share
+        self.stop_via = stop_via
         self.seed = seed
         self.quiet = quiet
         self.logs = ARTIFACTS / "throughput"
@@ -849,6 +890,7 @@ class Harness:
                 (waited_after[measured] - waited_before[measured]) / row["window_s"], 2)
             row["upstream_left_open"] = part["left_open"]
             row["workers"] = self.workers if config in APP_CONFIGS else 0
+            row["stop_via"] = self.stop_via if config in APP_CONFIGS else "owner"
             row["together_with"] = [c for c in configs if c != config]
             row["load_average"] = {"before": [round(x, 2) for x in load_before],
                                    "after": load_after}
@@ -889,7 +931,7 @@ class Harness:
         cookies = self.take_cookies(config, k + len(ports))
         part["specs"] = make_specs(k, run_tag, timeline, self.rate,
                                    stop_share=self.stop_share, seed=self.seed, ports=ports,
-                                   cookies=cookies[len(ports):])
+                                   cookies=cookies[len(ports):], stop_via=self.stop_via)
         n_clients = self.client_procs or max(1, math.ceil(k / 200))
         # The clients import while the workers start.
         for shard in range(n_clients):
@@ -922,6 +964,9 @@ def parse_args(argv=None):
                         help="client processes (default: one per 200 streams)")
     parser.add_argument("--stop-share", type=float, default=0.1,
                         help="share of the streams stopped during the window")
+    parser.add_argument("--stop-via", choices=("owner", "other-worker"), default="owner",
+                        help="who sends the stop: the owner's socket, or a second tab on "
+                        "another worker (a cross-process stop; needs --workers 2+)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment of the workers (repeatable)")
     parser.add_argument("--postgres", default="postgres://postgres@127.0.0.1:5432")
@@ -951,6 +996,8 @@ def parse_args(argv=None):
         args.worker_env = dict(item.split("=", 1) for item in args.worker_env)
     except ValueError:
         parser.error("--worker-env takes NAME=VALUE")
+    if args.stop_via == "other-worker" and args.workers < 2:
+        parser.error("--stop-via other-worker needs --workers 2 or more")
     if args.profile:
         args.profile_config = args.profile_config or args.configs[0]
         if args.profile_config not in args.configs or args.profile_k not in args.ks:
@@ -976,6 +1023,11 @@ def report(data: dict) -> str:
     if any(r.get("profiled") for r in rows):
         out.append("* profiled with py-spy during this row (--nonblocking, 100 Hz)")
     for row in rows:
+        if (row.get("workers") or 0) > 1:
+            out.append(f"  {row['label']} K={row['k']}, {row['workers']} workers: "
+                       f"{row['lost_tokens']} tokens lost, {row['duplicated_tokens']} "
+                       f"duplicated (completed streams), stop sent by "
+                       f"{row.get('stop_via', 'owner')}")
         if row["lost_tokens"] or row["duplicated_tokens"] or row["upstream_left_open"]:
             out.append(f"! {row['label']} K={row['k']}: {row['lost_tokens']} tokens lost, "
                        f"{row['duplicated_tokens']} duplicated, {row['upstream_left_open']} "
@@ -997,6 +1049,7 @@ def main(argv=None) -> int:
                  postgres=args.postgres, database=args.database, redis=args.redis,
                  channel_prefix=args.channel_prefix, conn_max_age=args.conn_max_age,
                  worker_env=args.worker_env, stop_share=args.stop_share,
+                 stop_via=args.stop_via,
                  seed=args.seed) as harness:
         for config in args.configs:
             if config in APP_CONFIGS:

@@ -182,20 +182,24 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
-# "pubsub" (default): channels-redis RedisPubSubChannelLayer; "core": RedisChannelLayer.
+# "pubsub" (default): channels-redis RedisPubSubChannelLayer publishing in batches
+# (chat.pubsub); "pubsub-plain": the stock layer, one locked round trip per message
+# (collapsed past K = 200 streams: docs/scale.md); "core": RedisChannelLayer.
 # Measured in docs/scale.md: the core layer pops one message per Redis round trip per
 # process and drops silently over `capacity`; pubsub lost nothing at the same load.
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
-if CHANNEL_LAYER not in {"pubsub", "core"}:
-    raise ValueError(f"CHANNEL_LAYER={CHANNEL_LAYER!r} is not 'pubsub' or 'core'")
+if CHANNEL_LAYER not in {"pubsub", "pubsub-plain", "core"}:
+    raise ValueError(
+        f"CHANNEL_LAYER={CHANNEL_LAYER!r} is not 'pubsub', 'pubsub-plain' or 'core'")
 # redis-py 8 times reads out after 5 s by default, exactly the time channels-redis blocks
 # in BZPOPMIN (core layer): every idle receive (a consumer, a generation's stop listener)
 # then died with TimeoutError.
 REDIS_HOST = {"address": REDIS_URL, "socket_timeout": 30}
-if REDIS_URL and CHANNEL_LAYER == "pubsub":
+if REDIS_URL and CHANNEL_LAYER.startswith("pubsub"):
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": ("chat.pubsub.BatchingPubSubChannelLayer" if CHANNEL_LAYER == "pubsub"
+                        else "channels_redis.pubsub.RedisPubSubChannelLayer"),
             "CONFIG": {"hosts": [REDIS_HOST], "prefix": env_str("CHANNEL_PREFIX", "asgi")},
         }
     }
@@ -326,6 +330,17 @@ CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
 # Frames one socket may have waiting (chat.generation.fanout.Inbox); past it the socket
 # drops them and resynchronises from a fresh state frame instead of holding more.
 CHAT_INBOX_LIMIT = env_int("CHAT_INBOX_LIMIT", 1000)
+# Admission control (chat.generation.admission; docs/scale.md): new generations are
+# refused with `overloaded` (HTTP 503) when this worker runs this many (0 = no limit) ...
+CHAT_MAX_STREAMS_PER_WORKER = env_int("CHAT_MAX_STREAMS_PER_WORKER", 0)
+# ... or when this many starts wait for their transaction (0 = no limit) ...
+CHAT_MAX_PENDING_STARTS = env_int("CHAT_MAX_PENDING_STARTS", 32)
+# ... or when its event loop runs late by more than this on average (ms, 0 = off) ...
+CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 500)
+# ... or when its event loop is busy more than this share of the time (%, 0 = off) ...
+CHAT_MAX_LOOP_BUSY_PCT = env_int("CHAT_MAX_LOOP_BUSY_PCT", 90)
+# ... and tell the client to try again after this long (ms, times 1 to 1.5 at random).
+CHAT_OVERLOAD_RETRY_MS = env_int("CHAT_OVERLOAD_RETRY_MS", 2000)
 # The streaming assistant message is written to the database at least this often (ms).
 CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
 # A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.

@@ -120,6 +120,14 @@ def fresh_channel_layer():
     channel_layers.backends.clear()
 
 
+@pytest.fixture(autouse=True)
+def no_busy_signal_in_process(settings):
+    """In-process tests run the server and its clients on one event loop, so the loop's
+    busy share is not the server's: admission control's busy signal is off here
+    (tests/test_overload.py turns it on; live servers keep the default)."""
+    settings.CHAT_MAX_LOOP_BUSY_PCT = 0
+
+
 # --- users ----------------------------------------------------------------------------
 @pytest.fixture
 def alice(django_user_model):

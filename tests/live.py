@@ -53,7 +53,7 @@ class LiveServer:
             **test_database_env(),
             **(env or {}),
         }
-        if not settings.CHANNEL_LAYERS["default"]["BACKEND"].startswith("channels_redis"):
+        if settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer"):
             self.env.setdefault("REDIS_URL", "")
         self.log_path = ROOT / "artifacts" / f"{name}-{self.port}.log"
         self.process: subprocess.Popen | None = None

@@ -516,6 +516,20 @@ def test_quota_exceeded_says_what_is_left_and_when_it_resets_and_keeps_the_text(
     assert page.locator("#input").input_value() == "Over budget question"
 
 
+def test_an_overloaded_server_says_when_to_try_again_and_keeps_the_text(alice_context, upstream):
+    page = open_chat(alice_context)
+    page.evaluate(
+        "() => { chatDebug.setPending('A question for a busy server');"
+        " chatDebug.inject({type: 'error', code: 'overloaded', reason: 'lag',"
+        " detail: 'The server is busy.', retry_after_ms: 2400}); }"
+    )
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("busy with other answers")
+    expect(notice).to_contain_text("Try again in 3 s")
+    assert page.locator("#input").input_value() == "A question for a busy server"
+    assert page.evaluate("() => chatDebug.messages().filter(m => m.role === 'user').length") == 0
+
+
 def test_the_model_and_system_prompt_chosen_before_the_first_message_are_used(
     asgi_servers, browser, alice, upstream
 ):

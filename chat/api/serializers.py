@@ -143,10 +143,15 @@ VALIDATION_ERROR_SCHEMA = {
 
 class ErrorSerializer(serializers.Serializer):
     """Error body: ``detail`` always; ``code`` for errors of the generation module
-    (``busy``, ``invalid``, ``quota_exceeded``, ``not_found``)."""
+    (``busy``, ``invalid``, ``quota_exceeded``, ``concurrency_limit``, ``overloaded``,
+    ``not_found``) with that error's fields (the WebSocket error frame's): e.g.
+    ``retry_after_ms`` of ``overloaded``, ``limit`` of ``concurrency_limit``."""
 
     detail = serializers.CharField()
     code = serializers.CharField(required=False)
+    retry_after_ms = serializers.IntegerField(
+        required=False, help_text="overloaded: try again after this many ms "
+        "(the Retry-After header says the same in whole seconds)")
 
 
 class StopSerializer(serializers.Serializer):

@@ -40,10 +40,10 @@ KEEPALIVE_S = 15.0
 _list_view = ConversationMessagesView.as_view()
 
 
-def json_response(data, status: int) -> HttpResponse:
+def json_response(data, status: int, headers: dict[str, str] | None = None) -> HttpResponse:
     """A JSON response rendered by DRF's renderer, outside a DRF view."""
     return HttpResponse(JSONRenderer().render(data), status=status,
-                        content_type="application/json")
+                        content_type="application/json", headers=headers)
 
 
 def sse_event(frame: dict) -> str:
@@ -82,7 +82,7 @@ async def post_message(request, conversation_id):
     """``POST /api/conversations/{id}/messages/``: start a generation and answer as SSE
     (``Accept: text/event-stream``) or, once it ended, with the assistant message (201).
     Errors: 401/403 auth, 404 not the owner's, 400 invalid, 409 busy, 429 quota or
-    concurrency limit."""
+    concurrency limit, 503 overloaded (with Retry-After)."""
     prepared = await sync_to_async(_prepare_post)(request, conversation_id)
     if isinstance(prepared, HttpResponse):
         return prepared
@@ -90,8 +90,8 @@ async def post_message(request, conversation_id):
     try:
         generation, queue = await gen.start_detached(user, conversation_id, content)
     except gen.GenerationError as exc:
-        return json_response({"detail": exc.detail, "code": exc.code},
-                             exc.http_status)
+        return json_response({"detail": exc.detail, "code": exc.code, **exc.extra},
+                             exc.http_status, exc.http_headers())
     if wants_stream:
         response = StreamingHttpResponse(
             _events(generation, queue), content_type="text/event-stream; charset=utf-8"

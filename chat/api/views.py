@@ -259,6 +259,10 @@ class ConversationMessagesView(generics.ListAPIView):
             429: OpenApiResponse(ERROR, description="Budget exhausted (code "
                                  "`quota_exceeded`) or too many generations running at "
                                  "once (code `concurrency_limit`)."),
+            503: OpenApiResponse(ERROR, description="This server is past its capacity and "
+                                 "refuses new generations for now (code `overloaded`, "
+                                 "`retry_after_ms`; header `Retry-After`, in s). Nothing "
+                                 "was saved: send the same message again later."),
             **AUTH_ERRORS,
         },
         examples=[OpenApiExample("message", value={"content": "Explain HTTP/2 briefly."},

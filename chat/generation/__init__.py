@@ -14,6 +14,7 @@ Modules, each depending only on those listed before it::
     upstream  the provider client and the reading of one stream into StreamEvents
     fanout    Fanout, Inbox: frames to this process's sockets, the relay to the others
     runtime   Runtime: the per-event-loop registry (runs, clients, demo server, services)
+    admission refuse new runs past this worker's capacity (overloaded, HTTP 503)
     task      Generation: the running task, cancellation, coalescing, publishing
     leases    the checkpointer, the sweeper of dead processes' runs, worker stats
     sequencer FrameSequencer: what one socket may send (no I/O)
@@ -26,13 +27,14 @@ the connection close and stops generating. Every run, whatever its end, finishes
 exactly one ``generation.end`` frame and one ``UsageRecord``.
 """
 
-from . import autostop, budgets, frames, leases, store
+from . import admission, autostop, budgets, frames, leases, store
 from .errors import (
     Busy,
     ConcurrencyLimit,
     Forbidden,
     GenerationError,
     InvalidRequest,
+    Overloaded,
     QuotaExceeded,
     UpstreamFailure,
     UpstreamTimeout,
@@ -71,9 +73,9 @@ from .upstream import StreamEvent, clean_provider_text, uses_demo_model
 
 __all__ = [
     "Busy", "ConcurrencyLimit", "Forbidden", "Generation", "GenerationError", "Inbox",
-    "InvalidRequest",
-    "Outcome", "PreparedRun", "QuotaExceeded", "RunRef", "Runtime", "StreamEvent",
-    "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "autostop", "broadcast", "budgets",
+    "InvalidRequest", "Outcome", "Overloaded", "PreparedRun", "QuotaExceeded", "RunRef",
+    "Runtime", "StreamEvent", "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "admission",
+    "autostop", "broadcast", "budgets",
     "build_prompt", "build_prompt_safe", "clean_provider_text", "control_group_name",
     "finalize", "finish_stale", "frames", "group_name", "leases", "load_state", "prepare_edit",
     "prepare_message", "prepare_regenerate", "prepare_run", "prompt_for_estimate",

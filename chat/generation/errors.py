@@ -25,6 +25,10 @@ class GenerationError(Exception):
         """The ``error`` frame for the socket that asked."""
         return frames.error(self.code, self.detail, **self.extra)
 
+    def http_headers(self) -> dict[str, str]:
+        """Extra headers of the REST API's error response (none but for Overloaded)."""
+        return {}
+
 
 class Busy(GenerationError):
     """A generation already runs in this conversation (``busy``; HTTP 409)."""
@@ -64,6 +68,23 @@ class ConcurrencyLimit(Busy):
 
     code = "concurrency_limit"
     http_status = 429
+
+
+class Overloaded(GenerationError):
+    """This worker refuses new generations to keep its running ones on time
+    (``overloaded``; chat.generation.admission). ``extra``: ``retry_after_ms`` (the
+    hint, ms) and ``reason`` (``streams``, ``starts``, ``lag`` or ``busy``).
+
+    HTTP 503 Service Unavailable with ``Retry-After`` in whole seconds, rounded up (RFC
+    9110, sections 15.6.4 and 10.2.3): the server is temporarily unable to handle the
+    request, the client may repeat it later (unlike 429, not the client's doing)."""
+
+    code = "overloaded"
+    http_status = 503
+
+    def http_headers(self) -> dict[str, str]:
+        """``Retry-After``: delay-seconds, the hint rounded up to a whole second."""
+        return {"Retry-After": str(max(1, -(-int(self.extra.get("retry_after_ms", 1000)) // 1000)))}
 
 
 class UpstreamFailure(Exception):

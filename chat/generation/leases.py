@@ -31,7 +31,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from . import frames, store
+from . import admission, frames, store
 from .frames import WORKERS_GROUP
 from .runtime import Runtime
 from .store import Checkpoint, checkpoint_many, finish_expired
@@ -112,9 +112,10 @@ async def sweep_once(layer=None) -> list[dict]:
 
 def worker_stats(stacks: bool = False) -> dict:
     """What this process runs now: ``{"worker", "generations", "generation_tasks",
-    "tasks"}`` (counts of running Generation objects, live ``generation-*`` asyncio
-    tasks, and all asyncio tasks of the loop); with ``stacks``, also ``"stacks"``: the
-    innermost frames of each live generation task (to diagnose a stuck run)."""
+    "tasks", "admission"}`` (counts of running Generation objects, live
+    ``generation-*`` asyncio tasks, and all asyncio tasks of the loop; admission.stats:
+    the event-loop lag in ms and whether new runs are refused); with ``stacks``, also
+    ``"stacks"``: the innermost frames of each live generation task (to diagnose a stuck run)."""
     tasks = asyncio.all_tasks()
     live = [t for t in tasks if t.get_name().startswith("generation-") and not t.done()]
     stats = {
@@ -122,6 +123,7 @@ def worker_stats(stacks: bool = False) -> dict:
         "generations": Runtime.current().count(),
         "generation_tasks": len(live),
         "tasks": len(tasks),
+        "admission": admission.stats(),
     }
     if stacks:
         stats["stacks"] = {

@@ -48,6 +48,17 @@ class Runtime:
         self._background: set[asyncio.Task] = set()
         # The sockets of this loop by conversation, and the relay to other processes.
         self.fanout = Fanout()
+        # Admission control (chat.generation.admission): the smoothed lateness of the
+        # loop's probe timer (ms), its largest single lateness, and whether new
+        # generations are refused for lag (kept for the hysteresis).
+        self.loop_lag_ms = 0.0
+        self.loop_lag_peak_ms = 0.0
+        self.lag_refusing = False
+        # ... and the smoothed share of wall time the loop was busy (%), likewise.
+        self.loop_busy_pct = 0.0
+        self.busy_refusing = False
+        # Starts admitted whose transaction has not finished (service.start_generation).
+        self.starting = 0
 
     @classmethod
     def current(cls) -> Runtime:

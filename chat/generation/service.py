@@ -19,7 +19,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from .. import validation
-from . import frames, leases, store
+from . import admission, frames, leases, store
 from .errors import InvalidRequest
 from .runtime import Runtime
 from .task import Generation
@@ -92,22 +92,30 @@ async def start_generation(
     ``{"model", "system_prompt"}`` for a conversation this message creates.
     Returns the running :class:`Generation` (its frames already queued: ``message``
     unless regenerating, then ``generation.start``). Raises GenerationError subclasses
-    (Forbidden, Busy, InvalidRequest, QuotaExceeded) before anything is sent
-    upstream; nothing is saved then. Text follows chat.validation (lone surrogates
+    (Forbidden, Busy, InvalidRequest, QuotaExceeded, Overloaded: this worker is past
+    its capacity, chat.generation.admission) before anything is sent upstream;
+    nothing is saved then. Text follows chat.validation (lone surrogates
     refused, NUL dropped), whichever door it came through.
     """
     prepare = _PREPARE.get(mode)
     if prepare is None:
         raise InvalidRequest(f"Unknown mode {mode!r}.")
     content, create = _clean_input(mode, content, create)
+    # Before the database: a refused message leaves no row (no orphan user message).
+    admission.admit()
     leases.ensure_sweeper(layer)
+    runtime = Runtime.current()
+    # Counted from admission to the end of its transaction (admission's "starts").
+    runtime.starting += 1
     # Not thread-sensitive: self-contained transactions may run in the executor's
     # threads, beside the one thread Channels gives session and user loading (under
     # load that thread was the queue new sockets waited in; docs/scale.md).
-    run = await database_sync_to_async(prepare, thread_sensitive=False)(
-        user, conversation_id, content, create
-    )
-    runtime = Runtime.current()
+    try:
+        run = await database_sync_to_async(prepare, thread_sensitive=False)(
+            user, conversation_id, content, create
+        )
+    finally:
+        runtime.starting -= 1
     generation = Generation(run=run, layer=layer or get_channel_layer(), runtime=runtime)
     runtime.add(generation)
     # Straight to the group, not through the run's outbox: its subscribers (an SSE

@@ -67,6 +67,13 @@ export function describeError(frame) {
   switch (frame.code) {
     case "busy":
       return "An answer is already being written in this conversation. Wait for it or press Stop.";
+    case "overloaded": {
+      // The server refused to start (it is past its capacity): nothing was saved, the
+      // text is back in the box, and the frame says when trying again makes sense.
+      const seconds = Math.max(1, Math.ceil((Number(frame.retry_after_ms) || 2000) / 1000));
+      return `The server is busy with other answers right now. Your message was not sent; `
+        + `it is back in the box. Try again in ${seconds} s.`;
+    }
     case "quota_exceeded": {
       const parts = [frame.detail || "You have used up your budget."];
       for (const [key, value] of Object.entries(frame)) {

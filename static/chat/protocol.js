@@ -343,5 +343,6 @@ function onError(frame) {
     refresh();
     refusedHandler(pending.content);
   }
-  showNotice(describeError(frame), frame.code === "busy" ? "warning" : "error");
+  showNotice(describeError(frame),
+    frame.code === "busy" || frame.code === "overloaded" ? "warning" : "error");
 }

@@ -1,0 +1,114 @@
+"""The Redis pub/sub channel layer with batched publishing (issue 11: why PostgreSQL +
+Redis collapsed at K = 400; docs/scale.md, "Why PostgreSQL + Redis collapsed").
+
+channels-redis 4.3's ``RedisSingleShardConnection.publish`` holds one ``asyncio.Lock``
+per process and Redis host across a whole ``PUBLISH`` round trip, and the same lock
+guards ``SUBSCRIBE`` / ``UNSUBSCRIBE``. Every frame of every run of the process, and
+every new socket's subscriptions, therefore wait in one FIFO, one round trip each; each
+round trip needs at least one pass of the event loop to read its reply. When the loop is
+busy (hundreds of upstream streams to read), a pass takes tens of ms, so the process
+publishes a few dozen frames per second, whatever Redis could do: measured, 150-210 of
+3800-7600 tokens/s delivered at K = 200-400, with the worker's CPU spent reading
+upstream chunks that then wait in that queue.
+
+:class:`BatchingPubSubChannelLayer` keeps channels-redis's layer as is (subscriptions,
+receiving, groups, flush) and replaces only ``publish``: callers append to the shard's
+batch, and one flusher task sends everything queued since its last round trip in ONE
+pipeline (``PUBLISH`` x n, no transaction) on a pooled connection of its own, outside
+the subscription lock. Each caller still waits until its message was sent (errors are
+raised to it) and messages of one shard go out in call order, so a run's frames keep
+their order. Cost per message: one list append and one future, instead of a lock
+hand-off and a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels_redis.pubsub import (
+    RedisPubSubChannelLayer,
+    RedisPubSubLoopLayer,
+    RedisSingleShardConnection,
+)
+from channels_redis.utils import _wrap_close, decode_hosts
+
+logger = logging.getLogger(__name__)
+
+# Messages per pipeline at most: bounds one round trip's size (a burst after a stall).
+MAX_BATCH = 1000
+
+
+class _BatchingShard(RedisSingleShardConnection):
+    """One Redis host of a loop layer; ``publish`` batched (module docstring)."""
+
+    def __init__(self, host, channel_layer):
+        super().__init__(host, channel_layer)
+        self._batch: list[tuple[str, bytes, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def publish(self, channel, message):
+        """Send ``message`` to the Redis channel ``channel``; returns once Redis took it.
+        Raises what redis-py raises for its batch (connection errors)."""
+        sent = asyncio.get_running_loop().create_future()
+        self._batch.append((channel, message, sent))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_batches())
+        await sent
+
+    async def _flush_batches(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+            try:
+                self._ensure_redis()
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel, message, _ in batch:
+                        pipe.publish(channel, message)
+                    await pipe.execute()
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_result(None)
+
+    async def flush(self):
+        """Cancel the flusher (its waiting callers get CancelledError), then what
+        channels-redis does: stop receiving, close the connections."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+        self._flusher = None
+        for _, _, sent in self._batch:
+            sent.cancel()
+        self._batch = []
+        await super().flush()
+
+
+class _BatchingLoopLayer(RedisPubSubLoopLayer):
+    def __init__(self, hosts=None, *args, **kwargs):
+        super().__init__(hosts, *args, **kwargs)
+        self._shards = [_BatchingShard(host, self) for host in decode_hosts(hosts)]
+
+
+class BatchingPubSubChannelLayer(RedisPubSubChannelLayer):
+    """channels-redis's ``RedisPubSubChannelLayer`` (same CONFIG), publishing in
+    batches: one pipelined round trip per flush instead of one locked round trip per
+    message. Selected by ``CHANNEL_LAYER=pubsub`` (the default with ``REDIS_URL``);
+    ``CHANNEL_LAYER=pubsub-plain`` keeps the stock layer (to compare)."""
+
+    def _get_layer(self):
+        loop = asyncio.get_running_loop()
+        layer = self._layers.get(loop)
+        if layer is None:
+            layer = _BatchingLoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            self._layers[loop] = layer
+            _wrap_close(self, loop)
+        return layer

@@ -107,6 +107,7 @@ class Speaker:
 
     @property
     def hidden_reasoning(self) -> bool:
+        """True for an OpenAI reasoning model: it reasons (billed) but streams none."""
         return (self.dialect == "openai-reasoning"
                 and bool(OPENAI_REASONING_MODEL.match(str(self.body.get("model") or ""))))
 
@@ -125,6 +126,7 @@ class Speaker:
                 and bool(options.get("continuous_usage_stats")))
 
     def chunk_id(self, request_id: int) -> str:
+        """The chunks' ``id``: OpenRouter's ``gen-...`` (also its X-Generation-Id)."""
         if self.dialect == "openrouter":
             return f"gen-{int(time.time())}-demo{next(_generation_ids)}"
         return f"chatcmpl-demo{request_id}"

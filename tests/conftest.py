@@ -16,6 +16,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from chat.demo_model import UpstreamServer
+from chat.generation import providers
 from tests import realmodel
 from tests.live import LiveServer
 
@@ -146,6 +147,16 @@ def session_cookie(user) -> str:
 
 
 # --- upstream ---------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def fresh_provider_memory():
+    """Detected provider profiles and refused parameters are remembered per base URL for
+    the process (chat.generation.providers); a port may be reused by a later test's
+    upstream speaking another dialect."""
+    providers.forget()
+    yield
+    providers.forget()
+
+
 @pytest.fixture
 def upstream(settings):
     """A real OpenAI-compatible server on a loopback port, in its own thread and event

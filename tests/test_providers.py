@@ -23,14 +23,6 @@ QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
 USAGE_KEYS = {"prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_providers():
-    """Detected profiles and refused parameters are remembered per process."""
-    providers.forget()
-    yield
-    providers.forget()
-
-
 @pytest.fixture
 def dialects(upstream, settings):
     """The test upstream with a short answer, 5 reasoning tokens, fast pacing."""

@@ -4,20 +4,19 @@ saved with the answer, kept when a stop lands while the model still thinks, and 
 in the page as a collapsible "Thinking" part above the answer.
 """
 
+import os
 import uuid
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import expect, sync_playwright
 
 from chat.models import Message, UsageRecord
 from tests.conftest import session_cookie
 from tests.test_browser import (  # noqa: F401 - the browser fixtures, shared
     CHROMIUM,
-    allow_orm_beside_playwright,
     answer,
     asgi_server,
-    browser,
     context,
     expect_online,
     open_chat,
@@ -28,6 +27,31 @@ from tests.test_browser import (  # noqa: F401 - the browser fixtures, shared
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ANSWER = "The sky is blue because air scatters blue light the most."
+
+
+@pytest.fixture
+def browser():
+    """Chromium for one test (tests/test_browser.py keeps one per module): Playwright's
+    sync API holds an event loop in this thread while it runs, which the async tests of
+    this module cannot share. Django's async-unsafe switch is on meanwhile, for the same
+    reason as there (allow_orm_beside_playwright)."""
+    old = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update",
+                      "--disable-sync"],
+            )
+            yield browser
+            browser.close()
+    finally:
+        if old is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = old
 
 
 @pytest.fixture
@@ -169,3 +193,22 @@ def test_the_page_shows_the_thinking_part_open_while_it_streams_and_kept_on_relo
     thinking.locator("summary").click()
     expect(thinking.locator(".thinking-text")).to_have_text(shown["reasoning"])
     assert context.page_errors == []
+
+
+async def test_the_answer_s_token_ceiling_counts_the_reasoning_it_is_billed_for(
+        alice, thinking, connect):
+    thinking.reasoning_tokens = 40
+    _, (ws,) = await open_tabs(connect, alice, 1)
+    await ws.send({"type": "message", "content": "Why is the sky blue?",
+                   "max_answer_tokens": 5})
+    message_id = (await ws.receive_type("generation.start"))["message"]["id"]
+    end = await ws.receive_type("generation.end")
+
+    request = thinking.requests[-1]
+    assert await thinking.until(lambda: request.client_closed_at is not None, timeout=1.0)
+    assert (end["status"], end["finish_reason"]) == ("cancelled", "cost_limit")
+    # Stopped while it still thought: no answer text, the reasoning so far kept.
+    assert request.chunks_written == 0
+    assert len(request.reasoning_written) < thinking.reasoning_tokens
+    message = await Message.objects.aget(id=message_id)
+    assert message.content == "" and message.reasoning

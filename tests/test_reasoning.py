@@ -9,9 +9,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from channels.db import database_sync_to_async
 from playwright.sync_api import expect, sync_playwright
 
-from chat.models import Message, UsageRecord
+from chat import generation as gen
+from chat.generation import leases, store
+from chat.models import Conversation, Message, UsageRecord
 from tests.conftest import session_cookie
 from tests.test_browser import (  # noqa: F401 - the browser fixtures, shared
     CHROMIUM,
@@ -153,6 +156,30 @@ async def test_stop_while_the_model_thinks_closes_the_upstream_and_keeps_the_rea
     # DeepSeek sends no usage before its end: the reasoning seen is what is counted.
     assert usage.source == "estimated" and usage.completion_tokens > 0
     assert end["usage"] == usage.to_dict()
+
+
+async def test_a_checkpoint_saves_the_reasoning_so_far_and_leaves_other_runs_theirs(
+        alice, bob, thinking):
+    thinking.tokens_per_second = 10
+    generation = await gen.start_generation(alice, uuid.uuid4(), "Why is the sky blue?")
+    assert await thinking.until(lambda: thinking.requests
+                                and len(thinking.requests[-1].reasoning_written) >= 2)
+    await leases.checkpoint_running()
+    saved = await Message.objects.aget(id=generation.message_id)
+    assert saved.reasoning and "".join(generation.reasoning).startswith(saved.reasoning)
+    # A batch where one run has no reasoning: that row keeps what it has.
+    other = await Message.objects.acreate(
+        conversation=await Conversation.objects.acreate(owner=bob, title="other"),
+        role="assistant", status="streaming", reasoning="kept")
+    await database_sync_to_async(store.checkpoint_many)(
+        {str(other.id): "text", generation.message_id: "x"},
+        {generation.message_id: "thought"})
+    await other.arefresh_from_db()
+    await saved.arefresh_from_db()
+    assert (other.content, other.reasoning) == ("text", "kept")
+    assert saved.reasoning == "thought"
+    generation.cancel()
+    await generation.wait()
 
 
 @pytest.mark.browser

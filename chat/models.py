@@ -389,4 +389,4 @@ class UserBudget(models.Model):
 
 
 # Re-exported: the API token model lives in its own module (chat/ has a 450-line cap).
-from .apitokens import ApiToken, ApiTokenQuerySet  # noqa: E402, F401
+from .access_tokens import ApiToken, ApiTokenQuerySet  # noqa: E402, F401

@@ -4,20 +4,22 @@ saved with the answer, kept when a stop lands while the model still thinks, and 
 in the page as a collapsible "Thinking" part above the answer.
 """
 
+import os
 import uuid
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
+from channels.db import database_sync_to_async
+from playwright.sync_api import expect, sync_playwright
 
-from chat.models import Message, UsageRecord
+from chat import generation as gen
+from chat.generation import leases, store
+from chat.models import Conversation, Message, UsageRecord
 from tests.conftest import session_cookie
 from tests.test_browser import (  # noqa: F401 - the browser fixtures, shared
     CHROMIUM,
-    allow_orm_beside_playwright,
     answer,
     asgi_server,
-    browser,
     context,
     expect_online,
     open_chat,
@@ -28,6 +30,31 @@ from tests.test_browser import (  # noqa: F401 - the browser fixtures, shared
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ANSWER = "The sky is blue because air scatters blue light the most."
+
+
+@pytest.fixture
+def browser():
+    """Chromium for one test (tests/test_browser.py keeps one per module): Playwright's
+    sync API holds an event loop in this thread while it runs, which the async tests of
+    this module cannot share. Django's async-unsafe switch is on meanwhile, for the same
+    reason as there (allow_orm_beside_playwright)."""
+    old = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update",
+                      "--disable-sync"],
+            )
+            yield browser
+            browser.close()
+    finally:
+        if old is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = old
 
 
 @pytest.fixture
@@ -131,6 +158,30 @@ async def test_stop_while_the_model_thinks_closes_the_upstream_and_keeps_the_rea
     assert end["usage"] == usage.to_dict()
 
 
+async def test_a_checkpoint_saves_the_reasoning_so_far_and_leaves_other_runs_theirs(
+        alice, bob, thinking):
+    thinking.tokens_per_second = 10
+    generation = await gen.start_generation(alice, uuid.uuid4(), "Why is the sky blue?")
+    assert await thinking.until(lambda: thinking.requests
+                                and len(thinking.requests[-1].reasoning_written) >= 2)
+    await leases.checkpoint_running()
+    saved = await Message.objects.aget(id=generation.message_id)
+    assert saved.reasoning and "".join(generation.reasoning).startswith(saved.reasoning)
+    # A batch where one run has no reasoning: that row keeps what it has.
+    other = await Message.objects.acreate(
+        conversation=await Conversation.objects.acreate(owner=bob, title="other"),
+        role="assistant", status="streaming", reasoning="kept")
+    await database_sync_to_async(store.checkpoint_many)(
+        {str(other.id): "text", generation.message_id: "x"},
+        {generation.message_id: "thought"})
+    await other.arefresh_from_db()
+    await saved.arefresh_from_db()
+    assert (other.content, other.reasoning) == ("text", "kept")
+    assert saved.reasoning == "thought"
+    generation.cancel()
+    await generation.wait()
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 def test_the_page_shows_the_thinking_part_open_while_it_streams_and_kept_on_reload(
@@ -169,3 +220,22 @@ def test_the_page_shows_the_thinking_part_open_while_it_streams_and_kept_on_relo
     thinking.locator("summary").click()
     expect(thinking.locator(".thinking-text")).to_have_text(shown["reasoning"])
     assert context.page_errors == []
+
+
+async def test_the_answer_s_token_ceiling_counts_the_reasoning_it_is_billed_for(
+        alice, thinking, connect):
+    thinking.reasoning_tokens = 40
+    _, (ws,) = await open_tabs(connect, alice, 1)
+    await ws.send({"type": "message", "content": "Why is the sky blue?",
+                   "max_answer_tokens": 5})
+    message_id = (await ws.receive_type("generation.start"))["message"]["id"]
+    end = await ws.receive_type("generation.end")
+
+    request = thinking.requests[-1]
+    assert await thinking.until(lambda: request.client_closed_at is not None, timeout=1.0)
+    assert (end["status"], end["finish_reason"]) == ("cancelled", "cost_limit")
+    # Stopped while it still thought: no answer text, the reasoning so far kept.
+    assert request.chunks_written == 0
+    assert len(request.reasoning_written) < thinking.reasoning_tokens
+    message = await Message.objects.aget(id=message_id)
+    assert message.content == "" and message.reasoning

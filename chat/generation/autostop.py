@@ -320,8 +320,11 @@ class AutoStop:
     def active(self) -> bool:
         return self.guard is not None or self.ceiling is not None
 
-    def check(self, text: str) -> str | None:
-        """Feed ``text`` to the rules; the reason to stop, or None to go on."""
+    def check(self, text: str, reasoning: str = "") -> str | None:
+        """Feed ``text`` to the rules, and ``reasoning`` (billed as completion tokens)
+        to the cost ceiling only; the reason to stop, or None to go on."""
+        if self.reason is None and reasoning and self.ceiling and self.ceiling.feed(reasoning):
+            self.reason = COST_LIMIT
         if self.reason is None and text:
             if self.guard is not None and self.guard.feed(text):
                 self.reason = REPETITION

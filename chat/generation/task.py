@@ -266,6 +266,11 @@ class Generation:
                         running_usage = event.running_usage
                     if event.reasoning:
                         self._append(event.reasoning, _REASONING)
+                        # Reasoning is billed as completion: the cost ceiling counts it.
+                        stops = self.run.autostop
+                        if stops.check("", reasoning=event.reasoning) and self.cancel(
+                                stops.reason):
+                            await asyncio.sleep(0)
                     if event.content:
                         if ttft_ms is None:
                             ttft_ms = int((time.monotonic() - self.started_at) * 1000)
@@ -289,6 +294,9 @@ class Generation:
             usage=usage, ttft_ms=ttft_ms,
             duration_ms=int((time.monotonic() - self.started_at) * 1000))
         # The upstream stream is closed by now (aclosing): counting cannot delay a stop.
+        # The text is final: what is pending goes out, and a stop now changes nothing.
+        self._finishing = True
+        self._flush()
         tokenized = None
         if usage is None and running_usage is None and client is not None:
             tokenized = await self._tokenize(client, meta)

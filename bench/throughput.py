@@ -20,7 +20,9 @@ What it starts (loopback only; everything is stopped at the end):
 Configurations (``--configs``, comma-separated): ``defaults`` (the embedded defaults:
 SQLite in a temporary file, in-memory channel layer), ``postgres`` (PostgreSQL database
 ``--database``, recreated, and the Redis pub/sub layer on ``--redis`` with channel
-prefix ``--channel-prefix``), ``sdk`` and ``httpx`` (the floors).
+prefix ``--channel-prefix``), ``sdk`` and ``httpx`` (the floors), ``sdk-asyncio`` (the
+SDK floor with its HTTP client on the app's socket backend, chat.generation.netstream:
+that backend's own cost, next to ``sdk``).
 
 Timeline of one row: streams start evenly over the ramp (K/100 s, 1 to 5 s), then
 ``--settle`` s for the last ones to reach their first token, then the measurement

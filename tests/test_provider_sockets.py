@@ -5,9 +5,17 @@ behind. Real loopback sockets and the loopback upstream; no mocks."""
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
+import ssl
 
 import httpcore2
+import httpx2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from chat.generation import netstream
 from chat.generation import upstream as upstream_module
@@ -131,3 +139,60 @@ async def test_closing_a_stream_tells_the_server_at_once():
         server.close()
     with pytest.raises(httpcore2.ReadError):
         await stream.read(10)
+
+
+def _self_signed(tmp_path):
+    """``(server_context, client_context)`` for a fresh self-signed certificate of
+    127.0.0.1 (the client trusts only it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    return server, ssl.create_default_context(cafile=str(cert_path))
+
+
+async def test_an_https_provider_is_read_through_tls_on_the_same_sockets(tmp_path):
+    server_context, client_context = _self_signed(tmp_path)
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for n in range(3):
+            event = b'data: {"n": %d}\n\n' % n
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    client = httpx2.AsyncClient(transport=netstream.AsyncioTransport(verify=client_context))
+    try:
+        async with client.stream("GET", f"https://127.0.0.1:{port}/v1/x") as response:
+            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+        assert response.status_code == 200
+        assert body == b"".join(b'data: {"n": %d}\n\n' % n for n in range(3))
+        # A certificate the client does not trust is a connection error, as before.
+        with pytest.raises(httpx2.ConnectError):
+            await httpx2.AsyncClient(transport=netstream.AsyncioTransport()).get(
+                f"https://127.0.0.1:{port}/v1/x")
+    finally:
+        await client.aclose()
+        server.close()

@@ -196,3 +196,23 @@ async def test_an_https_provider_is_read_through_tls_on_the_same_sockets(tmp_pat
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_a_read_without_timeout_waits_past_an_earlier_reads_timeout():
+    async def talk_twice(writer):
+        await asyncio.sleep(0.1)  # the first read waits, arming the connection's timer
+        writer.write(b"a")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(b"b")
+        await writer.drain()
+
+    server, port = await _silent_then(talk_twice)
+    stream = await netstream.AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=2)
+    try:
+        assert await stream.read(10, timeout=0.2) == b"a"
+        # The timer of the first read fires while this one waits: it must not time out.
+        assert await stream.read(10, timeout=None) == b"b"
+    finally:
+        await stream.aclose()
+        server.close()

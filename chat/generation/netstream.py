@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import ssl
 from collections.abc import Iterable
 
@@ -93,7 +94,7 @@ class _Connection(asyncio.Protocol):
     def _check_deadline(self) -> None:
         self.timer = None
         waiter = self.waiter
-        if waiter is None or waiter.done():
+        if waiter is None or waiter.done() or self.deadline == math.inf:
             return
         if self.loop.time() >= self.deadline:
             waiter.set_exception(TimeoutError())
@@ -103,7 +104,9 @@ class _Connection(asyncio.Protocol):
     async def wait_readable(self, timeout: float | None) -> None:
         """Wait until a read has something to return; TimeoutError after ``timeout`` s."""
         self.waiter = self.loop.create_future()
-        if timeout is not None:
+        if timeout is None:
+            self.deadline = math.inf  # a timer armed by an earlier read stays quiet
+        else:
             # A later deadline does not re-arm the timer: it re-arms itself when it fires.
             self.deadline = self.loop.time() + timeout
             if self.timer is not None and self.timer.when() > self.deadline:

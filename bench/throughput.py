@@ -20,7 +20,9 @@ What it starts (loopback only; everything is stopped at the end):
 Configurations (``--configs``, comma-separated): ``defaults`` (the embedded defaults:
 SQLite in a temporary file, in-memory channel layer), ``postgres`` (PostgreSQL database
 ``--database``, recreated, and the Redis pub/sub layer on ``--redis`` with channel
-prefix ``--channel-prefix``), ``sdk`` and ``httpx`` (the floors).
+prefix ``--channel-prefix``), ``sdk`` and ``httpx`` (the floors), ``sdk-asyncio`` (the
+SDK floor with its HTTP client on the app's socket backend, chat.generation.netstream:
+that backend's own cost, next to ``sdk``).
 
 Timeline of one row: streams start evenly over the ramp (K/100 s, 1 to 5 s), then
 ``--settle`` s for the last ones to reach their first token, then the measurement
@@ -76,6 +78,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -115,13 +118,14 @@ from bench.common import (
 
 ARTIFACTS = ROOT / "artifacts"
 APP_CONFIGS = ("defaults", "postgres")
-FLOORS = ("sdk", "httpx")
+FLOORS = ("sdk", "httpx", "sdk-asyncio")
 ALL_CONFIGS = (*APP_CONFIGS, *FLOORS)
 LABELS = {
     "defaults": "app, embedded defaults",
     "postgres": "app, PostgreSQL + Redis",
     "sdk": "floor: openai SDK alone",
     "httpx": "floor: httpx + stdlib json",
+    "sdk-asyncio": "floor: openai SDK, sockets on asyncio",
 }
 
 
@@ -375,10 +379,20 @@ async def floor_stream(read, spec: StreamSpec, t0: float, deadline: float) -> di
     )
 
 
-def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str):
+def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str,
+              on_asyncio: bool = False):
     """Runner of the SDK floor: AsyncOpenAI streams read as the app reads them, and
-    nothing else (the content of each chunk kept with its receive time)."""
+    nothing else (the content of each chunk kept with its receive time). ``on_asyncio``:
+    the SDK's HTTP client on the app's transport (chat.generation.netstream) instead of
+    httpcore2's anyio backend (the ``sdk-asyncio`` floor: that transport's own cost)."""
     import openai
+
+    if on_asyncio:
+        # chat.generation's package imports the models: Django must be set up first.
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+        import django
+        django.setup()
+        from chat.generation import netstream
 
     async def read(spec, chunks, state):
         client = clients[0]
@@ -396,8 +410,11 @@ def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str):
     clients: list = []
 
     async def run(t0: float) -> list[dict]:
+        http_client = openai.DefaultAsyncHttpxClient(transport=netstream.AsyncioTransport(
+            limits=httpx2_limits())) if on_asyncio else None
         clients.append(openai.AsyncOpenAI(base_url=base_url, api_key="bench-key-not-secret",
-                                          max_retries=0, timeout=600))
+                                          max_retries=0, timeout=600,
+                                          http_client=http_client))
         deadline = t0 + timeline.deadline
         try:
             return await asyncio.gather(*(floor_stream(read, s, t0, deadline) for s in specs))
@@ -405,6 +422,12 @@ def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str):
             await clients[0].close()
 
     return run
+
+
+def httpx2_limits():
+    """The openai SDK's connection limits (openai._constants.DEFAULT_CONNECTION_LIMITS)."""
+    import httpx2
+    return httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
 
 
 def httpx_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str):
@@ -915,7 +938,8 @@ class Harness:
         if config in FLOORS:
             part["specs"] = make_specs(k, run_tag, timeline, self.rate,
                                        stop_share=self.stop_share, seed=self.seed)
-            runner = sdk_floor if config == "sdk" else httpx_floor
+            runner = {"sdk": sdk_floor, "httpx": httpx_floor,
+                      "sdk-asyncio": functools.partial(sdk_floor, on_asyncio=True)}[config]
             part["children"].append(Child(_child_main, runner, part["specs"], timeline,
                                           self.base_url,
                                           log_path=self.logs / f"{config}-floor.log"))

@@ -26,7 +26,7 @@ import httpx2
 import openai
 from django.conf import settings
 
-from . import providers, sse
+from . import netstream, providers, sse
 from .errors import UpstreamFailure, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ _DONE_GRACE_S = 2.0
 # After [DONE], how long (s) to read the rest of the body (the end of the chunked body)
 # so the connection goes back to the pool, as the SDK does.
 _DRAIN_S = 0.1
+# The SDK's connection limits (openai._constants.DEFAULT_CONNECTION_LIMITS): a client
+# given its own transport does not get them.
+_CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +115,14 @@ def new_client(base_url: str | None, api_key: str) -> openai.AsyncOpenAI:
     timeout = openai.Timeout(
         settings.OPENAI_TIMEOUT_S, connect=settings.OPENAI_FIRST_BYTE_TIMEOUT_S
     )
+    # The SDK's own HTTP client and connection limits, its sockets read on asyncio
+    # directly (chat.generation.netstream: anyio's per-read costs were a quarter of the
+    # worker's event loop); the SDK still sends, retries, authenticates and maps errors.
+    http_client = openai.DefaultAsyncHttpxClient(
+        transport=netstream.AsyncioTransport(limits=_CONNECTION_LIMITS))
     return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout,
-                              max_retries=settings.OPENAI_MAX_RETRIES)
+                              max_retries=settings.OPENAI_MAX_RETRIES,
+                              http_client=http_client)
 
 
 # --- what the provider sends (untrusted input) ----------------------------------------

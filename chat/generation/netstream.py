@@ -1,0 +1,291 @@
+"""The provider client's sockets on asyncio itself: an httpcore2 network backend
+(:class:`AsyncioBackend`) for the SDK's HTTP client (issue 11, the upstream reader's
+CPU per token).
+
+httpcore2's default backend reads through anyio, and anyio's ``SocketStream.receive``
+resumes the transport's reading before every read and pauses it after (an epoll
+``register``/``unregister`` per read: 17 % of the worker's event loop at K = 200, py-spy,
+docs/performance.md) inside a ``fail_after`` cancel scope (``asyncio.current_task``
+through sniffio per read: 7 %). Here each connection is an ``asyncio.Protocol`` that
+keeps reading into a buffer: a read returns what is buffered at once and waits only
+when nothing is, and the read timeout is one timer per connection, re-armed lazily,
+instead of a cancel scope per read. Reading pauses only when the reader falls
+``_HIGH_WATER`` bytes behind (TCP back-pressure on the provider, as before).
+
+Errors are httpcore2's (``ConnectError``, ``ConnectTimeout``, ``ReadError``,
+``ReadTimeout``, ``WriteError``, ``WriteTimeout``), which httpx2 maps to its own and the
+SDK to ``APIConnectionError`` / ``APITimeoutError``, as with the default backend.
+Closing aborts the transport: the socket is closed on the loop's next iteration, also
+when the reader is cancelled at any await (a stop closes the upstream at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import ssl
+from collections.abc import Iterable
+
+import httpcore2
+import httpx2
+
+# Buffered bytes above which the socket is no longer read (until a read drains them).
+_HIGH_WATER = 256 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    """One socket's protocol and its read buffer; the transport keeps reading."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.eof = False
+        self.lost: BaseException | None = None
+        self.closed = False
+        self.paused = False
+        self.waiter: asyncio.Future | None = None
+        self.drained: asyncio.Future | None = None
+        # The read timeout: one timer per connection, checked when it fires.
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > _HIGH_WATER and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.lost = exc
+        self._wake()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    # -- reading ------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done() or self.deadline == math.inf:
+            return
+        if self.loop.time() >= self.deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self.timer = self.loop.call_at(self.deadline, self._check_deadline)
+
+    async def wait_readable(self, timeout: float | None) -> None:
+        """Wait until a read has something to return; TimeoutError after ``timeout`` s."""
+        self.waiter = self.loop.create_future()
+        if timeout is None:
+            self.deadline = math.inf  # a timer armed by an earlier read stays quiet
+        else:
+            # A later deadline does not re-arm the timer: it re-arms itself when it fires.
+            self.deadline = self.loop.time() + timeout
+            if self.timer is not None and self.timer.when() > self.deadline:
+                self.forget_timer()
+            if self.timer is None:
+                self.timer = self.loop.call_at(self.deadline, self._check_deadline)
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def take(self, max_bytes: int) -> bytes:
+        chunks = self.chunks
+        data = chunks.popleft()
+        if len(data) > max_bytes:
+            chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        else:
+            while chunks and len(data) + len(chunks[0]) <= max_bytes:
+                data += chunks.popleft()
+        self.size -= len(data)
+        if self.paused and self.size <= _HIGH_WATER // 4 and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def forget_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class AsyncioStream(httpcore2.AsyncNetworkStream):
+    """One connection to the provider, as httpcore2 reads and writes it."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """Up to ``max_bytes`` bytes; b"" at the end of the stream. Raises
+        httpcore2.ReadTimeout after ``timeout`` s without data, httpcore2.ReadError
+        when the connection broke or was closed here."""
+        connection = self._connection
+        if not connection.chunks and not connection.eof and not connection.closed:
+            try:
+                await connection.wait_readable(timeout)
+            except TimeoutError:
+                raise httpcore2.ReadTimeout("timed out reading from the server") from None
+        if connection.chunks:
+            return connection.take(max_bytes)
+        if connection.lost is not None:
+            raise httpcore2.ReadError(str(connection.lost)) from connection.lost
+        if connection.closed and not connection.eof:
+            raise httpcore2.ReadError("the connection is closed")
+        return b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        """Send ``buffer``; waits while the transport's write buffer is full. Raises
+        httpcore2.WriteError on a closed connection, WriteTimeout after ``timeout`` s."""
+        if not buffer:
+            return
+        connection = self._connection
+        if connection.closed or connection.transport.is_closing():
+            raise httpcore2.WriteError("the connection is closed")
+        connection.transport.write(buffer)
+        if connection.drained is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(connection.drained)
+            except TimeoutError:
+                raise httpcore2.WriteTimeout("timed out writing to the server") from None
+            if connection.closed:
+                raise httpcore2.WriteError(str(connection.lost or "the connection is closed"))
+
+    async def aclose(self) -> None:
+        """Close at once (unsent bytes dropped), with no await a cancellation could
+        interrupt: the FIN goes out now (``write_eof``: the provider sees the end of a
+        stopped stream without waiting for a busy loop's next iteration, as anyio's
+        ``aclose`` does) and the socket is closed on the loop's next iteration."""
+        connection = self._connection
+        connection.forget_timer()
+        transport = connection.transport
+        if transport is not None and not transport.is_closing():
+            if transport.can_write_eof() and not transport.get_write_buffer_size():
+                with contextlib.suppress(OSError, RuntimeError):
+                    transport.write_eof()
+            transport.abort()
+        connection.closed = True
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore2.AsyncNetworkStream:
+        """The same connection under TLS. Raises httpcore2.ConnectError (handshake or
+        certificate failure), ConnectTimeout after ``timeout`` s."""
+        connection = self._connection
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await connection.loop.start_tls(
+                    connection.transport, connection, ssl_context,
+                    server_hostname=server_hostname)
+        except TimeoutError:
+            await self.aclose()
+            raise httpcore2.ConnectTimeout("timed out during the TLS handshake") from None
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            await self.aclose()
+            raise httpcore2.ConnectError(str(exc)) from exc
+        connection.transport = transport
+        return self
+
+    def get_extra_info(self, info: str):
+        """What httpcore2 asks of a stream: ``ssl_object``, ``client_addr``,
+        ``server_addr``, ``socket``, ``is_readable`` (an idle connection that has data,
+        an end or an error waiting is not reused)."""
+        connection = self._connection
+        transport = connection.transport
+        if info == "is_readable":
+            return bool(connection.chunks) or connection.eof or connection.closed
+        if transport is None:
+            return None
+        if info == "ssl_object":
+            return transport.get_extra_info("ssl_object")
+        if info == "client_addr":
+            return transport.get_extra_info("sockname")
+        if info == "server_addr":
+            return transport.get_extra_info("peername")
+        if info == "socket":
+            return transport.get_extra_info("socket")
+        return None
+
+
+class AsyncioBackend(httpcore2.AsyncNetworkBackend):
+    """httpcore2's network backend on asyncio protocols (module docstring). Only for
+    an asyncio event loop (the worker's)."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable | None = None) -> AsyncioStream:
+        """A connected stream; raises httpcore2.ConnectError / ConnectTimeout."""
+        loop = asyncio.get_running_loop()
+        local = (local_address, 0) if local_address else None
+        return await _connect(lambda connection: loop.create_connection(
+            lambda: connection, host, port, local_addr=local), timeout, socket_options)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable | None = None) -> AsyncioStream:
+        """A stream on a Unix socket; raises httpcore2.ConnectError / ConnectTimeout."""
+        loop = asyncio.get_running_loop()
+        return await _connect(lambda connection: loop.create_unix_connection(
+            lambda: connection, path), timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+async def _connect(open_connection, timeout, socket_options) -> AsyncioStream:
+    connection = _Connection()
+    try:
+        async with asyncio.timeout(timeout):
+            await open_connection(connection)
+    except TimeoutError:
+        raise httpcore2.ConnectTimeout("timed out connecting to the server") from None
+    except OSError as exc:
+        raise httpcore2.ConnectError(str(exc)) from exc
+    sock = connection.transport.get_extra_info("socket")
+    try:
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+    except OSError as exc:
+        connection.transport.abort()
+        raise httpcore2.ConnectError(str(exc)) from exc
+    return AsyncioStream(connection)
+
+
+class AsyncioTransport(httpx2.AsyncHTTPTransport):
+    """httpx2's transport (its pool, limits, TLS context, proxies from its arguments)
+    with the connections of a direct pool on :class:`AsyncioBackend`; a proxy's pool
+    keeps httpcore2's default backend."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if type(self._pool) is httpcore2.AsyncConnectionPool:
+            # httpx2 builds the pool itself and takes no backend argument.
+            self._pool._network_backend = AsyncioBackend()

@@ -501,6 +501,8 @@ class Client:
         # later, possibly after generation.end.
         self.unsynced = False
         self.synced = asyncio.Event()
+        # The last ``overloaded`` error frame, until :meth:`rearm`.
+        self.refusal: dict | None = None
         self._last_seq = 0
         self._reader: asyncio.Task | None = None
 
@@ -569,6 +571,7 @@ class Client:
                 elif kind == "error":
                     if frame.get("code") == "overloaded":
                         record.refused += 1
+                        self.refusal = frame
                     record.error = f"{frame.get('code')}: {frame.get('detail')}"
                     self.started.set()
                     self.ended.set()
@@ -583,6 +586,14 @@ class Client:
 
     async def send(self, frame: dict) -> None:
         await self.ws.send(json.dumps(frame))
+
+    def rearm(self) -> None:
+        """Forget a refused message (``overloaded``) before sending it again on the same
+        socket: the events and the error then describe the next one."""
+        self.refusal = None
+        self.record.error = None
+        self.started.clear()
+        self.ended.clear()
 
     async def close(self) -> None:
         if self.ws is not None:

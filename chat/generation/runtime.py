@@ -57,8 +57,10 @@ class Runtime:
         # ... and the smoothed share of wall time the loop was busy (%), likewise.
         self.loop_busy_pct = 0.0
         self.busy_refusing = False
-        # Starts admitted whose transaction has not finished (service.start_generation).
-        self.starting = 0
+        # Starts admitted whose transaction has not finished (service.start_generation),
+        # by a token, with the loop time (s) each was admitted at: insertion order is
+        # admission order, so the first is the one waiting longest.
+        self._starts: dict[object, float] = {}
 
     @classmethod
     def current(cls) -> Runtime:
@@ -95,6 +97,29 @@ class Runtime:
     def count(self) -> int:
         """Generations registered on this loop (starting, streaming or ending)."""
         return len(self._generations)
+
+    # -- starts waiting for their transaction (admission's "starts") ---------------
+    def start_began(self) -> object:
+        """Count a start admitted now until :meth:`start_ended` with the token returned."""
+        token = object()
+        self._starts[token] = self.loop.time()
+        return token
+
+    def start_ended(self, token: object) -> None:
+        """The start's transaction finished (or failed); idempotent."""
+        self._starts.pop(token, None)
+
+    @property
+    def starting(self) -> int:
+        """Starts admitted whose transaction has not finished."""
+        return len(self._starts)
+
+    def oldest_start_wait_ms(self) -> float:
+        """How long the oldest unfinished start has waited since its admission (ms; 0
+        when none waits)."""
+        for began in self._starts.values():
+            return (self.loop.time() - began) * 1000.0
+        return 0.0
 
     # -- the provider --------------------------------------------------------------
     async def client(self):

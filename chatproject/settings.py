@@ -338,7 +338,7 @@ CHAT_MAX_PENDING_STARTS = env_int("CHAT_MAX_PENDING_STARTS", 0)
 # ... or when the oldest of them has waited longer than this (ms, 0 = off) ...
 CHAT_MAX_START_WAIT_MS = env_int("CHAT_MAX_START_WAIT_MS", 2000)
 # ... or when its event loop runs late by more than this, standing, on average (ms, 0 = off)
-CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 100)
+CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 50)
 # ... or when its event loop is busy more than this share of the time (%, 0 = off) ...
 CHAT_MAX_LOOP_BUSY_PCT = env_int("CHAT_MAX_LOOP_BUSY_PCT", 0)
 # ... and tell the client to try again after this long (ms, times 1 to 1.5 at random).

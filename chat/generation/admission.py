@@ -20,7 +20,7 @@ control", has the measurements behind each choice):
   late it fires; the lowest lateness over the last ``WINDOW_S`` (1 s) is the loop's
   standing queue (the idea of CoDel, RFC 8289: a queue that never drains over a
   window is standing; a short burst is not), and its average (exponential, time
-  constant ``SMOOTHING_S``, 2 s) is compared with ``CHAT_MAX_LOOP_LAG_MS`` (100; 0 =
+  constant ``SMOOTHING_S``, 2 s) is compared with ``CHAT_MAX_LOOP_LAG_MS`` (50; 0 =
   off). Every frame of every run waits in that loop, a few times on its way from the
   provider to the socket, so this lag, and not a stream count, is what the running
   answers suffer; it follows whatever the machine gives the worker. A single stall
@@ -142,7 +142,7 @@ def refusal_reason(runtime: Runtime) -> str | None:
     if pending and runtime.starting >= pending:
         return "starts"
     max_wait = settings.CHAT_MAX_START_WAIT_MS
-    if max_wait and runtime.oldest_start_wait_ms() > max_wait:
+    if max_wait and runtime.expected_start_wait_ms() > max_wait:
         return "starts"
     max_lag = settings.CHAT_MAX_LOOP_LAG_MS
     lag = runtime.loop_lag_ms
@@ -186,7 +186,7 @@ def stats() -> dict:
     (smoothed), ``refusing`` (the reason, or None)."""
     runtime = Runtime.current()
     return {"starting": runtime.starting,
-            "start_wait_ms": round(runtime.oldest_start_wait_ms(), 1),
+            "start_wait_ms": round(runtime.expected_start_wait_ms(), 1),
             "loop_lag_ms": round(runtime.loop_lag_ms, 1),
             "loop_busy_pct": round(runtime.loop_busy_pct, 1),
             "loop_lag_peak_ms": round(runtime.loop_lag_peak_ms, 1),

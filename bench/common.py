@@ -485,6 +485,8 @@ class SocketRecord:
     stop_sent_at: float | None = None
     # `{"type": "error", "code": "overloaded"}` frames: the server refused a generation.
     refused: int = 0
+    # ... by the frame's reason (chat.generation.admission: streams, starts, lag, busy).
+    refused_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Client:
@@ -571,6 +573,8 @@ class Client:
                 elif kind == "error":
                     if frame.get("code") == "overloaded":
                         record.refused += 1
+                        reason = str(frame.get("reason"))
+                        record.refused_reasons[reason] = record.refused_reasons.get(reason, 0) + 1
                         self.refusal = frame
                     record.error = f"{frame.get('code')}: {frame.get('detail')}"
                     self.started.set()

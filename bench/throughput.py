@@ -336,6 +336,7 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float
         first_at=record.first_delta_at,
         stop_sent_at=record.stop_sent_at, received_at=record.received_at,
         lags_ms=record.latencies_ms, tokens=record.tokens, refused=record.refused,
+        refused_reasons=record.refused_reasons,
         error=record.error, end_status=record.end_status, timed_out=timed_out,
     )
 
@@ -529,10 +530,16 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
             lost += len(set(range(int(asked[1]) if asked else spec.tokens)) - set(got))
     # Refused for good is not failed; nor is a stream stopped before its first token.
     refused_for_good = [r for r in results if not r["admitted"] and r["refused"]]
+    reasons: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.get("refused_reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    # A stream still coming back after refusals at the deadline is refused, not late;
+    # one neither admitted nor refused failed (a socket that did not open, say).
     failed = [r for r in results
-              if (r["error"] and r["admitted"]) or r["timed_out"]
-              or (r["first_at"] is None and r["admitted"] and r["stop_sent_at"] is None)
-              or (r["error"] and not r["admitted"] and not r["refused"])]
+              if (r["admitted"] and (r["error"] or r["timed_out"]
+                                     or (r["first_at"] is None and r["stop_sent_at"] is None)))
+              or (not r["admitted"] and not r["refused"])]
     unfinished = sum(1 for r in failed if r["timed_out"])
     cpu = cpu_s.get(measured, 0.0)
     all_tokens = sum(len(r["received_at"]) for r in results)
@@ -569,6 +576,7 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
         # streams refused until their end (never admitted).
         "refused_overloaded": sum(r["refused"] for r in results),
         "refused_streams": len(refused_for_good),
+        "refused_reasons": reasons,
         "retried_streams": sum(1 for r in results if r["refused"] and r["admitted"]),
         "failed": len(failed),
         "unfinished": unfinished,

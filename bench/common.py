@@ -485,6 +485,8 @@ class SocketRecord:
     stop_sent_at: float | None = None
     # `{"type": "error", "code": "overloaded"}` frames: the server refused a generation.
     refused: int = 0
+    # ... by the frame's reason (chat.generation.admission: streams, starts, lag, busy).
+    refused_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Client:
@@ -501,6 +503,8 @@ class Client:
         # later, possibly after generation.end.
         self.unsynced = False
         self.synced = asyncio.Event()
+        # The last ``overloaded`` error frame, until :meth:`rearm`.
+        self.refusal: dict | None = None
         self._last_seq = 0
         self._reader: asyncio.Task | None = None
 
@@ -569,6 +573,9 @@ class Client:
                 elif kind == "error":
                     if frame.get("code") == "overloaded":
                         record.refused += 1
+                        reason = str(frame.get("reason"))
+                        record.refused_reasons[reason] = record.refused_reasons.get(reason, 0) + 1
+                        self.refusal = frame
                     record.error = f"{frame.get('code')}: {frame.get('detail')}"
                     self.started.set()
                     self.ended.set()
@@ -583,6 +590,14 @@ class Client:
 
     async def send(self, frame: dict) -> None:
         await self.ws.send(json.dumps(frame))
+
+    def rearm(self) -> None:
+        """Forget a refused message (``overloaded``) before sending it again on the same
+        socket: the events and the error then describe the next one."""
+        self.refusal = None
+        self.record.error = None
+        self.started.clear()
+        self.ended.clear()
 
     async def close(self) -> None:
         if self.ws is not None:

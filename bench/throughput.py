@@ -57,9 +57,11 @@ Columns (one row per configuration and K):
   channel layer;
 - chunks after stop: chunks the upstream wrote after the stop was sent, summed over the
   stopped streams;
-- refused: ``{"type": "error", "code": "overloaded"}`` frames the clients received
-  (admission control, chat.generation.admission: a worker past its capacity refuses
-  new runs);
+- refusals (streams never admitted): ``{"type": "error", "code": "overloaded"}``
+  frames the clients received (admission control, chat.generation.admission: a worker
+  past its capacity refuses new runs). A client sends its message again after the
+  frame's ``retry_after_ms``, as the page tells its user to, asking only for the tokens
+  still due; in brackets, the streams refused until their planned end;
 - unfinished / errors: streams still running when they were closed, 5 s after the
   window (their lag was longer than 4 s) / streams that failed otherwise (an error
   frame or a closed socket, or no token at all without being stopped or refused).
@@ -120,6 +122,9 @@ ARTIFACTS = ROOT / "artifacts"
 APP_CONFIGS = ("defaults", "postgres")
 FLOORS = ("sdk", "httpx", "sdk-asyncio")
 ALL_CONFIGS = (*APP_CONFIGS, *FLOORS)
+# The tokens a tag asks the bench upstream for (bench.upstream.TOKENS_RE).
+TOKENS_RE = re.compile(r"\btokens=(\d+)")
+
 LABELS = {
     "defaults": "app, embedded defaults",
     "postgres": "app, PostgreSQL + Redis",
@@ -217,11 +222,14 @@ def offered_tokens(specs: list[StreamSpec], timeline: Timeline, rate: float) -> 
 # --- what every kind of client reports per stream --------------------------------------
 def stream_result(spec: StreamSpec, **fields) -> dict:
     """``{index, tag, sent_at, first_at, stop_sent_at, received_at: [s], lags_ms: [ms],
-    tokens: [int], refused, error, end_status, timed_out}`` (times: monotonic s)."""
+    tokens: [int], refused, admitted, error, end_status, timed_out}`` (times: monotonic
+    s; ``refused``: overloaded frames received, ``admitted``: False when the stream
+    was refused until its end; ``tag``: the last message sent)."""
     result = {
         "index": spec.index, "tag": spec.tag, "sent_at": None, "first_at": None,
         "stop_sent_at": None, "received_at": [], "lags_ms": [], "tokens": [],
-        "refused": 0, "error": None, "end_status": None, "timed_out": False,
+        "refused": 0, "admitted": True, "error": None, "end_status": None,
+        "timed_out": False,
     }
     result.update(fields)
     return result
@@ -245,13 +253,40 @@ def _child_main(conn, runner, *args) -> None:
 
 
 # --- app clients (websockets) ----------------------------------------------------------
-async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
-    """One owner socket: connect, send the tag as a message, maybe stop, wait for the
-    end; closed at ``deadline`` (monotonic s) whatever happens."""
+async def admitted_tag(client: Client, spec: StreamSpec, t0: float, end_at: float) -> str:
+    """Wait for the answer to the message just sent; while it is refused
+    (``overloaded``), send it again after the frame's ``retry_after_ms``, as the page
+    tells its user to, asking only for the tokens still due before ``end_at``
+    (monotonic s: the stream's planned last token), under a new tag (the upstream
+    reports requests by tag). Returns the tag of the last message sent; the socket's
+    events then describe that one (refused for good when the end came first)."""
+    tag = spec.tag
+    first_at = t0 + spec.start
+    while True:
+        await client.started.wait()
+        refusal = client.refusal
+        if refusal is None or client.record.message_id is not None:
+            return tag
+        retry_at = time.monotonic() + max(0.1, refusal.get("retry_after_ms", 2000) / 1000)
+        left = math.ceil(spec.tokens * (end_at - retry_at) / max(1e-3, end_at - first_at))
+        if left < 1:
+            return tag
+        await sleep_until(retry_at)
+        client.rearm()
+        tag = f"{spec.tag.split(' tokens=')[0]}r{client.record.refused} tokens={left}"
+        await client.send({"type": "message", "content": tag})
+
+
+async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float) -> dict:
+    """One owner socket: connect, send the tag as a message (again after each
+    ``overloaded`` refusal: :func:`admitted_tag`), maybe stop, wait for the end; closed
+    at ``deadline`` (monotonic s) whatever happens. ``end_at``: when its last token is
+    due (monotonic s)."""
     await sleep_until(t0 + spec.start)
     client = Client("owner")
     record = client.record
     timed_out = False
+    tag = spec.tag
     conversation = str(uuid.uuid4())
     stopper = Client("stopper") if spec.stop_port else None
     opening = None
@@ -271,6 +306,7 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
                               timeout=deadline - time.monotonic(), close_timeout=2)
             record.sent_at = time.monotonic()
             await client.send({"type": "message", "content": spec.tag})
+            tag = await admitted_tag(client, spec, t0, end_at)
             opening = asyncio.create_task(open_stopper()) if stopper else None
             if spec.stop is not None:
                 with contextlib.suppress(TimeoutError):
@@ -300,9 +336,11 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float) -> dict:
                 async with asyncio.timeout(5):
                     await stopper.close()
     return stream_result(
-        spec, sent_at=record.sent_at, first_at=record.first_delta_at,
+        spec, tag=tag, admitted=record.message_id is not None, sent_at=record.sent_at,
+        first_at=record.first_delta_at,
         stop_sent_at=record.stop_sent_at, received_at=record.received_at,
         lags_ms=record.latencies_ms, tokens=record.tokens, refused=record.refused,
+        refused_reasons=record.refused_reasons,
         error=record.error, end_status=record.end_status, timed_out=timed_out,
     )
 
@@ -329,7 +367,8 @@ def app_clients(specs: list[StreamSpec], timeline: Timeline):
 
     async def run(t0: float) -> list[dict]:
         deadline = t0 + timeline.deadline
-        return await asyncio.gather(*(app_stream(s, t0, deadline) for s in specs))
+        end_at = t0 + timeline.window[1] + timeline.tail
+        return await asyncio.gather(*(app_stream(s, t0, deadline, end_at) for s in specs))
 
     return run
 
@@ -496,7 +535,7 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
     after_stop = 0
     not_closed = 0
     for result in results:
-        if result["stop_sent_at"] is None or result["refused"]:
+        if result["stop_sent_at"] is None or not result["admitted"]:
             continue
         request = by_tag.get(result["tag"])
         if request is None or request["client_closed_at"] is None:
@@ -510,11 +549,20 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
         got = result["tokens"]
         duplicated += len(got) - len(set(got))
         if result["end_status"] == "completed":
-            lost += len(set(range(spec.tokens)) - set(got))
-    # Refused is not failed; nor is a stream stopped before its first token.
+            asked = TOKENS_RE.search(result["tag"] or spec.tag)
+            lost += len(set(range(int(asked[1]) if asked else spec.tokens)) - set(got))
+    # Refused for good is not failed; nor is a stream stopped before its first token.
+    refused_for_good = [r for r in results if not r["admitted"] and r["refused"]]
+    reasons: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.get("refused_reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    # A stream still coming back after refusals at the deadline is refused, not late;
+    # one neither admitted nor refused failed (a socket that did not open, say).
     failed = [r for r in results
-              if (r["error"] and not r["refused"]) or r["timed_out"]
-              or (r["first_at"] is None and not r["refused"] and r["stop_sent_at"] is None)]
+              if (r["admitted"] and (r["error"] or r["timed_out"]
+                                     or (r["first_at"] is None and r["stop_sent_at"] is None)))
+              or (not r["admitted"] and not r["refused"])]
     unfinished = sum(1 for r in failed if r["timed_out"])
     cpu = cpu_s.get(measured, 0.0)
     all_tokens = sum(len(r["received_at"]) for r in results)
@@ -547,7 +595,12 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
                                       "p99": percentile(stop_ms, 99), "n": len(stop_ms),
                                       "not_closed": not_closed},
         "chunks_after_stop": after_stop,
+        # overloaded frames received (clients retry after retry_after_ms), and the
+        # streams refused until their end (never admitted).
         "refused_overloaded": sum(r["refused"] for r in results),
+        "refused_streams": len(refused_for_good),
+        "refused_reasons": reasons,
+        "retried_streams": sum(1 for r in results if r["refused"] and r["admitted"]),
         "failed": len(failed),
         "unfinished": unfinished,
         "errors": len(failed) - unfinished,
@@ -571,7 +624,7 @@ def table(rows: list[dict]) -> str:
             "| delivered / offered tok/s "
             "| lag p50 / p99 "
             "| TTFT p50 | stop → upstream close p50 / p99 (n) | chunks after stop "
-            "| refused (overloaded) | unfinished / errors |")
+            "| refusals (streams never admitted) | unfinished / errors |")
     if any(r.get("stop_via") == "other-worker" for r in rows):
         head = head.replace("| stop → upstream close",
                             "| stop from another worker's tab → upstream close")
@@ -590,7 +643,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['delivered_tps']:.0f} / {r['offered_tps']:.0f} "
             f"| {fmt_ms(r['lag_ms']['p50'])} / {fmt_ms(r['lag_ms']['p99'])} "
             f"| {fmt_ms(r['ttft_ms']['p50'])} | {stop_text} | {r['chunks_after_stop']} "
-            f"| {r['refused_overloaded']} | {r['unfinished']} / {r['errors']} |"
+            f"| {r['refused_overloaded']} ({r.get('refused_streams', 0)}) "
+            f"| {r['unfinished']} / {r['errors']} |"
         )
     return "\n".join(lines)
 

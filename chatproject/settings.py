@@ -334,11 +334,13 @@ CHAT_INBOX_LIMIT = env_int("CHAT_INBOX_LIMIT", 1000)
 # refused with `overloaded` (HTTP 503) when this worker runs this many (0 = no limit) ...
 CHAT_MAX_STREAMS_PER_WORKER = env_int("CHAT_MAX_STREAMS_PER_WORKER", 0)
 # ... or when this many starts wait for their transaction (0 = no limit) ...
-CHAT_MAX_PENDING_STARTS = env_int("CHAT_MAX_PENDING_STARTS", 32)
-# ... or when its event loop runs late by more than this on average (ms, 0 = off) ...
-CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 500)
+CHAT_MAX_PENDING_STARTS = env_int("CHAT_MAX_PENDING_STARTS", 0)
+# ... or when the oldest of them has waited longer than this (ms, 0 = off) ...
+CHAT_MAX_START_WAIT_MS = env_int("CHAT_MAX_START_WAIT_MS", 2000)
+# ... or when its event loop runs late by more than this, standing, on average (ms, 0 = off)
+CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 50)
 # ... or when its event loop is busy more than this share of the time (%, 0 = off) ...
-CHAT_MAX_LOOP_BUSY_PCT = env_int("CHAT_MAX_LOOP_BUSY_PCT", 90)
+CHAT_MAX_LOOP_BUSY_PCT = env_int("CHAT_MAX_LOOP_BUSY_PCT", 0)
 # ... and tell the client to try again after this long (ms, times 1 to 1.5 at random).
 CHAT_OVERLOAD_RETRY_MS = env_int("CHAT_OVERLOAD_RETRY_MS", 2000)
 # The streaming assistant message is written to the database at least this often (ms).

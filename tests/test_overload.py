@@ -97,6 +97,34 @@ async def test_starts_waiting_for_their_transaction_past_the_limit_are_refused(
             assert (await ws.receive_type("generation.end", timeout=20))["status"] == "completed"
 
 
+async def test_a_start_that_would_wait_longer_than_the_limit_for_its_transaction_is_refused(
+    alice, bob, upstream, connect, settings
+):
+    settings.CHAT_MAX_START_WAIT_MS = 300
+    settings.CHAT_MAX_PENDING_STARTS = 0
+    upstream.answer = ANSWER
+    upstream.tokens_per_second = 200
+    first, second = [await open_socket(connect, user) for user in (alice, bob)]
+    # Every thread of the executor the start transactions run in is taken for 1 s, as
+    # by a database that answers slowly: a start admitted now waits there.
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: None)
+    threads = loop._default_executor._max_workers
+    held = [loop.run_in_executor(None, time.sleep, 1.0) for _ in range(threads)]
+    await first.send({"type": "message", "content": "Question 1"})
+    await asyncio.sleep(0.5)
+    refused = await first_answer(second, "Question 2")
+    assert refused["type"] == "error" and refused["code"] == "overloaded"
+    assert refused["reason"] == "starts"
+    await asyncio.gather(*held)
+    assert (await first.receive_type("generation.end", timeout=20))["status"] == "completed"
+
+    # The queue drained: the same message is admitted now.
+    admitted = await first_answer(second, "Question 2")
+    assert admitted["type"] == "generation.start"
+    assert (await second.receive_type("generation.end", timeout=20))["status"] == "completed"
+
+
 async def test_an_event_loop_that_runs_late_refuses_new_answers_then_admits_them_again(
     alice, bob, upstream, connect, settings
 ):
@@ -143,9 +171,10 @@ async def test_an_event_loop_busy_nearly_all_the_time_refuses_before_any_lag_bui
     assert start["type"] == "generation.start"
     second = await open_socket(connect, bob)
 
-    # Work in 20 ms slices for 2 s: no callback waits long (no lag to speak of), but
-    # the loop is never idle, as a worker given more work than it can do.
-    until = time.monotonic() + 2
+    # Work in 20 ms slices for 4 s: no callback waits long (no lag to speak of), but
+    # the loop is never idle, as a worker given more work than it can do (the share is
+    # averaged over 3 s: it must last).
+    until = time.monotonic() + 4
     while time.monotonic() < until:
         spin = time.perf_counter() + 0.02
         while time.perf_counter() < spin:

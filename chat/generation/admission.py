@@ -1,43 +1,47 @@
 """Admission control (issue 11, "past capacity, degrade, never collapse"): a worker that
 cannot keep up refuses NEW generations with ``overloaded`` (HTTP 503) so that the runs
-it already streams keep their lag bounded.
+it already streams keep their lag bounded, and admits a burst it can carry.
 
-Four signals, checked by :func:`admit` before anything is saved (docs/scale.md,
-"Admission control", says why these):
+Signals, checked by :func:`admit` before anything is saved (docs/scale.md, "Admission
+control", has the measurements behind each choice):
 
 - **streams**: generations registered on this event loop (starting, streaming or
-  ending) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit). The operator's
-  capacity plan: deterministic, cheap, and it holds before the loop shows any lag.
-- **starts waiting**: starts admitted whose transaction (``store.prepare_*``, in the
-  executor's threads) has not finished, against ``CHAT_MAX_PENDING_STARTS`` (32; 0 =
-  no limit). Invisible to the loop's signals: while the threads work the loop idles in
-  ``select()``; measured on PostgreSQL + Redis at K = 400, 150 starts were admitted in
-  the burst and the first tokens came 10 s later.
-- **event-loop lag**: a timer that should fire every ``PROBE_S`` (100 ms) measures how
-  late it fires; the lateness (ms) is smoothed (exponential moving average with a time
-  constant of ``SMOOTHING_S``, 2 s) and compared with ``CHAT_MAX_LOOP_LAG_MS`` (0 =
-  off). Every frame of every run waits in that same loop, so its lateness is the delay
-  every running answer suffers on top of the provider's; it needs no capacity figure
-  and follows whatever the machine gives the worker (other processes, a slow host).
-  With a 2 s time constant one stall of 1 s (a garbage collection, a slow query on the
-  loop) raises the average by about 420 ms, a lag that lasts raises it to its size.
-  Once refusing for lag, the worker admits again only when the average fell under half
-  the limit (hysteresis: no flapping at the edge).
+  ending) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit, the default). The
+  operator's capacity plan: deterministic, cheap, but it cannot follow the machine.
+- **start wait**: how long the oldest start admitted and not yet through its
+  transaction (``store.prepare_*``, in the executor's threads) has waited, against
+  ``CHAT_MAX_START_WAIT_MS`` (2000; 0 = off). A queue of starts is invisible to the
+  loop's signals (the loop idles in ``select()`` while the threads work); its wait,
+  unlike its length, says whether it really piles up: 100 starts that each take 5 ms
+  are no queue, 20 that wait 3 s are. The default equals the retry hint: a start
+  waits in that queue no longer than a refused client would wait to come back.
+  ``CHAT_MAX_PENDING_STARTS`` (0 = off, the default) still caps their number.
+- **standing event-loop lag**: a timer due every ``PROBE_S`` (100 ms) measures how
+  late it fires; the lowest lateness over the last ``WINDOW_S`` (1 s) is the loop's
+  standing queue (the idea of CoDel, RFC 8289: a queue that never drains over a
+  window is standing; a short burst is not), and its average (exponential, time
+  constant ``SMOOTHING_S``, 2 s) is compared with ``CHAT_MAX_LOOP_LAG_MS`` (50; 0 =
+  off). Every frame of every run waits in that loop, a few times on its way from the
+  provider to the socket, so this lag, and not a stream count, is what the running
+  answers suffer; it follows whatever the machine gives the worker. A single stall
+  (a garbage collection, a burst of handshakes) raises the lateness of a probe or two,
+  not the window's lowest. Once refusing, the worker admits again when the average
+  fell under half the limit (hysteresis: no flapping at the edge).
 - **event-loop busy share**: the share of wall time the loop spends outside its
-  selector's ``select()`` (running callbacks, or runnable and waiting for a CPU),
-  averaged with a time constant of ``BUSY_SMOOTHING_S`` (1 s), against
-  ``CHAT_MAX_LOOP_BUSY_PCT`` (90; 0 = off); admits again 10 points under it. The early
-  signal: a loop reaches 100 % busy as soon as the work offered exceeds what it can do,
-  while the lag only grows once a queue has built up, seconds later, when a burst of
-  starts (100 a second in bench.throughput's ramp) has all been admitted already.
+  selector's ``select()``, averaged with a time constant of ``BUSY_SMOOTHING_S`` (3 s),
+  against ``CHAT_MAX_LOOP_BUSY_PCT`` (0 = off, the default); admits again 10 points
+  under it. Off by default: measured, a loop is 97-99 % busy from 60 streams on while
+  its lag is still small (the deltas it sends coalesce more as it gets busier), so the
+  share says "saturated", not "late", and refused bursts the worker could carry.
 
 The per-loop figures live on :class:`~chat.generation.runtime.Runtime` (``loop_lag_ms``,
-``lag_refusing``); this module only measures and decides.
+``lag_refusing``, the starts); this module only measures and decides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -51,8 +55,9 @@ from .runtime import Runtime
 logger = logging.getLogger(__name__)
 
 PROBE_S = 0.1
+WINDOW_S = 1.0
 SMOOTHING_S = 2.0
-BUSY_SMOOTHING_S = 1.0
+BUSY_SMOOTHING_S = 3.0
 BUSY_HYSTERESIS_PCT = 10
 
 
@@ -85,18 +90,25 @@ def _timed_selector(loop) -> _TimedSelector | None:
 
 
 async def _probe_lag(runtime: Runtime) -> None:
-    """Forever: sleep ``PROBE_S``, add how late the wake-up came to the loop's average."""
+    """Forever: sleep ``PROBE_S``; add the lowest lateness of the last ``WINDOW_S`` (the
+    standing lag) and the busy share to the loop's averages."""
     loop = runtime.loop
     selector = _timed_selector(loop)
+    recent: collections.deque[tuple[float, float]] = collections.deque()
     while True:
         before = loop.time()
         idle_before = selector.idle_s if selector is not None else 0.0
         await asyncio.sleep(PROBE_S)
-        elapsed = loop.time() - before
+        now = loop.time()
+        elapsed = now - before
         late_ms = max(0.0, elapsed - PROBE_S) * 1000.0
+        recent.append((now, late_ms))
+        while now - recent[0][0] > WINDOW_S:
+            recent.popleft()
+        standing_ms = min(late for _, late in recent)
         # Weight by the time the sample covers: a 1 s stall counts as 10 probes would.
         weight = 1.0 - math.exp(-elapsed / SMOOTHING_S)
-        runtime.loop_lag_ms += (late_ms - runtime.loop_lag_ms) * weight
+        runtime.loop_lag_ms += (standing_ms - runtime.loop_lag_ms) * weight
         runtime.loop_lag_peak_ms = max(runtime.loop_lag_peak_ms, late_ms)
         if selector is not None and elapsed > 0:
             busy_pct = 100.0 * max(0.0, 1.0 - (selector.idle_s - idle_before) / elapsed)
@@ -120,13 +132,17 @@ def retry_after_ms() -> int:
 
 
 def refusal_reason(runtime: Runtime) -> str | None:
-    """Why this loop refuses new generations now (``"streams"``, ``"starts"``,
-    ``"lag"`` or ``"busy"``), or None when it admits them. Updates the hysteresis state."""
+    """Why this loop refuses new generations now (``"streams"``, ``"starts"`` (too many
+    waiting, or waiting too long), ``"lag"`` or ``"busy"``), or None when it admits
+    them. Updates the hysteresis state."""
     limit = settings.CHAT_MAX_STREAMS_PER_WORKER
     if limit and runtime.count() + runtime.starting >= limit:
         return "streams"
     pending = settings.CHAT_MAX_PENDING_STARTS
     if pending and runtime.starting >= pending:
+        return "starts"
+    max_wait = settings.CHAT_MAX_START_WAIT_MS
+    if max_wait and runtime.expected_start_wait_ms() > max_wait:
         return "starts"
     max_lag = settings.CHAT_MAX_LOOP_LAG_MS
     lag = runtime.loop_lag_ms
@@ -164,11 +180,13 @@ def admit() -> None:
 
 
 def stats() -> dict:
-    """This loop's admission figures for ``worker.stats``: ``loop_lag_ms`` (smoothed),
+    """This loop's admission figures for ``worker.stats``: ``starting`` and
+    ``start_wait_ms`` (the oldest's wait), ``loop_lag_ms`` (standing, smoothed),
     ``loop_lag_peak_ms`` (largest single lateness since start), ``loop_busy_pct``
     (smoothed), ``refusing`` (the reason, or None)."""
     runtime = Runtime.current()
     return {"starting": runtime.starting,
+            "start_wait_ms": round(runtime.expected_start_wait_ms(), 1),
             "loop_lag_ms": round(runtime.loop_lag_ms, 1),
             "loop_busy_pct": round(runtime.loop_busy_pct, 1),
             "loop_lag_peak_ms": round(runtime.loop_lag_peak_ms, 1),

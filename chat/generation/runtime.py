@@ -31,6 +31,9 @@ from .fanout import Fanout
 if TYPE_CHECKING:
     from .task import Generation
 
+# Weight of each finished start in Runtime.start_service_ms (about the last 10).
+START_SMOOTHING = 0.1
+
 _runtimes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -57,8 +60,13 @@ class Runtime:
         # ... and the smoothed share of wall time the loop was busy (%), likewise.
         self.loop_busy_pct = 0.0
         self.busy_refusing = False
-        # Starts admitted whose transaction has not finished (service.start_generation).
-        self.starting = 0
+        # Starts admitted whose transaction has not finished (service.start_generation),
+        # by a token, with the loop time (s) each was admitted at and how many were
+        # waiting ahead of it: insertion order is admission order, so the first is the
+        # one waiting longest. And the time one start adds to the wait of the next (ms,
+        # averaged over the last ones: Little's law per finished start).
+        self._starts: dict[object, tuple[float, int]] = {}
+        self.start_service_ms = 0.0
 
     @classmethod
     def current(cls) -> Runtime:
@@ -95,6 +103,44 @@ class Runtime:
     def count(self) -> int:
         """Generations registered on this loop (starting, streaming or ending)."""
         return len(self._generations)
+
+    # -- starts waiting for their transaction (admission's "starts") ---------------
+    def start_began(self) -> object:
+        """Count a start admitted now until :meth:`start_ended` with the token returned."""
+        token = object()
+        self._starts[token] = (self.loop.time(), len(self._starts))
+        return token
+
+    def start_ended(self, token: object) -> None:
+        """The start's transaction finished (or failed); idempotent. Its wait, shared
+        among itself and the starts that were ahead of it, updates
+        :attr:`start_service_ms`."""
+        entry = self._starts.pop(token, None)
+        if entry is None:
+            return
+        began, ahead = entry
+        sample_ms = (self.loop.time() - began) * 1000.0 / (ahead + 1)
+        self.start_service_ms += (sample_ms - self.start_service_ms) * START_SMOOTHING
+
+    @property
+    def starting(self) -> int:
+        """Starts admitted whose transaction has not finished."""
+        return len(self._starts)
+
+    def oldest_start_wait_ms(self) -> float:
+        """How long the oldest unfinished start has waited since its admission (ms; 0
+        when none waits)."""
+        for began, _ in self._starts.values():
+            return (self.loop.time() - began) * 1000.0
+        return 0.0
+
+    def expected_start_wait_ms(self) -> float:
+        """The wait a start admitted now should expect (ms): the longer of the oldest
+        one's wait so far and the starts waiting (itself included) times
+        :attr:`start_service_ms`. The second sees a crowd admitted in one instant
+        (clients coming back after a refusal) before any of them has waited long."""
+        return max(self.oldest_start_wait_ms(),
+                   (len(self._starts) + 1) * self.start_service_ms)
 
     # -- the provider --------------------------------------------------------------
     async def client(self):

@@ -106,7 +106,7 @@ async def start_generation(
     leases.ensure_sweeper(layer)
     runtime = Runtime.current()
     # Counted from admission to the end of its transaction (admission's "starts").
-    runtime.starting += 1
+    start = runtime.start_began()
     # Not thread-sensitive: self-contained transactions may run in the executor's
     # threads, beside the one thread Channels gives session and user loading (under
     # load that thread was the queue new sockets waited in; docs/scale.md).
@@ -115,7 +115,7 @@ async def start_generation(
             user, conversation_id, content, create
         )
     finally:
-        runtime.starting -= 1
+        runtime.start_ended(start)
     generation = Generation(run=run, layer=layer or get_channel_layer(), runtime=runtime)
     runtime.add(generation)
     # Straight to the group, not through the run's outbox: its subscribers (an SSE

@@ -277,6 +277,8 @@ async def lookup_generation(client: openai.AsyncOpenAI, generation_id: str) -> d
         cost = Decimal(str(data.get("total_cost")))
     except InvalidOperation:
         return None
-    if not cost.is_finite() or cost < 0:
+    # UsageRecord.cost_usd holds under 10**6 USD (14 digits, 8 decimals): a larger figure
+    # from the provider is not believable and would fail the record's update.
+    if not cost.is_finite() or not 0 <= cost < 10**6:
         return None
     return {**counts, "cost_usd": cost}

@@ -42,6 +42,20 @@ async def first_answer(ws, content):
     return await ws.receive_until(lambda f: f["type"] in ("generation.start", "error"))
 
 
+async def running_completes_then_refused_is_admitted(first, start, second):
+    """The answer running on ``first`` ends completed with all its text; then the tab
+    ``second``, refused before, is admitted (within 10 s) and its answer completes."""
+    end = await first.receive_type("generation.end", timeout=20)
+    assert end["status"] == "completed" and first.text(start["message"]["id"]) == ANSWER
+
+    async def admitted():
+        answer = await first_answer(second, "And me")
+        return answer if answer["type"] == "generation.start" else None
+
+    assert await eventually(admitted, timeout=10, interval=0.3)
+    assert (await second.receive_type("generation.end", timeout=20))["status"] == "completed"
+
+
 async def test_a_worker_at_its_stream_limit_refuses_with_overloaded_while_running_answers_complete(
     alice, bob, carol, upstream, connect, settings
 ):
@@ -146,17 +160,9 @@ async def test_an_event_loop_that_runs_late_refuses_new_answers_then_admits_them
     assert refused["type"] == "error" and refused["code"] == "overloaded"
     assert refused["reason"] == "lag"
 
-    # The running answer was only delayed, not lost.
-    end = await first.receive_type("generation.end", timeout=20)
-    assert end["status"] == "completed" and first.text(start["message"]["id"]) == ANSWER
-
-    async def admitted():
-        answer = await first_answer(second, "And me")
-        return answer if answer["type"] == "generation.start" else None
-
-    # The smoothed lag falls under half the limit within a few seconds of an idle loop.
-    assert await eventually(admitted, timeout=10, interval=0.3)
-    assert (await second.receive_type("generation.end", timeout=20))["status"] == "completed"
+    # The running answer was only delayed, not lost; the smoothed lag falls under half
+    # the limit within a few seconds of an idle loop, and the refused tab is admitted.
+    await running_completes_then_refused_is_admitted(first, start, second)
 
 
 async def test_an_event_loop_busy_nearly_all_the_time_refuses_before_any_lag_builds_up(
@@ -183,15 +189,7 @@ async def test_an_event_loop_busy_nearly_all_the_time_refuses_before_any_lag_bui
     refused = await first_answer(second, "And me")
     assert refused["type"] == "error" and refused["code"] == "overloaded"
     assert refused["reason"] == "busy"
-    end = await first.receive_type("generation.end", timeout=20)
-    assert end["status"] == "completed" and first.text(start["message"]["id"]) == ANSWER
-
-    async def admitted():
-        answer = await first_answer(second, "And me")
-        return answer if answer["type"] == "generation.start" else None
-
-    assert await eventually(admitted, timeout=10, interval=0.3)
-    assert (await second.receive_type("generation.end", timeout=20))["status"] == "completed"
+    await running_completes_then_refused_is_admitted(first, start, second)
 
 
 def post(session, server, key, conversation_id, content, *, stream):

@@ -107,11 +107,9 @@ def frames_seen_once_in_order(frames: list[dict], message_id: str) -> str:
     return "".join(d["content"] for d in deltas)
 
 
-# --- the in-memory layer: one process, no layer for frames --------------------------------
-async def test_with_the_in_memory_layer_two_tabs_get_every_frame_without_the_channel_layer(
-    alice, upstream, connect, settings
-):
-    use_layer(settings, CountingInMemoryLayer)
+async def two_tabs_see_one_answer(alice, upstream, connect) -> list:
+    """Two of alice's tabs on one new conversation of this process; the first asks, and
+    both see every frame of the answer once and in order. Returns the two tabs."""
     upstream.answer = ANSWER
     conversation = uuid.uuid4()
     tabs = [(await connect(alice, conversation))[2] for _ in range(2)]
@@ -123,6 +121,15 @@ async def test_with_the_in_memory_layer_two_tabs_get_every_frame_without_the_cha
     message_id = tabs[0].deltas()[0]["message_id"]
     for tab in tabs:
         assert frames_seen_once_in_order(tab.frames, message_id) == ANSWER
+    return tabs
+
+
+# --- the in-memory layer: one process, no layer for frames --------------------------------
+async def test_with_the_in_memory_layer_two_tabs_get_every_frame_without_the_channel_layer(
+    alice, upstream, connect, settings
+):
+    use_layer(settings, CountingInMemoryLayer)
+    await two_tabs_see_one_answer(alice, upstream, connect)
 
     assert get_channel_layer().frames_sent == 0, "frames went through the in-memory layer"
 
@@ -132,17 +139,7 @@ async def test_two_tabs_of_one_process_take_one_layer_message_per_frame_not_one_
     alice, upstream, connect, settings
 ):
     use_layer(settings, CountingRedisLayer, hosts=[REDIS_URL], prefix=unique_prefix())
-    upstream.answer = ANSWER
-    conversation = uuid.uuid4()
-    tabs = [(await connect(alice, conversation))[2] for _ in range(2)]
-    for tab in tabs:
-        await tab.receive_type("state")
-    await tabs[0].send({"type": "message", "content": "count for me"})
-    for tab in tabs:
-        await tab.receive_type("generation.end", timeout=20)
-    message_id = tabs[0].deltas()[0]["message_id"]
-    for tab in tabs:
-        assert frames_seen_once_in_order(tab.frames, message_id) == ANSWER
+    tabs = await two_tabs_see_one_answer(alice, upstream, connect)
 
     layer = get_channel_layer()
     published = len(tabs[0].frames) - 1  # all but the state frame

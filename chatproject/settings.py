@@ -152,14 +152,24 @@ SQLITE_OPTIONS = {
     "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
 }
 DATABASE_URL = env_str("DATABASE_URL")
+# Persistent connections, SQLite and PostgreSQL alike: each thread keeps its connection
+# for DATABASE_CONN_MAX_AGE s (0: closed after every request and every
+# database_sync_to_async call, as Django's default does). Channels closes "old"
+# connections around every database_sync_to_async call, so with 0 every query of a start
+# opened a connection (PostgreSQL: a backend; SQLite: the file, its PRAGMAs, Django's
+# functions) and closed it: 10 % of a worker's CPU at K = 200 (docs/performance.md, "The
+# cost of a start"). A worker holds one connection per executor thread (a handful).
+DATABASE_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 60)
+# Before a kept connection is reused after a pause, Django checks it still works (one
+# `SELECT 1` on PostgreSQL, nothing on SQLite), so a restarted database server costs no
+# failed request. 0 saves that round trip and lets the first query after a restart fail.
+DATABASE_CONN_HEALTH_CHECKS = env_bool("DATABASE_CONN_HEALTH_CHECKS", True)
 if DATABASE_URL:
-    # Persistent connections (DATABASE_CONN_MAX_AGE s) save a PostgreSQL connection per
-    # query under load (docs/scale.md); 0 closes them after each request.
     DATABASES = {
         "default": dj_database_url.parse(
             DATABASE_URL,
-            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
-            conn_health_checks=True,
+            conn_max_age=DATABASE_CONN_MAX_AGE,
+            conn_health_checks=DATABASE_CONN_HEALTH_CHECKS,
         )
     }
     # Lets parallel test runs (and developers' worktrees) use distinct test databases.
@@ -169,6 +179,8 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            "CONN_MAX_AGE": DATABASE_CONN_MAX_AGE,
+            "CONN_HEALTH_CHECKS": DATABASE_CONN_HEALTH_CHECKS,
             # A file, not :memory:, so live server processes in tests share it.
             "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(BASE_DIR / ".test-db.sqlite3"))},
         }

@@ -302,6 +302,10 @@ class CostCeiling:
 
 
 # --- the policy of one run ----------------------------------------------------------------
+# AutoStop.for_run(budget=_READ_BUDGET): read the user's budget itself.
+_READ_BUDGET = object()
+
+
 @dataclass
 class AutoStop:
     """The automatic stops of one run: a :class:`RepetitionGuard` and/or a
@@ -340,12 +344,14 @@ class AutoStop:
         return max_tokens if allowed is None else min(max_tokens, allowed)
 
     @classmethod
-    def for_run(cls, user, conversation, *, model: str, prompt_tokens: int) -> AutoStop:
+    def for_run(cls, user, conversation, *, model: str, prompt_tokens: int,
+                budget=_READ_BUDGET) -> AutoStop:
         """The automatic stops of a run of ``conversation`` (a Conversation row) by
         ``user`` with ``model``, whose prompt counts ``prompt_tokens`` tokens: the
         deployment's settings, the user's budget and the conversation's fields, the
-        tightest ceiling winning. Reads the user's budget and the model's prices
-        (database, synchronous).
+        tightest ceiling winning. Reads the user's budget (unless ``budget``, their
+        UserBudget or None, is given: the start has read it already) and the model's
+        prices (database, synchronous).
 
         Raises chat.generation.QuotaExceeded (``limit`` ``max_answer_usd``) when the
         prompt alone already costs the USD ceiling: every answer would be stopped at
@@ -357,8 +363,10 @@ class AutoStop:
         guard = RepetitionGuard(RepetitionRule.from_settings()) if guard_on else None
         usd_limits = {
             "deployment": settings.CHAT_MAX_ANSWER_USD,
-            "budget": UserBudget.objects.filter(user=user)
-            .values_list("max_answer_usd", flat=True).first(),
+            "budget": (UserBudget.objects.filter(user=user)
+                       .values_list("max_answer_usd", flat=True).first()
+                       if budget is _READ_BUDGET
+                       else budget.max_answer_usd if budget is not None else None),
             "conversation": conversation.max_answer_usd,
         }
         token_limits = {

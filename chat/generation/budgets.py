@@ -41,6 +41,8 @@ UTC = dt.UTC
 # Quota fields of UserBudget, in the order they are reported.
 QUOTA_FIELDS = ("tokens_per_day", "usd_per_day", "tokens_per_month", "usd_per_month")
 DEFAULT_MAX_CONCURRENT = 1
+# ``check(budget=READ)``: lock the user and read their budget here.
+READ = object()
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,19 @@ def reserved(messages, max_tokens: int) -> tuple[int, Decimal]:
     return tokens, usd
 
 
+def lock_user(user) -> UserBudget | None:
+    """Lock ``user``'s row for this transaction and return their UserBudget (None: they
+    have none), in one query (the budget joined to the locked row). The lock is
+    ``SELECT ... FOR NO KEY UPDATE OF`` the user row on PostgreSQL (see :func:`check`);
+    SQLite's IMMEDIATE transactions already serialise writers."""
+    locked = (get_user_model().objects.select_for_update(no_key=True, of=("self",))
+              .select_related("budget").get(pk=user.pk))
+    try:
+        return locked.budget
+    except UserBudget.DoesNotExist:
+        return None
+
+
 def check(
     user,
     *,
@@ -132,6 +147,7 @@ def check(
     max_tokens: int,
     model: str | None = None,
     now: dt.datetime | None = None,
+    budget=READ,
 ) -> None:
     """Refuse a generation that the user's budget does not allow.
 
@@ -150,6 +166,9 @@ def check(
             (the first quota exceeded), ``remaining`` (what is left of each quota set:
             tokens as int, USD as a decimal string), ``requested`` (``tokens``, ``usd``)
             and ``resets_at`` (ISO 8601 UTC: when the exceeded quotas all reset).
+
+    ``budget``: the user's UserBudget or None, when the caller already took the lock
+    and read it with :func:`lock_user` in this transaction (a start saves a query).
     """
     if not transaction.get_connection().in_atomic_block:
         # Outside the transaction the lock would be released at once and the count race.
@@ -159,8 +178,8 @@ def check(
     # FOR NO KEY UPDATE: it serialises checks of the same user but, unlike FOR UPDATE,
     # does not block inserts that merely reference the user (a UsageRecord written
     # by a run ending meanwhile takes FOR KEY SHARE on the user row).
-    get_user_model().objects.select_for_update(no_key=True).only("pk").get(pk=user.pk)
-    budget = UserBudget.objects.filter(user=user).first()
+    if budget is READ:
+        budget = lock_user(user)
     limit = budget.max_concurrent if budget is not None else DEFAULT_MAX_CONCURRENT
     in_flight = running(user, now)
     count = in_flight.count()

@@ -6,6 +6,8 @@ sweep and the budgets estimate tokens with.
 
 from __future__ import annotations
 
+import itertools
+
 from django.conf import settings
 
 from .. import accounting
@@ -13,7 +15,8 @@ from ..models import Conversation, Message
 from .errors import InvalidRequest
 
 
-def build_prompt(conversation: Conversation) -> list[dict]:
+def build_prompt(conversation: Conversation, *, pending: str | None = None,
+                 history: list[tuple[str, str]] | None = None) -> list[dict]:
     """System prompt plus the visible history, trimmed from the oldest message so the
     prompt fits ``CHAT_CONTEXT_TOKENS - CHAT_MAX_TOKENS`` tokens:
     ``[{"role", "content"}, ...]``.
@@ -21,18 +24,26 @@ def build_prompt(conversation: Conversation) -> list[dict]:
     Partial answers of stopped runs are kept (the user saw them); failed answers with no
     text and streaming rows are left out. Raises InvalidRequest when even the newest
     user message alone does not fit.
+
+    ``pending``: the text of a user message the caller's transaction saves after this
+    (the newest message of the prompt); ``history``: ``[(role, content), ...]`` newest
+    first when the caller knows it (``[]`` for a conversation it just created), instead
+    of the query.
     """
     system = conversation.system_prompt or settings.CHAT_SYSTEM_PROMPT
     budget = settings.CHAT_CONTEXT_TOKENS - settings.CHAT_MAX_TOKENS
     budget -= accounting.count_prompt_tokens([{"role": "system", "content": system}])
-    history = (
-        conversation.messages.visible()
-        .exclude(status=Message.Status.STREAMING)
-        .exclude(content="")
-        .filter(role__in=[Message.Role.USER, Message.Role.ASSISTANT])
-        .order_by("-created_at")
-        .values_list("role", "content")
-    )
+    if history is None:
+        history = (
+            conversation.messages.visible()
+            .exclude(status=Message.Status.STREAMING)
+            .exclude(content="")
+            .filter(role__in=[Message.Role.USER, Message.Role.ASSISTANT])
+            .order_by("-created_at")
+            .values_list("role", "content")
+        )
+    if pending:
+        history = itertools.chain([(Message.Role.USER.value, pending)], history)
     kept: list[dict] = []
     for role, content in history:
         cost = accounting.TOKENS_PER_MESSAGE + accounting.count_tokens(content)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, TextField, Value, When
+from django.db.models import Case, F, Q, TextField, Value, When
 from django.utils import timezone
 
 from .. import accounting
@@ -85,12 +85,18 @@ def validate_model(model: str | None) -> str:
     return model
 
 
-def _lock_conversation(user, conversation_id, *, create: dict | None) -> Conversation | None:
-    """The conversation row, locked for this transaction. When it does not exist and
-    ``create`` is given (``{"model", "system_prompt"}``), it is created for ``user``.
-    Raises Forbidden for another user's conversation."""
+def _lock_conversation(user, conversation_id, *, create: dict | None,
+                       now=None) -> tuple[Conversation | None, bool]:
+    """``(conversation, created)``: the conversation row, locked for this transaction,
+    and whether this call created it. When it does not exist and ``create`` is given
+    (``{"model", "system_prompt"}``, and ``title_text``: the text its title comes from),
+    it is created for ``user`` with its title and ``updated_at`` (``now``) already set,
+    so the start needs no UPDATE of it. Raises Forbidden for another user's
+    conversation."""
     conversation = Conversation.objects.lock(conversation_id)
+    created = False
     if conversation is None and create is not None:
+        now = now or timezone.now()
         try:
             with transaction.atomic():  # a savepoint: the insert may lose a race
                 conversation = Conversation.objects.create(
@@ -98,70 +104,123 @@ def _lock_conversation(user, conversation_id, *, create: dict | None) -> Convers
                     owner=user,
                     model=validate_model(create.get("model")),
                     system_prompt=(create.get("system_prompt") or "").strip(),
+                    title=Conversation.title_from(create.get("title_text") or ""),
+                    created_at=now,
+                    updated_at=now,
                     **conversation_fields(create),  # autostop hook
                 )
+            created = True
         except IntegrityError:
             # Another tab created it first; wait for its transaction and use its row.
             conversation = Conversation.objects.select_for_update().get(id=conversation_id)
     if conversation is not None and conversation.owner_id != user.id:
         raise Forbidden("This conversation belongs to someone else.")
-    return conversation
+    return conversation, created
 
 
-def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int) -> None:
-    """Per-user budgets (see chat.generation.budgets): raises QuotaExceeded or ConcurrencyLimit."""
+def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int,
+                 *, budget=budgets.READ) -> None:
+    """Per-user budgets (see chat.generation.budgets): raises QuotaExceeded or
+    ConcurrencyLimit. ``budget``: the user's UserBudget (or None) when the caller
+    already locked the user and read it (budgets.lock_user)."""
     budgets.check(
         user, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-        model=conversation.model or settings.CHAT_MODEL,
+        model=conversation.model or settings.CHAT_MODEL, budget=budget,
     )
 
 
-def _supersede_answers_of_last_user_message(conversation: Conversation) -> Message:
-    """Mark what follows the last visible user message as superseded; returns it.
+def _supersede_answers_of_last_user_message(conversation: Conversation, *,
+                                            itself: bool = False) -> Message:
+    """Mark what follows the last visible user message as superseded (and the message
+    itself too with ``itself``: an edit replaces it), in one UPDATE; returns it.
     Raises InvalidRequest when there is none."""
     visible = conversation.messages.visible()
     last_user = visible.filter(role=Message.Role.USER).order_by("-created_at").first()
     if last_user is None:
         raise InvalidRequest("There is no user message to answer again.")
-    visible.filter(created_at__gt=last_user.created_at).update(superseded=True)
+    after = Q(created_at__gt=last_user.created_at)
+    visible.filter(after | Q(id=last_user.id) if itself else after).update(superseded=True)
+    if itself:
+        last_user.superseded = True
     return last_user
+
+
+def _finish_stale_or_refuse(conversation: Conversation) -> list[dict]:
+    """Finish the conversation's stale runs (finish_stale) and raise Busy when one of
+    its runs is still streaming. One query when none streams (the usual case) instead
+    of one for the stale runs and one for the busy check."""
+    streaming = list(conversation.messages.streaming().values_list("heartbeat_at", flat=True))
+    if not streaming:
+        return []
+    cutoff = timezone.now() - timezone.timedelta(seconds=settings.CHAT_LEASE_S)
+    # The same test as MessageQuerySet.stale: no heartbeat, or one older than the lease.
+    stale_ends = (finish_stale(conversation_id=conversation.id)
+                  if any(beat is None or beat < cutoff for beat in streaming) else [])
+    if any(beat is not None and beat >= cutoff for beat in streaming):
+        raise Busy("A generation is already running in this conversation.")
+    return stale_ends
+
+
+def _no_usage_yet(message: Message) -> Message:
+    """Tell the ORM a message just inserted has no UsageRecord, so its to_dict does not
+    query for one (a reverse one-to-one is otherwise looked up on every access)."""
+    Message.usage.related.set_cached_value(message, None)
+    return message
 
 
 def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
     """The transaction every mode shares: lock (or create) the conversation, finish its
-    stale runs, refuse a busy one, let ``ask(conversation, now)`` save what the user
-    asked (returns ``(user_message or None, text the title comes from)``), check the
-    budget and create the streaming assistant row. Nothing is saved if it raises."""
+    stale runs, refuse a busy one, let ``ask(conversation, now)`` do what the user
+    asked (returns ``(user_message or None, text the title comes from)``: the user
+    message *unsaved*, inserted here with the assistant row in one statement), check
+    the budget and create the streaming assistant row. Nothing is saved if it raises.
+
+    Statements on a new conversation (the common start): lock, savepoint + insert +
+    release, lock the user and read their budget, count their running answers, insert
+    both messages; on an existing one the streaming check, the history and the
+    conversation's update come in addition. Why so few: SQLite runs one writing
+    transaction at a time, so every statement in here lengthens the queue new starts
+    wait in (docs/performance.md, "The cost of a start").
+    """
     now = timezone.now()
     with transaction.atomic():
-        conversation = _lock_conversation(user, conversation_id, create=create)
+        conversation, created = _lock_conversation(user, conversation_id, create=create,
+                                                   now=now)
         if conversation is None:
             raise InvalidRequest("This conversation has no messages yet.")
-        stale_ends = finish_stale(conversation_id=conversation.id)
-        if conversation.messages.streaming().exists():
-            raise Busy("A generation is already running in this conversation.")
+        # Created by this transaction: no messages, no runs, title and updated_at set.
+        stale_ends = [] if created else _finish_stale_or_refuse(conversation)
         user_message, title_text = ask(conversation, now)
-        if not conversation.title:
-            conversation.title = Conversation.title_from(title_text)
-        conversation.updated_at = now
-        conversation.save(update_fields=["title", "updated_at"])
-        prompt = build_prompt(conversation)
+        if not created:
+            if not conversation.title:
+                conversation.title = Conversation.title_from(title_text)
+            conversation.updated_at = now
+            conversation.save(update_fields=["title", "updated_at"])
+        # The pending user message is the newest of the history (it is not saved yet).
+        prompt = build_prompt(conversation, pending=user_message.content if user_message else None,
+                              history=[] if created else None)
         model = conversation.model or settings.CHAT_MODEL
         prompt_tokens = accounting.count_prompt_tokens(prompt)
+        # One query locks the user (budgets.check's serialisation) and reads the budget
+        # both the automatic stops and the budget check need.
+        budget = budgets.lock_user(user)
         # autostop hook: the run's automatic stops; with a ceiling the budget reserves
         # only what the answer may cost before it is stopped.
-        stops = AutoStop.for_run(user, conversation, model=model, prompt_tokens=prompt_tokens)
-        check_budget(user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS))
-        assistant = Message.objects.create(
+        stops = AutoStop.for_run(user, conversation, model=model, prompt_tokens=prompt_tokens,
+                                 budget=budget)
+        check_budget(user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS),
+                     budget=budget)
+        assistant = Message(
             conversation=conversation, role=Message.Role.ASSISTANT, content="",
             status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
             heartbeat_at=now, worker=WORKER_ID,
         )
+        Message.objects.bulk_create([m for m in (user_message, assistant) if m is not None])
     return PreparedRun(
         user_id=user.id,
         conversation=conversation.to_dict(),
         user_message=user_message.to_dict() if user_message else None,
-        assistant_message=assistant.to_dict(usage=None),
+        assistant_message=_no_usage_yet(assistant).to_dict(),
         model=model,
         prompt=prompt,
         max_tokens=settings.CHAT_MAX_TOKENS,
@@ -170,8 +229,9 @@ def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
     )
 
 
-def _add_user_message(conversation: Conversation, content: str, now) -> Message:
-    return Message.objects.create(
+def _new_user_message(conversation: Conversation, content: str, now) -> Message:
+    """The user message a start saves (unsaved: _prepare inserts it)."""
+    return Message(
         conversation=conversation, role=Message.Role.USER, content=content,
         status=Message.Status.COMPLETED, created_at=now, completed_at=now,
     )
@@ -183,9 +243,10 @@ def prepare_message(user, conversation_id, content: str, create: dict | None) ->
     exist) and start its answer. Raises Forbidden, Busy, InvalidRequest, QuotaExceeded
     or ConcurrencyLimit; then nothing is saved."""
     def ask(conversation, now):
-        return _add_user_message(conversation, content, now), content
+        return _new_user_message(conversation, content, now), content
 
-    return _prepare(user, conversation_id, create=create or {}, ask=ask)
+    return _prepare(user, conversation_id, create={**(create or {}), "title_text": content},
+                    ask=ask)
 
 
 def prepare_regenerate(user, conversation_id) -> PreparedRun:
@@ -201,10 +262,8 @@ def prepare_edit(user, conversation_id, content: str) -> PreparedRun:
     """Replace the last user message by ``content`` (it and its answer are superseded)
     and answer it. Raises as prepare_message."""
     def ask(conversation, now):
-        last_user = _supersede_answers_of_last_user_message(conversation)
-        last_user.superseded = True
-        last_user.save(update_fields=["superseded"])
-        return _add_user_message(conversation, content, now), content
+        _supersede_answers_of_last_user_message(conversation, itself=True)
+        return _new_user_message(conversation, content, now), content
 
     return _prepare(user, conversation_id, create=None, ask=ask)
 

@@ -123,11 +123,11 @@ async def test_a_run_that_ends_during_a_checkpoint_is_not_said_to_have_lost_its_
     await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written)
     real_checkpoint_many = leases.checkpoint_many
 
-    def after_the_run_has_ended(contents, *reasonings):
+    def after_the_run_has_ended(contents, *reasonings, **heartbeats):
         # A slow database: the batch runs only once the run has saved its own end.
         ended = Message.objects.filter(id=generation.message_id).exclude(status="streaming")
         assert upstream.wait_for(ended.exists, 10)
-        return real_checkpoint_many(contents, *reasonings)
+        return real_checkpoint_many(contents, *reasonings, **heartbeats)
 
     monkeypatch.setattr(leases, "checkpoint_many", after_the_run_has_ended)
     assert generation.message_id in {g.message_id for g in leases.running_here()}

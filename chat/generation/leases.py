@@ -50,8 +50,16 @@ def running_here() -> list:
     return Runtime.current().running()
 
 
+# Pieces of text and reasoning of each run at its last saved checkpoint, by message id:
+# a run whose lists have not grown since (both only ever grow) needs only its
+# heartbeat, not its whole text written again. Missing: not saved yet.
+_saved_marks: dict[str, tuple[int, int]] = {}
+
+
 async def checkpoint_running() -> set[str]:
-    """Checkpoint every generation running on this loop (see store.checkpoint_many).
+    """Checkpoint every generation running on this loop (see store.checkpoint_many):
+    the text of those that received some since their last checkpoint, the heartbeat
+    of all of them.
 
     A run whose lease was lost is cancelled: it was declared dead and accounted for, so
     it must not keep streaming (and paying) unseen. A run whose text cannot be saved
@@ -59,12 +67,27 @@ async def checkpoint_running() -> set[str]:
     began finishing while the statement ran is neither: its own end is saved anyway.
     Returns the ids of the runs whose lease was lost."""
     running = running_here()
-    contents = {g.message_id: "".join(g.text) for g in running}
-    if not contents:
+    if not running:
         return set()
-    reasonings = {g.message_id: "".join(g.reasoning) for g in running if g.reasoning}
-    result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(
-        contents, reasonings)
+    marks = {g.message_id: (len(g.text), len(g.reasoning)) for g in running}
+    changed = [g for g in running if _saved_marks.get(g.message_id) != marks[g.message_id]]
+    contents = {g.message_id: "".join(g.text) for g in changed}
+    reasonings = {g.message_id: "".join(g.reasoning) for g in changed if g.reasoning}
+    try:
+        result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(
+            contents, reasonings, heartbeats=list(marks))
+    except BaseException:
+        # What was saved is unknown: write every text again next time.
+        for message_id in marks:
+            _saved_marks.pop(message_id, None)
+        raise
+    for message_id in list(_saved_marks):
+        if message_id not in marks:  # ended (or running on another loop: rewritten)
+            del _saved_marks[message_id]
+    for message_id in contents:
+        _saved_marks[message_id] = marks[message_id]
+    for message_id in result.lost | result.unsaved:
+        _saved_marks.pop(message_id, None)
     lost = set()
     for generation in running:
         if not generation.is_streaming():

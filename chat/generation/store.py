@@ -13,12 +13,13 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, Q, TextField, Value, When
+from django.db.models import Q
 from django.utils import timezone
 
 from .. import accounting
@@ -381,15 +382,20 @@ class Checkpoint(NamedTuple):
 
 
 def checkpoint_many(contents: dict[str, str],
-                    reasonings: dict[str, str] | None = None) -> Checkpoint:
+                    reasonings: dict[str, str] | None = None,
+                    heartbeats: Iterable[str] = ()) -> Checkpoint:
     """Save the text so far of streaming messages and refresh their lease, in ONE
     UPDATE statement: ``{message_id: content}``, and ``{message_id: reasoning}`` for
-    runs that streamed reasoning (others keep theirs). Rows already final are left
-    alone.
+    runs that streamed reasoning (others keep theirs); ``heartbeats``: ids of runs
+    whose text has not changed since their last checkpoint, whose lease alone is
+    refreshed (their text is not sent again). Rows already final are left alone.
 
     One statement per process and interval instead of one per run: with a run per
     UPDATE (each with its connection and commit), checkpoints took a quarter of a
     worker's CPU in bench.load profiles at 100 streams per worker (docs/scale.md).
+    The rows it finds still ``streaming`` are the rows it updated; only when fewer
+    than asked were updated does a second query tell which (the usual checkpoint is
+    one statement, not a locking SELECT and an UPDATE).
 
     One run's text must not fail the others (issue 9: a lone surrogate in one answer
     made every run of the process miss its heartbeats and be swept): when the batch
@@ -397,29 +403,33 @@ def checkpoint_many(contents: dict[str, str],
     lease refreshed without it and is reported in ``unsaved``. Raises only when even
     that fails (the database itself is unavailable; the next interval tries again).
     """
-    if not contents:
+    reasonings = {mid: text for mid, text in (reasonings or {}).items() if mid in contents}
+    ids = list(contents) + [mid for mid in heartbeats if mid not in contents]
+    if not ids:
         return Checkpoint(set(), set())
     try:
         with transaction.atomic():
-            alive = {
-                str(mid) for mid in Message.objects.select_for_update().filter(
-                    id__in=list(contents), status=Message.Status.STREAMING
-                ).values_list("id", flat=True)
-            }
-            _update_contents({mid: text for mid, text in contents.items() if mid in alive},
-                             {mid: text for mid, text in (reasonings or {}).items()
-                              if mid in alive})
-        return Checkpoint(set(contents) - alive, set())
+            updated = _update_contents(ids, contents, reasonings)
+            if updated == len(ids):
+                alive = set(ids)
+            else:
+                # Rows this transaction updated are locked by it, and a final row never
+                # becomes streaming again: the streaming ones are the updated ones.
+                alive = {str(mid) for mid in Message.objects.filter(
+                    id__in=ids, status=Message.Status.STREAMING).values_list("id", flat=True)}
+        return Checkpoint(set(ids) - alive, set())
     except Exception:  # noqa: BLE001 - any row may be the cause; find it row by row
         logger.warning("batched checkpoint of %d runs failed; saving them one by one",
-                       len(contents), exc_info=True)
+                       len(ids), exc_info=True)
     lost, unsaved = set(), set()
-    for mid, text in contents.items():
+    for mid in ids:
         streaming = Message.objects.filter(id=mid, status=Message.Status.STREAMING)
         try:
             with transaction.atomic():
-                extra = {"reasoning": reasonings[mid]} if mid in (reasonings or {}) else {}
-                updated = streaming.update(content=text, heartbeat_at=timezone.now(), **extra)
+                extra = {"reasoning": reasonings[mid]} if mid in reasonings else {}
+                if mid in contents:
+                    extra["content"] = contents[mid]
+                updated = streaming.update(heartbeat_at=timezone.now(), **extra)
         except Exception:  # noqa: BLE001
             # If the heartbeat alone cannot be written either, the database is the
             # problem, not this row: let it raise.
@@ -432,22 +442,42 @@ def checkpoint_many(contents: dict[str, str],
     return Checkpoint(lost, unsaved - lost)
 
 
-def _update_contents(contents: dict[str, str], reasonings: dict[str, str]) -> None:
-    if not contents:
-        return
-    extra = {}
-    if reasonings:
-        # default: a row without a branch keeps its own (a bare Case would write NULL).
-        extra["reasoning"] = Case(
-            *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in reasonings.items()),
-            default=F("reasoning"), output_field=TextField())
-    Message.objects.filter(id__in=list(contents), status=Message.Status.STREAMING).update(
-        content=Case(
-            *(When(id=uuid.UUID(mid), then=Value(text)) for mid, text in contents.items()),
-            output_field=TextField(),
-        ),
-        heartbeat_at=timezone.now(), **extra,
-    )
+def _update_contents(ids: list[str], contents: dict[str, str],
+                     reasonings: dict[str, str]) -> int:
+    """One UPDATE of the streaming rows of ``ids``: heartbeat, and the text of those in
+    ``contents`` / ``reasonings`` (the others keep theirs). Returns the rows updated.
+
+    Written as SQL, not as the ORM's ``Case(When(...))``: compiling 200 ``When`` lookups
+    cost 37 ms of CPU per checkpoint of 200 runs, every CHAT_CHECKPOINT_MS, on a worker
+    that also streams them (docs/performance.md, "The cost of a start"). Values go
+    through the fields' own conversions, so each backend gets what the ORM would send.
+    """
+    connection = transaction.get_connection()
+    quote = connection.ops.quote_name
+    meta = Message._meta
+    pk = meta.pk
+
+    def key(mid):
+        return pk.get_db_prep_value(uuid.UUID(mid), connection)
+
+    params: list = [meta.get_field("heartbeat_at").get_db_prep_value(timezone.now(), connection)]
+    assignments = [f"{quote(meta.get_field('heartbeat_at').column)} = %s"]
+    for column, texts in (("content", contents), ("reasoning", reasonings)):
+        if texts:
+            # A row without a branch keeps its own text (ELSE), not NULL.
+            branches = " ".join("WHEN %s THEN %s" for _ in texts)
+            assignments.append(f"{quote(column)} = CASE {quote(pk.column)} {branches} "
+                               f"ELSE {quote(column)} END")
+            for mid, text in texts.items():
+                params += [key(mid), text]
+    params += [key(mid) for mid in ids]
+    params.append(Message.Status.STREAMING.value)
+    sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
+           f"WHERE {quote(pk.column)} IN ({', '.join(['%s'] * len(ids))}) "
+           f"AND {quote('status')} = %s")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 # --- a socket's start-up state -----------------------------------------------------------

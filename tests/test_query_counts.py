@@ -1,6 +1,8 @@
 """The socket's state load and the history API run a constant number of queries,
 whatever the number of messages (no query per message or per usage record)."""
 
+import uuid
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -60,3 +62,31 @@ def test_the_history_api_runs_as_many_queries_for_60_messages_as_for_2(
         page = history(large)
     assert len(page["results"]) == 50  # one page of the 61
     assert expected <= 5  # session, user, conversation, messages with their usage
+
+
+def test_a_start_takes_a_fixed_small_number_of_statements(alice):
+    """store.prepare_message: every statement of a start lengthens the queue the next
+    starts wait in (SQLite runs one writing transaction at a time), so their number is
+    pinned (docs/performance.md, "The cost of a start"): on a new conversation, the
+    lock, the conversation's insert (in a savepoint), the user's lock with their budget,
+    the count of their running answers and one insert of both messages; on an existing
+    one, the streaming check, the history and the conversation's update instead of
+    the insert. Before: 17 and 14 statements."""
+    from chat.generation import store
+
+    def start(conversation_id, text):
+        with CaptureQueriesContext(connection) as captured:
+            run = store.prepare_message(alice, conversation_id, text, {})
+        return run, [q["sql"].split()[0] for q in captured]
+
+    run, first = start(uuid.uuid4(), "hello")
+    Message.objects.filter(id=run.assistant_message["id"]).update(status="completed")
+    again, second = start(run.conversation["id"], "and again")
+    # Savepoints (of the atomic block nested in the test's transaction) and statements.
+    assert len(first) == 9, first
+    assert len(second) == 9, second
+    assert first.count("INSERT") == 2 and second.count("INSERT") == 1, (first, second)
+    assert [m["content"] for m in gen.load_state(alice, run.conversation["id"])["messages"]
+            if m["role"] == "user"] == ["hello", "and again"]
+    assert again.prompt[-1] == {"role": "user", "content": "and again"}
+    assert again.assistant_message["usage"] is None

@@ -33,6 +33,7 @@ from django.conf import settings
 from .. import accounting
 from ..models import UserBudget
 from ..money import format_usd
+from .budgets import READ as _READ_BUDGET
 from .errors import InvalidRequest, QuotaExceeded
 
 # finish_reason of the runs these rules stop (Message.finish_reason, generation.end).
@@ -302,10 +303,6 @@ class CostCeiling:
 
 
 # --- the policy of one run ----------------------------------------------------------------
-# AutoStop.for_run(budget=_READ_BUDGET): read the user's budget itself.
-_READ_BUDGET = object()
-
-
 @dataclass
 class AutoStop:
     """The automatic stops of one run: a :class:`RepetitionGuard` and/or a
@@ -363,10 +360,9 @@ class AutoStop:
         guard = RepetitionGuard(RepetitionRule.from_settings()) if guard_on else None
         usd_limits = {
             "deployment": settings.CHAT_MAX_ANSWER_USD,
-            "budget": (UserBudget.objects.filter(user=user)
-                       .values_list("max_answer_usd", flat=True).first()
-                       if budget is _READ_BUDGET
-                       else budget.max_answer_usd if budget is not None else None),
+            "budget": (UserBudget.objects.filter(user=user).values_list(
+                "max_answer_usd", flat=True).first() if budget is _READ_BUDGET
+                else getattr(budget, "max_answer_usd", None)),
             "conversation": conversation.max_answer_usd,
         }
         token_limits = {

@@ -50,12 +50,6 @@ def running_here() -> list:
     return Runtime.current().running()
 
 
-# Pieces of text and reasoning of each run at its last saved checkpoint, by message id:
-# a run whose lists have not grown since (both only ever grow) needs only its
-# heartbeat, not its whole text written again. Missing: not saved yet.
-_saved_marks: dict[str, tuple[int, int]] = {}
-
-
 async def checkpoint_running() -> set[str]:
     """Checkpoint every generation running on this loop (see store.checkpoint_many):
     the text of those that received some since their last checkpoint, the heartbeat
@@ -69,8 +63,12 @@ async def checkpoint_running() -> set[str]:
     running = running_here()
     if not running:
         return set()
+    # A run whose text and reasoning lists have not grown since its last saved
+    # checkpoint (Generation.checkpoint_mark; both only ever grow) needs its heartbeat
+    # only, not its whole text written again. Kept on the run, so each loop's
+    # checkpointer sees only its own runs' marks.
     marks = {g.message_id: (len(g.text), len(g.reasoning)) for g in running}
-    changed = [g for g in running if _saved_marks.get(g.message_id) != marks[g.message_id]]
+    changed = [g for g in running if g.checkpoint_mark != marks[g.message_id]]
     contents = {g.message_id: "".join(g.text) for g in changed}
     reasonings = {g.message_id: "".join(g.reasoning) for g in changed if g.reasoning}
     try:
@@ -78,16 +76,12 @@ async def checkpoint_running() -> set[str]:
             contents, reasonings, heartbeats=list(marks))
     except BaseException:
         # What was saved is unknown: write every text again next time.
-        for message_id in marks:
-            _saved_marks.pop(message_id, None)
+        for generation in running:
+            generation.checkpoint_mark = None
         raise
-    for message_id in list(_saved_marks):
-        if message_id not in marks:  # ended (or running on another loop: rewritten)
-            del _saved_marks[message_id]
-    for message_id in contents:
-        _saved_marks[message_id] = marks[message_id]
-    for message_id in result.lost | result.unsaved:
-        _saved_marks.pop(message_id, None)
+    for generation in changed:
+        saved = generation.message_id not in result.lost | result.unsaved
+        generation.checkpoint_mark = marks[generation.message_id] if saved else None
     lost = set()
     for generation in running:
         if not generation.is_streaming():

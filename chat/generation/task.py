@@ -58,6 +58,8 @@ class Generation:
     end_frame: dict | None = None
     task: asyncio.Task | None = None
     cancel_reason: str | None = None
+    # (len(text), len(reasoning)) at the last saved checkpoint (chat.generation.leases).
+    checkpoint_mark: tuple[int, int] | None = None
     _pending: list[tuple[str, str]] = field(default_factory=list)
     _pending_chars: int = 0
     _flush_handle: asyncio.TimerHandle | None = None

@@ -335,6 +335,9 @@ CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
 # Deltas are coalesced over this window (ms) instead of one frame per token.
 CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
+# Upstream readers are woken on one shared tick of this many ms (several chunks per
+# wake) instead of per chunk; 0 wakes them per chunk (chat.generation.netstream).
+CHAT_UPSTREAM_READ_TICK_MS = env_int("CHAT_UPSTREAM_READ_TICK_MS", 0)
 # ... and sent at once, whatever the window, when this many characters are pending.
 CHAT_DELTA_MAX_CHARS = env_int("CHAT_DELTA_MAX_CHARS", 2000)
 # Frames a generation may queue for the channel layer before it waits for them to be sent.

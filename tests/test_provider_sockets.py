@@ -216,3 +216,36 @@ async def test_a_read_without_timeout_waits_past_an_earlier_reads_timeout():
     finally:
         await stream.aclose()
         server.close()
+
+
+async def test_a_read_tick_wakes_the_reader_once_for_several_chunks_but_not_the_first_or_end():
+    async def talk(writer):
+        writer.write(b"first")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        for i in range(5):  # one chunk every 20 ms: a 150 ms tick carries several
+            writer.write(b"%d" % i)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        writer.write_eof()
+
+    server, port = await _silent_then(talk)
+    stream = await netstream.AsyncioBackend(read_tick=0.15).connect_tcp(
+        "127.0.0.1", port, timeout=2)
+    loop = asyncio.get_running_loop()
+    try:
+        # The first bytes (a response's headers) do not wait for the tick.
+        assert await stream.read(1024, timeout=0.25) == b"first"
+        reads = []
+        while len(b"".join(reads)) < 5:
+            reads.append(await stream.read(1024, timeout=2))
+        assert b"".join(reads) == b"01234"
+        assert len(reads) < 5, reads
+        # The end is delivered at once, not on the next tick.
+        started = loop.time()
+        assert await stream.read(1024, timeout=2) == b""
+        assert loop.time() - started < 0.4
+    finally:
+        await stream.aclose()
+        server.close()

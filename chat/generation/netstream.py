@@ -35,11 +35,56 @@ import httpx2
 _HIGH_WATER = 256 * 1024
 
 
+class _Ticker:
+    """One loop's shared read tick: connections whose data arrived since the last tick
+    wake their readers together, once per ``tick`` s, with one timer for all of them.
+    At 20 tokens/s a stream's chunks arrive ~50 ms apart; a tick of that order lets one
+    reader wake carry several chunks (one task step, one coalesced frame, one socket
+    write per batch instead of per token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop = loop
+        self.tick = tick
+        self.pending: list[_Connection] = []
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, connection: _Connection) -> None:
+        connection.ticking = True
+        self.pending.append(connection)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.tick, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        pending, self.pending = self.pending, []
+        for connection in pending:
+            connection.ticking = False
+            connection._wake()
+
+
+# One ticker per event loop (the worker has one; tests make many).
+_tickers: dict[asyncio.AbstractEventLoop, _Ticker] = {}
+
+
+def _ticker(loop: asyncio.AbstractEventLoop, tick: float) -> _Ticker:
+    ticker = _tickers.get(loop)
+    if ticker is None or ticker.tick != tick:
+        if len(_tickers) > 16:  # closed loops of earlier tests
+            _tickers.clear()
+        ticker = _tickers[loop] = _Ticker(loop, tick)
+    return ticker
+
+
 class _Connection(asyncio.Protocol):
     """One socket's protocol and its read buffer; the transport keeps reading."""
 
-    def __init__(self) -> None:
+    def __init__(self, tick: float = 0.0) -> None:
         self.loop = asyncio.get_running_loop()
+        # Shared read tick (s; 0: wake the reader on every data_received) and whether
+        # this connection waits for it; the first bytes (headers, TTFT) never wait.
+        self.tick = tick
+        self.ticking = False
+        self.seen_data = False
         self.transport: asyncio.Transport | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.size = 0
@@ -63,7 +108,11 @@ class _Connection(asyncio.Protocol):
         if self.size > _HIGH_WATER and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
+        if not self.tick or not self.seen_data:
+            self.seen_data = True
+            self._wake()
+        elif not self.ticking and self.waiter is not None:
+            _ticker(self.loop, self.tick).add(self)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -96,7 +145,9 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done() or self.deadline == math.inf:
             return
-        if self.loop.time() >= self.deadline:
+        if self.chunks:  # data waiting for the read tick: not a timeout
+            waiter.set_result(None)
+        elif self.loop.time() >= self.deadline:
             waiter.set_exception(TimeoutError())
         else:
             self.timer = self.loop.call_at(self.deadline, self._check_deadline)
@@ -171,6 +222,8 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         connection = self._connection
         if connection.closed or connection.transport.is_closing():
             raise httpcore2.WriteError("the connection is closed")
+        # A new request on this connection: its response's first bytes wake at once.
+        connection.seen_data = False
         connection.transport.write(buffer)
         if connection.drained is not None:
             try:
@@ -238,7 +291,12 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
 
 class AsyncioBackend(httpcore2.AsyncNetworkBackend):
     """httpcore2's network backend on asyncio protocols (module docstring). Only for
-    an asyncio event loop (the worker's)."""
+    an asyncio event loop (the worker's). ``read_tick`` (s): readers waiting for data
+    are woken on a shared per-loop tick instead of per chunk (:class:`_Ticker`; 0: off);
+    the first bytes, the end, errors and a close are never delayed."""
+
+    def __init__(self, read_tick: float = 0.0) -> None:
+        self.read_tick = read_tick
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -247,21 +305,23 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
         loop = asyncio.get_running_loop()
         local = (local_address, 0) if local_address else None
         return await _connect(lambda connection: loop.create_connection(
-            lambda: connection, host, port, local_addr=local), timeout, socket_options)
+            lambda: connection, host, port, local_addr=local), timeout, socket_options,
+            self.read_tick)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable | None = None) -> AsyncioStream:
         """A stream on a Unix socket; raises httpcore2.ConnectError / ConnectTimeout."""
         loop = asyncio.get_running_loop()
         return await _connect(lambda connection: loop.create_unix_connection(
-            lambda: connection, path), timeout, socket_options)
+            lambda: connection, path), timeout, socket_options, self.read_tick)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
-async def _connect(open_connection, timeout, socket_options) -> AsyncioStream:
-    connection = _Connection()
+async def _connect(open_connection, timeout, socket_options,
+                   read_tick: float = 0.0) -> AsyncioStream:
+    connection = _Connection(read_tick)
     try:
         async with asyncio.timeout(timeout):
             await open_connection(connection)
@@ -284,8 +344,8 @@ class AsyncioTransport(httpx2.AsyncHTTPTransport):
     with the connections of a direct pool on :class:`AsyncioBackend`; a proxy's pool
     keeps httpcore2's default backend."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, read_tick: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if type(self._pool) is httpcore2.AsyncConnectionPool:
             # httpx2 builds the pool itself and takes no backend argument.
-            self._pool._network_backend = AsyncioBackend()
+            self._pool._network_backend = AsyncioBackend(read_tick)

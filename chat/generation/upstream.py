@@ -119,7 +119,8 @@ def new_client(base_url: str | None, api_key: str) -> openai.AsyncOpenAI:
     # directly (chat.generation.netstream: anyio's per-read costs were a quarter of the
     # worker's event loop); the SDK still sends, retries, authenticates and maps errors.
     http_client = openai.DefaultAsyncHttpxClient(
-        transport=netstream.AsyncioTransport(limits=_CONNECTION_LIMITS))
+        transport=netstream.AsyncioTransport(
+            limits=_CONNECTION_LIMITS, read_tick=settings.CHAT_UPSTREAM_READ_TICK_MS / 1000))
     return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout,
                               max_retries=settings.OPENAI_MAX_RETRIES,
                               http_client=http_client)

@@ -16,6 +16,9 @@ async def test_enough_pending_text_is_sent_at_once_without_waiting_for_the_windo
 ):
     settings.CHAT_DELTA_COALESCE_MS = 60_000  # the window alone would hold every delta
     settings.CHAT_DELTA_MAX_CHARS = 20
+    # Chunk by chunk, so the size alone cuts the deltas: with the read tick one read may
+    # bring more than the cap at once, and it goes out whole, in one delta.
+    settings.CHAT_UPSTREAM_READ_TICK_MS = 0
     upstream.answer = ANSWER
     _, _, ws = await connect(alice, uuid.uuid4())
     await ws.receive_type("state")

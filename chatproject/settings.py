@@ -333,15 +333,15 @@ CHAT_SYSTEM_PROMPT = env_str("CHAT_SYSTEM_PROMPT", "You are a helpful assistant.
 CHAT_CONTEXT_TOKENS = env_int("CHAT_CONTEXT_TOKENS", 16384)
 CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
-# Deltas are coalesced over this window (ms) instead of one frame per token. 0: one
-# frame per read of the provider's stream, which the read tick below already batches.
-CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 0)
+# Deltas are coalesced over this window (ms) instead of one frame per token.
+CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
 # A run's upstream reader is woken this many ms after its first unread chunk, with every
-# chunk of that time, instead of once per chunk (chat.generation.netstream); 0 wakes it
-# per chunk. 80 ms: at K = 200-300 streams of 20 tokens/s it took CPU per 1000 tokens
-# from 0.19 to about 0.13 s on one worker, lag p99 under 250 ms (docs/performance.md,
-# "Batched reads").
-CHAT_UPSTREAM_READ_TICK_MS = env_int("CHAT_UPSTREAM_READ_TICK_MS", 80)
+# chunk of that time, instead of once per chunk (chat.generation.netstream); 0 (the
+# default) wakes it per chunk. 60-100 ms with CHAT_DELTA_COALESCE_MS=0 took CPU per 1000
+# tokens at K = 200 from 0.19 to 0.12-0.15 s (docs/performance.md, "Batched reads"), but
+# a stop then drops the text that arrived within the last tick and was not read yet,
+# which the usage tests of stopped runs catch: opt-in until a stop drains that buffer.
+CHAT_UPSTREAM_READ_TICK_MS = env_int("CHAT_UPSTREAM_READ_TICK_MS", 0)
 # ... and sent at once, whatever the window, when this many characters are pending.
 CHAT_DELTA_MAX_CHARS = env_int("CHAT_DELTA_MAX_CHARS", 2000)
 # Frames a generation may queue for the channel layer before it waits for them to be sent.

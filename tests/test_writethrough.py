@@ -67,6 +67,8 @@ def test_write_through_loses_and_reorders_nothing(slow_start):
         port = int(server.stdout.readline())
         client = socket.create_connection(("127.0.0.1", port))
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # A server that stops sending fails the test instead of hanging the suite.
+        client.settimeout(120)
         time.sleep(slow_start)  # the reader stalls: the server's socket buffer fills
         got = bytearray()
         while True:

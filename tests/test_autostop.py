@@ -391,6 +391,8 @@ def test_a_conversations_automatic_stops_are_read_and_changed_through_the_api(al
             conversation.max_answer_usd) == (True, 300, None)
     for field, value in [("max_answer_usd", 0.05), ("max_answer_usd", "-1"),
                          ("max_answer_usd", "1e3"), ("max_answer_usd", "0.123456789"),
+                         # A blank string is not null (DRF's decimal field read it so).
+                         ("max_answer_usd", ""), ("max_answer_usd", "  "),
                          ("max_answer_tokens", 0), ("max_answer_tokens", "300"),
                          ("max_answer_tokens", 1.5), ("repetition_guard", "yes"),
                          ("repetition_guard", 1)]:
@@ -398,6 +400,9 @@ def test_a_conversations_automatic_stops_are_read_and_changed_through_the_api(al
         assert refused.status_code == 400 and field in refused.json(), (field, value)
     conversation.refresh_from_db()
     assert (conversation.repetition_guard, conversation.max_answer_tokens) == (True, 300)
+    blank = client.post("/api/conversations/", {"max_answer_usd": ""}, format="json")
+    assert blank.status_code == 400 and "max_answer_usd" in blank.json()
+    assert Conversation.objects.count() == 1
 
 
 async def test_the_sse_api_gets_the_same_end_when_the_answer_loops(asgi_server, upstream, alice):

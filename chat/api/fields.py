@@ -117,6 +117,14 @@ class UsdAmountField(serializers.DecimalField):
     def __init__(self, **kwargs):
         super().__init__(max_digits=14, decimal_places=8, coerce_to_string=True, **kwargs)
 
+    def validate_empty_values(self, data):
+        # DRF's DecimalField reads a blank string as null when null is allowed (a form's
+        # empty input); in this JSON API only null is null, and "" is refused as the
+        # schema says (a string matching the pattern, or null).
+        if isinstance(data, str) and not data.strip():
+            return (False, data)
+        return super().validate_empty_values(data)
+
     def to_internal_value(self, data):
         if not isinstance(data, str):
             raise serializers.ValidationError("Enter the amount as a string, e.g. \"0.05\".")

@@ -333,15 +333,16 @@ CHAT_SYSTEM_PROMPT = env_str("CHAT_SYSTEM_PROMPT", "You are a helpful assistant.
 CHAT_CONTEXT_TOKENS = env_int("CHAT_CONTEXT_TOKENS", 16384)
 CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
-# Deltas are coalesced over this window (ms) instead of one frame per token.
-CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 30)
 # A run's upstream reader is woken this many ms after its first unread chunk, with every
-# chunk of that time, instead of once per chunk (chat.generation.netstream); 0 (the
-# default) wakes it per chunk. 60-100 ms with CHAT_DELTA_COALESCE_MS=0 took CPU per 1000
-# tokens at K = 200 from 0.19 to 0.12-0.15 s (docs/performance.md, "Batched reads"), but
-# a stop then drops the text that arrived within the last tick and was not read yet,
-# which the usage tests of stopped runs catch: opt-in until a stop drains that buffer.
-CHAT_UPSTREAM_READ_TICK_MS = env_int("CHAT_UPSTREAM_READ_TICK_MS", 0)
+# chunk of that time, instead of once per chunk (chat.generation.netstream); 0 wakes it
+# per chunk. At 20 tokens/s a wake then carries a few tokens: one task step, one delta
+# frame and one socket write per batch instead of per token (CPU per 1000 tokens at
+# K = 200: 0.19 s per chunk, 0.12-0.15 s at 60-100 ms; docs/performance.md, "Batched
+# reads"). A stop still returns what is buffered before it closes the stream.
+CHAT_UPSTREAM_READ_TICK_MS = env_int("CHAT_UPSTREAM_READ_TICK_MS", 80)
+# Deltas are coalesced over this window (ms) instead of one frame per token; the read
+# tick above already batches a run's text, so by default a batch goes out as it is read.
+CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 0)
 # ... and sent at once, whatever the window, when this many characters are pending.
 CHAT_DELTA_MAX_CHARS = env_int("CHAT_DELTA_MAX_CHARS", 2000)
 # Frames a generation may queue for the channel layer before it waits for them to be sent.

@@ -218,7 +218,7 @@ async def test_a_read_without_timeout_waits_past_an_earlier_reads_timeout():
         server.close()
 
 
-async def test_a_read_tick_wakes_the_reader_once_for_several_chunks_but_not_the_first_or_end():
+async def test_a_read_tick_wakes_the_reader_once_for_several_chunks_once_asked_but_not_the_end():
     async def talk(writer):
         writer.write(b"first")
         await writer.drain()
@@ -235,8 +235,9 @@ async def test_a_read_tick_wakes_the_reader_once_for_several_chunks_but_not_the_
         "127.0.0.1", port, timeout=2)
     loop = asyncio.get_running_loop()
     try:
-        # The first bytes (a response's headers) do not wait for the tick.
+        # Until the reader asks for batches (after the answer's first text), no tick.
         assert await stream.read(1024, timeout=0.25) == b"first"
+        stream.batch_reads()
         reads = []
         while len(b"".join(reads)) < 5:
             reads.append(await stream.read(1024, timeout=2))
@@ -249,3 +250,123 @@ async def test_a_read_tick_wakes_the_reader_once_for_several_chunks_but_not_the_
     finally:
         await stream.aclose()
         server.close()
+
+
+async def _tick_server(later: bytes, delay: float):
+    """A server that sends ``b"first"`` (a response's headers, read at once) and
+    ``later`` ``delay`` s after it, then waits."""
+    async def talk(writer):
+        writer.write(b"first")
+        await writer.drain()
+        await asyncio.sleep(delay)
+        writer.write(later)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    return await _silent_then(talk)
+
+
+async def test_a_stopped_reader_gets_the_bytes_already_buffered_and_then_its_cancellation():
+    # A stop while the provider's tokens wait for the read tick: those tokens were
+    # generated (and billed), so the run must read them before it closes the stream.
+    server, port = await _tick_server(b"three tokens", 0.15)
+    stream = await netstream.AsyncioBackend(read_tick=2.0).connect_tcp(
+        "127.0.0.1", port, timeout=2)
+    received = []
+
+    async def reader():
+        while True:
+            received.append(await stream.read(1024, timeout=5))
+
+    try:
+        task = asyncio.create_task(reader())
+        await eventually(lambda: received == [b"first"])
+        stream.batch_reads()
+        await asyncio.sleep(0.2)  # "three tokens" is buffered, its tick 2 s away
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert loop.time() - stopped_at < 0.5
+        assert received == [b"first", b"three tokens"]
+    finally:
+        await stream.aclose()
+        server.close()
+
+
+async def test_a_stop_deferred_for_buffered_bytes_lands_at_the_readers_next_await():
+    # After the buffered bytes the reader waits elsewhere (a full outbox, say): the stop
+    # must reach it there at once, not when that wait ends.
+    server, port = await _tick_server(b"tokens", 0.05)
+    stream = await netstream.AsyncioBackend(read_tick=2.0).connect_tcp(
+        "127.0.0.1", port, timeout=2)
+    received = []
+
+    async def reader():
+        received.append(await stream.read(1024, timeout=5))
+        stream.batch_reads()
+        received.append(await stream.read(1024, timeout=5))
+        await asyncio.sleep(30)
+
+    try:
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert loop.time() - stopped_at < 0.5
+        assert received == [b"first", b"tokens"]
+    finally:
+        await stream.aclose()
+        server.close()
+
+
+async def test_a_timeout_that_buffered_bytes_answer_does_not_become_a_cancellation():
+    # asyncio.timeout cancels the reader too; when data is buffered by then, the read
+    # returns it and the reader goes on: the run was not stopped.
+    server, port = await _tick_server(b"late", 0.1)
+    stream = await netstream.AsyncioBackend(read_tick=2.0).connect_tcp(
+        "127.0.0.1", port, timeout=2)
+    try:
+        assert await stream.read(1024, timeout=5) == b"first"
+        stream.batch_reads()
+        async with asyncio.timeout(0.4):  # expires while b"late" waits for its tick
+            assert await stream.read(1024, timeout=5) == b"late"
+        assert asyncio.current_task().cancelling() == 0
+        await asyncio.sleep(0.1)  # not cancelled
+        with pytest.raises(httpcore2.ReadTimeout):
+            await stream.read(1024, timeout=0.2)
+    finally:
+        await stream.aclose()
+        server.close()
+
+
+async def test_the_first_token_does_not_wait_for_the_read_tick_and_the_rest_comes_in_batches(
+        upstream, settings):
+    settings.CHAT_UPSTREAM_READ_TICK_MS = 400
+    upstream.answer = " ".join(f"w{i}" for i in range(12))
+    upstream.tokens_per_second = 20  # one token every 50 ms
+    loop = asyncio.get_running_loop()
+    client = upstream_module.new_client(settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY)
+    arrivals = []
+    started = loop.time()
+    events = upstream_module.stream_answer(
+        client, model="test-model", messages=[{"role": "user", "content": "hi"}],
+        max_tokens=100, label="tick")
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.content:
+                    arrivals.append((loop.time(), event.content))
+    finally:
+        await client.close()
+    assert "".join(text for _, text in arrivals) == upstream.answer
+    # The first token is due 50 ms after the request: it is not held for the 400 ms tick.
+    assert arrivals[0][0] - started < 0.3
+    # The other 11 tokens (550 ms of them) arrive in a few reads, not one by one.
+    times = [at for at, _ in arrivals[1:]]
+    reads = 1 + sum(1 for a, b in zip(times, times[1:], strict=False) if b - a > 0.02)
+    assert reads <= 3, [round(at - started, 3) for at, _ in arrivals]

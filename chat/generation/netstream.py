@@ -46,11 +46,13 @@ class _Connection(asyncio.Protocol):
         # several (one task step, one coalesced frame, one socket write per batch). One
         # timer per connection, not one for the loop: a shared tick woke every stream
         # in the same loop iteration, a burst that delayed stops and other sockets'
-        # frames by tens of ms (lag p99 324 vs 105 ms at K=200). The first bytes
-        # (headers, TTFT) never wait.
+        # frames by tens of ms (lag p99 324 vs 105 ms at K=200). The tick applies only
+        # once the reader asked for it (AsyncioStream.batch_reads: the upstream does
+        # after the answer's first text), so a response's headers and first token
+        # (TTFT) never wait for it.
         self.tick = tick
         self.tick_handle: asyncio.TimerHandle | None = None
-        self.seen_data = False
+        self.batching = False
         self.transport: asyncio.Transport | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.size = 0
@@ -59,6 +61,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.waiter: asyncio.Future | None = None
+        # A cancellation that arrived while bytes were buffered (see wait_readable).
+        self.cancel_deferred = False
         self.drained: asyncio.Future | None = None
         # The read timeout: one timer per connection, checked when it fires.
         self.deadline = 0.0
@@ -74,8 +78,7 @@ class _Connection(asyncio.Protocol):
         if self.size > _HIGH_WATER and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        if not self.tick or not self.seen_data:
-            self.seen_data = True
+        if not self.batching:
             self._wake()
         elif self.tick_handle is None and self.waiter is not None:
             self.tick_handle = self.loop.call_later(self.tick, self._tick)
@@ -136,8 +139,29 @@ class _Connection(asyncio.Protocol):
                 self.timer = self.loop.call_at(self.deadline, self._check_deadline)
         try:
             await self.waiter
+        except asyncio.CancelledError:
+            # Bytes the provider already sent (waiting for the read tick, or for the
+            # reader's next step) are part of the answer: a stop must not drop them, or
+            # the saved text and its usage miss the tokens the provider counted. The
+            # read returns them, and the cancellation is raised again at the reader's
+            # next wait: a read finding nothing buffered (AsyncioStream.read), or any
+            # other await (_resume_cancel), so a stop still closes the stream at once.
+            if not self.chunks:
+                raise
+            self.cancel_deferred = True
+            self.loop.call_soon(self._resume_cancel, asyncio.current_task())
         finally:
             self.waiter = None
+
+    def _resume_cancel(self, task: asyncio.Task) -> None:
+        # Runs once the reader's step has ended, wherever it now waits. An
+        # asyncio.timeout that expired uncancels its task when its block ends
+        # (cancelling() back to 0): that one was a timeout that data answered, not a stop.
+        if self.cancel_deferred:
+            self.cancel_deferred = False
+            if not task.done() and task.cancelling():
+                task.uncancel()
+                task.cancel()
 
     def take(self, max_bytes: int) -> bytes:
         chunks = self.chunks
@@ -169,9 +193,16 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Up to ``max_bytes`` bytes; b"" at the end of the stream. Raises
         httpcore2.ReadTimeout after ``timeout`` s without data, httpcore2.ReadError
-        when the connection broke or was closed here."""
+        when the connection broke or was closed here, CancelledError when the reader
+        was cancelled (after the bytes buffered at that moment were returned)."""
         connection = self._connection
         if not connection.chunks and not connection.eof and not connection.closed:
+            if connection.cancel_deferred:
+                connection.cancel_deferred = False
+                task = asyncio.current_task()
+                # Still wanted: an asyncio.timeout that expired has uncancelled it.
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
             try:
                 await connection.wait_readable(timeout)
             except TimeoutError:
@@ -184,6 +215,12 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
             raise httpcore2.ReadError("the connection is closed")
         return b""
 
+    def batch_reads(self) -> None:
+        """From now until the next request on this connection, wake a waiting reader a
+        read tick after the first unread chunk instead of per chunk (no-op when the
+        backend's ``read_tick`` is 0)."""
+        self._connection.batching = self._connection.tick > 0
+
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         """Send ``buffer``; waits while the transport's write buffer is full. Raises
         httpcore2.WriteError on a closed connection, WriteTimeout after ``timeout`` s."""
@@ -192,8 +229,9 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         connection = self._connection
         if connection.closed or connection.transport.is_closing():
             raise httpcore2.WriteError("the connection is closed")
-        # A new request on this connection: its response's first bytes wake at once.
-        connection.seen_data = False
+        # A new request on this connection: its response is read per chunk until its
+        # reader asks for batches again.
+        connection.batching = False
         connection.transport.write(buffer)
         if connection.drained is not None:
             try:
@@ -257,6 +295,14 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         if info == "socket":
             return transport.get_extra_info("socket")
         return None
+
+
+def batch_reads(response) -> None:
+    """Batch the reads of an httpx2 response's connection (AsyncioStream.batch_reads);
+    a response on another backend, or an upgraded connection, is left as it is."""
+    stream = response.extensions.get("network_stream")
+    if isinstance(stream, AsyncioStream):
+        stream.batch_reads()
 
 
 class AsyncioBackend(httpcore2.AsyncNetworkBackend):

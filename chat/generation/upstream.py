@@ -347,7 +347,7 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
         meta.usage_requested = "stream_options" in body
         reasoning_keys = profile.reasoning_keys
         meta.generation_id = _provider_message(http.headers.get("x-generation-id"), 100)
-        finish_reason, usage = "", None
+        finish_reason, usage, batching = "", None, False
         lines = sse.data_of(http)
         stack.push_async_callback(lines.aclose)
         while True:
@@ -385,6 +385,10 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
             if not meta.generation_id and isinstance(chunk.get("id"), str):
                 meta.generation_id = _provider_message(chunk["id"], 100)
             event = _read_chunk(chunk, reasoning_keys)
+            if not batching and (event.content or event.reasoning):
+                # The first text went out per chunk (TTFT); the rest comes in read ticks.
+                batching = True
+                netstream.batch_reads(http)
             finish_reason = event.finish_reason or finish_reason
             usage = event.usage if event.usage is not None else usage
             yield event

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -325,11 +326,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     # -- group frames -------------------------------------------------------------
     async def dispatch(self, message):
+        """AsyncConsumer.dispatch (channels 4.3) without its ``aclose_old_connections()``
+        before every handler: a hop to Channels' one thread-sensitive thread to tidy
+        that thread's database connection, which no handler here uses. Every database
+        call of this consumer and of chat.generation runs in the executor's threads
+        (``thread_sensitive=False``), where ``database_sync_to_async`` closes old
+        connections around each call itself. Under load that hop was a queue in front
+        of every client frame: a stop and a message waited a loop pass or two for it."""
         if isinstance(message, Batch):
-            # No database work per frame: Channels' per-message connection cleanup
-            # (a thread hop each) is left to the handlers that do use it.
             return await self._on_batch(message)
-        await super().dispatch(message)
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def _on_batch(self, batch: Batch):
         """Frames of the conversation, in order, from the fan-out inbox."""

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from chat.models import Conversation, Message, UsageRecord
 from tests.eventually import eventually
@@ -73,6 +74,24 @@ async def test_stop_closes_upstream_stream(alice, upstream, connect):
     usage = await usage_of(message_id)
     assert usage.estimated and usage.status == "cancelled"
     assert usage.completion_tokens > 0 and usage.prompt_tokens > 0
+
+
+async def test_stop_is_not_queued_behind_other_sockets_session_loading(
+        alice, upstream, connect):
+    # Channels loads each new socket's session and user in its one thread-sensitive
+    # thread; a burst of new tabs keeps it busy. A stop must not wait for that thread.
+    _, _, ws = await connect(alice)
+    await ws.receive_type("state")
+    await start_run(ws)
+    await receive_deltas(ws, 2)
+    busy = asyncio.ensure_future(sync_to_async(time.sleep, thread_sensitive=True)(2.0))
+    await asyncio.sleep(0.1)  # the thread is in the sleep now
+    stopped_at = time.monotonic()
+    await ws.send({"type": "stop"})
+    request = upstream.requests[-1]
+    assert await upstream.until(lambda: request.client_closed_at is not None, timeout=1.5)
+    assert request.client_closed_at - stopped_at < 1.0
+    await busy
 
 
 async def test_upstream_stops_generating_after_stop(alice, upstream, connect):

@@ -12,7 +12,10 @@ other connection to the cookie stack.
 
 from __future__ import annotations
 
+from channels import auth as channels_auth
+from channels.auth import AuthMiddleware
 from channels.db import database_sync_to_async
+from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.contrib.auth.models import AnonymousUser
 
 from .models import ApiToken
@@ -57,6 +60,31 @@ class TokenAuthMiddleware:
         key = token_from_header(_authorization(scope)) if scope["type"] == "websocket" else None
         if key is None:
             return await self.session_application(scope, receive, send)
-        user = await database_sync_to_async(ApiToken.authenticate)(key)
+        user = await _authenticate_token(key)
         scope = dict(scope, user=user or AnonymousUser())
         return await self.token_application(scope, receive, send)
+
+
+# In the executor's threads, not the one thread Channels gives sync code by default
+# (``thread_sensitive=True``): every new socket's session and user were loaded there,
+# one socket after another, and under load (a busy event loop, a database round trip
+# per query) the handshakes queued behind each other: at K = 300 on PostgreSQL the
+# last sockets of a 3 s ramp connected 9 s late (docs/performance.md). Both loads
+# are self-contained queries; ``database_sync_to_async`` closes old connections around
+# each call in whichever thread runs it.
+_authenticate_token = database_sync_to_async(ApiToken.authenticate, thread_sensitive=False)
+_get_user = database_sync_to_async(channels_auth.get_user.func, thread_sensitive=False)
+
+
+class ParallelAuthMiddleware(AuthMiddleware):
+    """Channels' AuthMiddleware (``scope["user"]`` from the session; AnonymousUser when
+    there is none), with the user loaded in the executor's threads (see _get_user)."""
+
+    async def resolve_scope(self, scope):
+        scope["user"]._wrapped = await _get_user(scope)
+
+
+def AuthMiddlewareStack(inner):  # noqa: N802 - the name Channels gives its stack
+    """Channels' ``AuthMiddlewareStack`` (cookies, session, user) with
+    :class:`ParallelAuthMiddleware`."""
+    return CookieMiddleware(SessionMiddleware(ParallelAuthMiddleware(inner)))

@@ -16,11 +16,10 @@ django_asgi_app = get_asgi_application()
 # frame; chatproject/writethrough.py, docs/performance.md).
 writethrough.install()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from chat.auth import TokenAuthMiddleware  # noqa: E402
+from chat.auth import AuthMiddlewareStack, TokenAuthMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(

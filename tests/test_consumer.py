@@ -12,6 +12,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import Conversation, Message, UsageRecord
+from tests.conftest import session_cookie
 from tests.eventually import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -91,6 +92,23 @@ async def test_stop_is_not_queued_behind_other_sockets_session_loading(
     request = upstream.requests[-1]
     assert await upstream.until(lambda: request.client_closed_at is not None, timeout=1.5)
     assert request.client_closed_at - stopped_at < 1.0
+    await busy
+
+
+async def test_a_new_socket_is_not_queued_behind_other_sockets_session_loading(
+        alice, upstream, connect):
+    # Its own session and user are loaded in the executor's threads, not in the one
+    # thread that other sync work (a slow load, say) may hold.
+    cookie = await sync_to_async(session_cookie)(alice)
+    busy = asyncio.ensure_future(sync_to_async(time.sleep, thread_sensitive=True)(2.0))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    connected, _, ws = await connect(cookie=cookie)
+    assert connected
+    await ws.receive_type("state")  # authenticated as alice: a stranger gets 4401
+    await start_run(ws)
+    await receive_deltas(ws, 1)
+    assert time.monotonic() - started < 1.0
     await busy
 
 

@@ -47,6 +47,9 @@ Columns (one row per configuration and K):
   the window after a stream's stop);
 - lag p50 / p99: upstream write time -> socket receive time of every token received in
   the window (wall clock on both sides, one machine);
+- (progress line and ``--json`` only) socket open p50 / p99: the stream's planned start
+  -> its socket open with its ``state`` frame received (handshake, session, the
+  conversation's subscriptions and state): where a ramp of new sockets queues;
 - TTFT p50: message frame sent -> first delta received (floor: request sent -> first
   content chunk);
 - stop -> close p50 / p99 (n): stop frame sent -> the upstream saw the connection
@@ -286,6 +289,7 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float
     client = Client("owner")
     record = client.record
     timed_out = False
+    opened_late_ms = None
     tag = spec.tag
     conversation = str(uuid.uuid4())
     stopper = Client("stopper") if spec.stop_port else None
@@ -305,6 +309,7 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float
             await client.open(spec.port, conversation, spec.cookie,
                               timeout=deadline - time.monotonic(), close_timeout=2)
             record.sent_at = time.monotonic()
+            opened_late_ms = (record.sent_at - t0 - spec.start) * 1000
             await client.send({"type": "message", "content": spec.tag})
             tag = await admitted_tag(client, spec, t0, end_at)
             opening = asyncio.create_task(open_stopper()) if stopper else None
@@ -342,6 +347,7 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float
         lags_ms=record.latencies_ms, tokens=record.tokens, refused=record.refused,
         refused_reasons=record.refused_reasons,
         error=record.error, end_status=record.end_status, timed_out=timed_out,
+        open_ms=opened_late_ms,
     )
 
 
@@ -530,6 +536,8 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
     offered = offered_tokens(specs, timeline, rate)
     ttft = [(r["first_at"] - r["sent_at"]) * 1000 for r in results
             if r["first_at"] is not None and r["sent_at"] is not None]
+    # App rows: the stream's planned start -> its socket open (handshake, session).
+    opens = [r["open_ms"] for r in results if r.get("open_ms") is not None]
     by_tag = {r["tag"]: r for r in requests}
     stop_ms: list[float] = []
     after_stop = 0
@@ -591,6 +599,8 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
         "lag_ms": {"p50": percentile(lags, 50), "p99": percentile(lags, 99),
                    "max": max(lags) if lags else None},
         "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "n": len(ttft)},
+        "open_ms": {"p50": percentile(opens, 50), "p99": percentile(opens, 99),
+                    "n": len(opens)},
         "stop_to_upstream_close_ms": {"p50": percentile(stop_ms, 50),
                                       "p99": percentile(stop_ms, 99), "n": len(stop_ms),
                                       "not_closed": not_closed},
@@ -980,7 +990,9 @@ class Harness:
                 )
             self.say(f"[{config} K={k}] CPU/1000 tok {_fmt_s(row['cpu_per_1000_tokens_s'])} s, "
                      f"delivered {row['delivered_tps']:.0f}/{row['offered_tps']:.0f} tok/s, "
-                     f"lag p99 {fmt_ms(row['lag_ms']['p99'])}, failed {row['failed']} "
+                     f"lag p99 {fmt_ms(row['lag_ms']['p99'])}, failed {row['failed']}, "
+                     f"socket open p50/p99 {fmt_ms(row['open_ms']['p50'])}/"
+                     f"{fmt_ms(row['open_ms']['p99'])} "
                      f"({row['elapsed_s']} s, load {load_after[0]})")
             rows.append(row)
         return rows

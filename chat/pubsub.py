@@ -19,6 +19,13 @@ the subscription lock. Each caller still waits until its message was sent (error
 raised to it) and messages of one shard go out in call order, so a run's frames keep
 their order. Cost per message: one list append and one future, instead of a lock
 hand-off and a round trip.
+
+``SUBSCRIBE`` / ``UNSUBSCRIBE`` are batched the same way (every new socket subscribes
+its channel and its conversation's group, every run its control channel): channels-redis
+takes the lock per call, and each hand-off of an ``asyncio.Lock`` costs a pass of the
+event loop, so on a busy loop a ramp of 300 sockets subscribed one per pass, ~30 per
+second. Changes made while one batch is written go out in the next, in call order,
+consecutive ones of a kind in one command.
 """
 
 from __future__ import annotations
@@ -40,12 +47,76 @@ MAX_BATCH = 1000
 
 
 class _BatchingShard(RedisSingleShardConnection):
-    """One Redis host of a loop layer; ``publish`` batched (module docstring)."""
+    """One Redis host of a loop layer; ``publish``, ``subscribe`` and ``unsubscribe``
+    batched (module docstring)."""
 
     def __init__(self, host, channel_layer):
         super().__init__(host, channel_layer)
         self._batch: list[tuple[str, bytes, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._changes: list[tuple[str, str, asyncio.Future]] = []
+        self._changer: asyncio.Task | None = None
+
+    async def subscribe(self, channel):
+        """SUBSCRIBE ``channel`` (no-op when subscribed); returns once the command was
+        written. Raises what redis-py raises (connection errors)."""
+        await self._change("subscribe", channel)
+
+    async def unsubscribe(self, channel):
+        """UNSUBSCRIBE ``channel`` (no-op when not subscribed); as :meth:`subscribe`."""
+        await self._change("unsubscribe", channel)
+
+    async def _change(self, op: str, channel: str) -> None:
+        # channels-redis takes the shard's lock for each (un)subscribe: every new socket
+        # and every run subscribes, and a lock hand-off costs a pass of the event loop,
+        # tens of ms when it is busy, so a burst of new sockets queued for seconds.
+        # Here the changes made while one is written go out together, in order.
+        done = asyncio.get_running_loop().create_future()
+        self._changes.append((op, channel, done))
+        if self._changer is None or self._changer.done():
+            self._changer = asyncio.ensure_future(self._apply_changes())
+        await done
+
+    async def _apply_changes(self) -> None:
+        while self._changes:
+            batch, self._changes = self._changes, []
+            try:
+                async with self._lock:
+                    # Consecutive changes of one kind: one command with every channel.
+                    start = 0
+                    while start < len(batch):
+                        op = batch[start][0]
+                        end = start
+                        while end < len(batch) and batch[end][0] == op:
+                            end += 1
+                        await self._send_change(op, [c for _, c, _ in batch[start:end]])
+                        start = end
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _send_change(self, op: str, channels: list[str]) -> None:
+        subscribing = op == "subscribe"
+        # In order, without repeats: only what changes the subscription set.
+        wanted = list(dict.fromkeys(
+            c for c in channels if (c in self._subscribed_to) != subscribing))
+        if not wanted:
+            return
+        self._ensure_redis()
+        self._ensure_receiver()
+        if subscribing:
+            await self._pubsub.subscribe(*wanted)
+            self._subscribed_to.update(wanted)
+        else:
+            await self._pubsub.unsubscribe(*wanted)
+            self._subscribed_to.difference_update(wanted)
 
     async def publish(self, channel, message):
         """Send ``message`` to the Redis channel ``channel``; returns once Redis took it.
@@ -89,6 +160,16 @@ class _BatchingShard(RedisSingleShardConnection):
         for _, _, sent in self._batch:
             sent.cancel()
         self._batch = []
+        if self._changer is not None and not self._changer.done():
+            self._changer.cancel()
+            try:
+                await self._changer
+            except asyncio.CancelledError:
+                pass
+        self._changer = None
+        for _, _, done in self._changes:
+            done.cancel()
+        self._changes = []
         await super().flush()
 
 

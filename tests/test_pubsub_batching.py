@@ -83,3 +83,55 @@ async def test_a_publish_that_cannot_reach_redis_raises_to_its_caller():
         await layer.group_send("g", {"type": "m"})
     assert "connect" in str(caught.value).lower() or "refused" in str(caught.value).lower()
     await layer.flush()
+
+
+async def test_many_sockets_joining_at_once_on_a_busy_loop_are_all_subscribed_within_seconds():
+    # A ramp of new sockets: each subscribes its channel and its conversation's group.
+    # The stock layer takes the shard's lock per subscribe, a loop pass per hand-off:
+    # 600 of them on this loop take longer than the deadline below.
+    layer = BatchingPubSubChannelLayer(hosts=[{"address": REDIS_URL}],
+                                       prefix=f"t{uuid.uuid4().hex[:8]}")
+    stop = asyncio.Event()
+    busy = [asyncio.create_task(busy_loop(stop)) for _ in range(5)]
+
+    async def join(n: int) -> str:
+        channel = await layer.new_channel()
+        await layer.group_add(f"g{n}", channel)
+        return channel
+
+    try:
+        started = time.monotonic()
+        channels = await asyncio.wait_for(asyncio.gather(*(join(n) for n in range(300))), 20)
+        joined_s = time.monotonic() - started
+    finally:
+        stop.set()
+        await asyncio.gather(*busy)
+    try:
+        assert joined_s < 4.0, f"300 sockets took {joined_s:.1f} s to subscribe"
+        # And every one of them is really subscribed: its group's message reaches it.
+        for n in (0, 150, 299):
+            await layer.group_send(f"g{n}", {"type": "m", "n": n})
+            message = await asyncio.wait_for(layer.receive(channels[n]), 5)
+            assert message["n"] == n
+    finally:
+        await layer.flush()
+
+
+async def test_subscribes_and_unsubscribes_made_together_take_effect_in_their_order():
+    layer = BatchingPubSubChannelLayer(hosts=[{"address": REDIS_URL}],
+                                       prefix=f"t{uuid.uuid4().hex[:8]}")
+    shard = layer._get_layer()._shards[0]
+    x, y = f"x-{uuid.uuid4().hex}", f"y-{uuid.uuid4().hex}"
+    try:
+        await asyncio.gather(shard.subscribe(x), shard.subscribe(y), shard.unsubscribe(x),
+                             shard.subscribe(y))
+        shard._ensure_redis()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            counts = dict(await shard._redis.pubsub_numsub(x, y))
+            if counts == {x.encode(): 0, y.encode(): 1}:
+                break
+            await asyncio.sleep(0.05)
+        assert counts == {x.encode(): 0, y.encode(): 1}
+    finally:
+        await layer.flush()

@@ -104,7 +104,13 @@ class Fanout:
         self.origin = uuid.uuid4().hex
         self._inboxes: dict[str, set[Inbox]] = {}
         self._joined: set[str] = set()
-        self._lock = asyncio.Lock()
+        # One lock per group being joined or left (with its users' count), and one for
+        # starting and stopping the relay: a single lock for every group made new
+        # sockets join one after another, a loop pass or more each (the subscribe's
+        # own lock hand-off), and at K = 300 on Redis the last sockets of a 3 s ramp
+        # waited 12 s for their state frame (docs/performance.md).
+        self._group_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._relay_lock = asyncio.Lock()
         self._relay_layer = None
         self._relay_channel: str | None = None
         self._relay_task: asyncio.Task | None = None
@@ -161,19 +167,38 @@ class Fanout:
     # -- the relay ----------------------------------------------------------------------
     async def _sync_membership(self, group: str, layer) -> None:
         """Make the relay's membership of ``group`` match whether a local socket watches
-        it. Serialised: a socket leaving while another joins must not leave the relay
-        in a group nobody here watches, or out of one somebody does."""
-        async with self._lock:
-            wanted = bool(self._inboxes.get(group))
-            if wanted and group not in self._joined:
-                await self._start_relay(layer)
-                await layer.group_add(group, self._relay_channel)
-                self._joined.add(group)
-            elif not wanted and group in self._joined:
-                self._joined.discard(group)
-                await self._relay_layer.group_discard(group, self._relay_channel)
-                if not self._joined:
-                    await self._stop_relay()
+        it. Serialised per group: a socket leaving while another joins must not leave
+        the relay in a group nobody here watches, or out of one somebody does. Groups
+        join and leave concurrently."""
+        lock, users = self._group_locks.get(group) or (asyncio.Lock(), 0)
+        self._group_locks[group] = (lock, users + 1)
+        try:
+            async with lock:
+                wanted = bool(self._inboxes.get(group))
+                if wanted and group not in self._joined:
+                    # Counted before any await, so a last group leaving meanwhile does
+                    # not stop the relay under this one.
+                    self._joined.add(group)
+                    try:
+                        async with self._relay_lock:
+                            await self._start_relay(layer)
+                        await layer.group_add(group, self._relay_channel)
+                    except BaseException:
+                        self._joined.discard(group)
+                        raise
+                elif not wanted and group in self._joined:
+                    self._joined.discard(group)
+                    await self._relay_layer.group_discard(group, self._relay_channel)
+                    if not self._joined:
+                        async with self._relay_lock:
+                            if not self._joined:
+                                await self._stop_relay()
+        finally:
+            lock, users = self._group_locks[group]
+            if users == 1:
+                del self._group_locks[group]
+            else:
+                self._group_locks[group] = (lock, users - 1)
 
     async def _start_relay(self, layer) -> None:
         if self._relay_task is not None:

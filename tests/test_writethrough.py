@@ -29,9 +29,10 @@ SERVER = textwrap.dedent(
     calls = {"through": 0}
 
     def chunks():
-        # Deterministic sizes: small frames, some 300 KiB ones (> socket buffer).
+        # Deterministic sizes: small frames, two 300 KiB ones (> socket buffer); 1.3 MB
+        # in all through a 4 KiB receive buffer (about 30 s per run).
         for i in range(3000):
-            size = 300 * 1024 if i % 500 == 7 else 20 + (i * 37) % 400
+            size = 300 * 1024 if i % 1500 == 7 else 20 + (i * 37) % 400
             yield bytes([(i + k) % 251 for k in range(min(size, 251))]) * (size // 251 + 1)
 
     class P(protocol.Protocol):
@@ -54,7 +55,7 @@ def expected() -> bytes:
     """The server's byte stream (same generator as SERVER)."""
     out = []
     for i in range(3000):
-        size = 300 * 1024 if i % 500 == 7 else 20 + (i * 37) % 400
+        size = 300 * 1024 if i % 1500 == 7 else 20 + (i * 37) % 400
         out.append(bytes([(i + k) % 251 for k in range(min(size, 251))]) * (size // 251 + 1))
     return b"".join(out)
 

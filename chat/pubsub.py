@@ -31,6 +31,7 @@ consecutive ones of a kind in one command.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from channels_redis.pubsub import (
@@ -44,6 +45,31 @@ logger = logging.getLogger(__name__)
 
 # Messages per pipeline at most: bounds one round trip's size (a burst after a stall).
 MAX_BATCH = 1000
+
+
+async def _run_batches(take, send) -> None:
+    """While ``take()`` returns a non-empty batch, ``await send(batch)`` and wake its
+    callers: done, or with what ``send`` raised (a cancellation is raised on too)."""
+    while batch := take():
+        try:
+            await send(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            _settle(batch, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            _settle(batch, None)
+
+
+def _settle(batch: list[tuple], exc: BaseException | None) -> None:
+    """Wake the callers waiting on ``batch`` (each item's last element is their future):
+    with ``exc`` raised to them, or done."""
+    for *_, waiting in batch:
+        if not waiting.done():
+            if exc is None:
+                waiting.set_result(None)
+            else:
+                waiting.set_exception(exc)
 
 
 class _BatchingShard(RedisSingleShardConnection):
@@ -77,30 +103,24 @@ class _BatchingShard(RedisSingleShardConnection):
             self._changer = asyncio.ensure_future(self._apply_changes())
         await done
 
+    def _take_changes(self) -> list:
+        batch, self._changes = self._changes, []
+        return batch
+
     async def _apply_changes(self) -> None:
-        while self._changes:
-            batch, self._changes = self._changes, []
-            try:
-                async with self._lock:
-                    # Consecutive changes of one kind: one command with every channel.
-                    start = 0
-                    while start < len(batch):
-                        op = batch[start][0]
-                        end = start
-                        while end < len(batch) and batch[end][0] == op:
-                            end += 1
-                        await self._send_change(op, [c for _, c, _ in batch[start:end]])
-                        start = end
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+        await _run_batches(self._take_changes, self._send_changes)
+
+    async def _send_changes(self, batch: list[tuple[str, str, asyncio.Future]]) -> None:
+        async with self._lock:
+            # Consecutive changes of one kind: one command with every channel.
+            start = 0
+            while start < len(batch):
+                op = batch[start][0]
+                end = start
+                while end < len(batch) and batch[end][0] == op:
+                    end += 1
+                await self._send_change(op, [c for _, c, _ in batch[start:end]])
+                start = end
 
     async def _send_change(self, op: str, channels: list[str]) -> None:
         subscribing = op == "subscribe"
@@ -127,49 +147,33 @@ class _BatchingShard(RedisSingleShardConnection):
             self._flusher = asyncio.ensure_future(self._flush_batches())
         await sent
 
+    def _take_batch(self) -> list:
+        batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+        return batch
+
     async def _flush_batches(self) -> None:
-        while self._batch:
-            batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
-            try:
-                self._ensure_redis()
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, message, _ in batch:
-                        pipe.publish(channel, message)
-                    await pipe.execute()
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                for _, _, sent in batch:
-                    if not sent.done():
-                        sent.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                for _, _, sent in batch:
-                    if not sent.done():
-                        sent.set_result(None)
+        await _run_batches(self._take_batch, self._send_batch)
+
+    async def _send_batch(self, batch: list[tuple[str, bytes, asyncio.Future]]) -> None:
+        self._ensure_redis()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel, message, _ in batch:
+                pipe.publish(channel, message)
+            await pipe.execute()
 
     async def flush(self):
-        """Cancel the flusher (its waiting callers get CancelledError), then what
-        channels-redis does: stop receiving, close the connections."""
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
-        self._flusher = None
-        for _, _, sent in self._batch:
-            sent.cancel()
-        self._batch = []
-        if self._changer is not None and not self._changer.done():
-            self._changer.cancel()
-            try:
-                await self._changer
-            except asyncio.CancelledError:
-                pass
-        self._changer = None
-        for _, _, done in self._changes:
-            done.cancel()
-        self._changes = []
+        """Cancel the flusher and the subscription changer (their waiting callers get
+        CancelledError), then what channels-redis does: stop receiving, close the
+        connections."""
+        for task in (self._flusher, self._changer):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._flusher = self._changer = None
+        for *_, waiting in self._batch + self._changes:
+            waiting.cancel()
+        self._batch, self._changes = [], []
         await super().flush()
 
 

@@ -266,6 +266,16 @@ async def _tick_server(later: bytes, delay: float):
     return await _silent_then(talk)
 
 
+async def _cancel_and_time(task: asyncio.Task) -> float:
+    """Cancel ``task``, which must end cancelled; the seconds it took to end."""
+    loop = asyncio.get_running_loop()
+    stopped_at = loop.time()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return loop.time() - stopped_at
+
+
 async def test_a_stopped_reader_gets_the_bytes_already_buffered_and_then_its_cancellation():
     # A stop while the provider's tokens wait for the read tick: those tokens were
     # generated (and billed), so the run must read them before it closes the stream.
@@ -282,13 +292,8 @@ async def test_a_stopped_reader_gets_the_bytes_already_buffered_and_then_its_can
         task = asyncio.create_task(reader())
         await eventually(lambda: received == [b"first"])
         stream.batch_reads()
-        await asyncio.sleep(0.2)  # "three tokens" is buffered, its tick 2 s away
-        loop = asyncio.get_running_loop()
-        stopped_at = loop.time()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert loop.time() - stopped_at < 0.5
+        await asyncio.sleep(0.3)  # "three tokens" is buffered, its tick 2 s away
+        assert await _cancel_and_time(task) < 0.5
         assert received == [b"first", b"three tokens"]
     finally:
         await stream.aclose()
@@ -312,12 +317,7 @@ async def test_a_stop_deferred_for_buffered_bytes_lands_at_the_readers_next_awai
     try:
         task = asyncio.create_task(reader())
         await asyncio.sleep(0.3)
-        loop = asyncio.get_running_loop()
-        stopped_at = loop.time()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert loop.time() - stopped_at < 0.5
+        assert await _cancel_and_time(task) < 0.5
         assert received == [b"first", b"tokens"]
     finally:
         await stream.aclose()

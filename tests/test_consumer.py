@@ -5,6 +5,7 @@ channel layer) and the real openai SDK talking HTTP to ``UpstreamServer``.
 """
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -559,3 +560,12 @@ async def test_two_tabs_sending_first_message_at_once_start_one_run(alice, upstr
     assert await Conversation.objects.acount() == 1
     # The stop may even beat the request to the provider; there is never a second one.
     assert len(upstream.requests) <= 1
+
+
+async def test_a_frame_the_fast_encoder_refuses_still_goes_out_as_json():
+    from chat.consumers import ChatConsumer
+
+    for frame in ({"type": "delta", "content": "héllo ✓"},
+                  {"type": "delta", "content": "lone \udcff surrogate"},
+                  {"type": "state", "seq": 2**70}):
+        assert json.loads(await ChatConsumer.encode_json(frame)) == frame

@@ -220,3 +220,23 @@ async def test_start_finishes_a_stale_run_instead_of_answering_busy(alice, upstr
     assert await Message.objects.filter(status="interrupted").acount() == 1
     assert await UsageRecord.objects.acount() == 2
     await gen.unwatch(conversation.id, tab)
+
+
+async def test_a_stop_reaches_the_provider_before_the_runs_task_takes_another_step(
+    alice, upstream
+):
+    # A busy worker's event loop takes tens of ms per pass: the connection is closed
+    # when the stop is asked, not when the run's task next runs.
+    upstream.tokens_per_second = 200
+    generation = await gen.start_generation(alice, uuid.uuid4(), "hi")
+    await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written >= 5)
+    request = upstream.requests[-1]
+    assert generation.cancel("stop")
+    time.sleep(0.5)  # noqa: ASYNC251 - blocks this loop on purpose: the run cannot step
+    assert request.client_closed_at is not None
+    end = await asyncio.wait_for(generation.wait(), 5)
+    assert end["status"] == "cancelled"
+    # What had arrived before the stop is kept, as with any stop.
+    saved = await sync_to_async(Message.objects.get)(pk=generation.message_id)
+    assert saved.content == "".join(generation.text)
+    assert saved.content

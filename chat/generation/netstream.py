@@ -196,17 +196,20 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         when the connection broke or was closed here, CancelledError when the reader
         was cancelled (after the bytes buffered at that moment were returned)."""
         connection = self._connection
-        if not connection.chunks and not connection.eof and not connection.closed:
+        if not connection.chunks:
+            # Before the end checks: a stop hangs the connection up (hang_up) and the
+            # reader, once its buffered bytes are read, ends cancelled, not with an error.
             if connection.cancel_deferred:
                 connection.cancel_deferred = False
                 task = asyncio.current_task()
                 # Still wanted: an asyncio.timeout that expired has uncancelled it.
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError
-            try:
-                await connection.wait_readable(timeout)
-            except TimeoutError:
-                raise httpcore2.ReadTimeout("timed out reading from the server") from None
+            if not connection.eof and not connection.closed:
+                try:
+                    await connection.wait_readable(timeout)
+                except TimeoutError:
+                    raise httpcore2.ReadTimeout("timed out reading from the server") from None
         if connection.chunks:
             return connection.take(max_bytes)
         if connection.lost is not None:
@@ -243,10 +246,15 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
                 raise httpcore2.WriteError(str(connection.lost or "the connection is closed"))
 
     async def aclose(self) -> None:
+        """Close at once (:meth:`hang_up`)."""
+        self.hang_up()
+
+    def hang_up(self) -> None:
         """Close at once (unsent bytes dropped), with no await a cancellation could
         interrupt: the FIN goes out now (``write_eof``: the provider sees the end of a
         stopped stream without waiting for a busy loop's next iteration, as anyio's
-        ``aclose`` does) and the socket is closed on the loop's next iteration."""
+        ``aclose`` does) and the socket is closed on the loop's next iteration. Bytes
+        already received can still be read; then reads raise httpcore2.ReadError."""
         connection = self._connection
         connection.forget_timer()
         transport = connection.transport
@@ -303,6 +311,17 @@ def batch_reads(response) -> None:
     stream = response.extensions.get("network_stream")
     if isinstance(stream, AsyncioStream):
         stream.batch_reads()
+
+
+def hang_up(response) -> None:
+    """Close an httpx2 response's connection now, from outside its reader and without
+    an await (AsyncioStream.hang_up): a stop reaches the provider in the step that asks
+    for it, not when the reading task next runs, which on a busy event loop is a pass or
+    two later (issue 11: stop -> upstream close p99). A response on another backend is
+    left to its reader's cancellation."""
+    stream = response.extensions.get("network_stream")
+    if isinstance(stream, AsyncioStream):
+        stream.hang_up()
 
 
 class AsyncioBackend(httpcore2.AsyncNetworkBackend):

@@ -73,6 +73,8 @@ class Generation:
     _publisher_task: asyncio.Task | None = None
     # Set by fail(): the error the run ends with instead of `cancelled`.
     _failure: str | None = None
+    # What the upstream reader tells of its stream (filled in as it goes).
+    _meta: upstream.StreamMeta = field(default_factory=upstream.StreamMeta)
 
     @property
     def message_id(self) -> str:
@@ -109,6 +111,7 @@ class Generation:
         if self._finishing or self.cancel_reason or (self.task is not None and self.task.done()):
             return False
         self.cancel_reason = reason
+        self._hang_up()
         if self.task is not None:
             self._cancel_task()
         return True
@@ -122,8 +125,16 @@ class Generation:
             return False
         self.cancel_reason = "failed"
         self._failure = error
+        self._hang_up()
         self.task.cancel()
         return True
+
+    def _hang_up(self) -> None:
+        # The provider hears of the stop now; the task, cancelled next, may still read
+        # what had already arrived (netstream) before it ends.
+        hang_up = self._meta.hang_up
+        if hang_up is not None:
+            hang_up()
 
     def _cancel_task(self) -> None:
         if inspect.getcoroutinestate(self.task.get_coro()) == inspect.CORO_CREATED:
@@ -181,11 +192,15 @@ class Generation:
         (self.text if kind == _CONTENT else self.reasoning).append(content)
         self._pending.append((kind, content))
         self._pending_chars += len(content)
-        if self._pending_chars >= settings.CHAT_DELTA_MAX_CHARS:
+        window = settings.CHAT_DELTA_COALESCE_MS
+        if window <= 0 or self._pending_chars >= settings.CHAT_DELTA_MAX_CHARS:
+            # With no window the delta is queued now: text appended until the publisher
+            # takes it (the rest of this read's events) joins it (_delta_queued), so a
+            # read still makes one frame, without a timer per read or the loop pass
+            # it cost before the frame went out.
             self._flush()
         elif self._flush_handle is None:
-            window = settings.CHAT_DELTA_COALESCE_MS / 1000
-            self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(window / 1000, self._flush)
 
     def _flush(self) -> None:
         """Queue a delta of the pending text (at most one queued at a time).
@@ -251,7 +266,7 @@ class Generation:
     # -- the task -----------------------------------------------------------------
     async def _run(self) -> None:
         usage, finish_reason, ttft_ms, ended_by = None, "", None, None
-        running_usage, client, meta = None, None, upstream.StreamMeta()
+        running_usage, client, meta = None, None, self._meta
         try:
             client = await self.runtime.client()
             events = upstream.stream_answer(

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -79,13 +80,18 @@ class StreamMeta:
     - ``usage_requested``: False when ``stream_options`` had to be dropped for this
       server (then no usage can arrive and the run's usage is estimated or tokenized);
     - ``hidden_reasoning``: True when the provider bills reasoning tokens it does not
-      stream (OpenAI reasoning models), so a stopped run's estimate undercounts them.
+      stream (OpenAI reasoning models), so a stopped run's estimate undercounts them;
+    - ``hang_up``: while the response is open, closes its connection at once
+      (netstream.hang_up), so a stop reaches the provider before the reading task's
+      next step; None before the headers are in and once the response is closed (its
+      connection may then serve another request).
     """
 
     profile: str = "generic"
     generation_id: str = ""
     usage_requested: bool = True
     hidden_reasoning: bool = False
+    hang_up: Callable[[], None] | None = None
 
 
 # --- the client ------------------------------------------------------------------------
@@ -343,6 +349,9 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
                 f"The model provider did not start answering within {first_byte_s:g} s."
             ) from None
         http = response.http_response
+        meta.hang_up = functools.partial(netstream.hang_up, http)
+        # Runs before the response is closed (the stack unwinds last in, first out).
+        stack.callback(setattr, meta, "hang_up", None)
         meta.profile, meta.hidden_reasoning = profile.name, profile.hides_reasoning(model)
         meta.usage_requested = "stream_options" in body
         reasoning_keys = profile.reasoning_keys

@@ -78,6 +78,26 @@ async def test_stop_closes_upstream_stream(alice, upstream, connect):
     assert usage.completion_tokens > 0 and usage.prompt_tokens > 0
 
 
+async def test_a_stop_reaches_the_provider_one_loop_pass_after_the_frame_arrives(
+    alice, upstream, connect
+):
+    # On a worker busy with hundreds of streams a loop pass takes tens of ms: the stop
+    # frame must be handled in the pass after it arrives, and hang the provider up
+    # there, not a few passes later when the run's task is scheduled.
+    _, _, ws = await connect(alice)
+    await ws.receive_type("state")
+    await start_run(ws)
+    await receive_deltas(ws, 3)
+    request = upstream.requests[-1]
+
+    await ws.send({"type": "stop"})  # in the socket's queue, as daphne puts it
+    await asyncio.sleep(0)  # one pass of the event loop: the consumer's, queued first
+    time.sleep(0.5)  # noqa: ASYNC251 - blocks the loop on purpose: nothing else runs
+    assert request.client_closed_at is not None
+    end = await ws.receive_type("generation.end")
+    assert end["status"] == "cancelled"
+
+
 async def test_stop_is_not_queued_behind_other_sockets_session_loading(
         alice, upstream, connect):
     # Channels loads each new socket's session and user in its one thread-sensitive

@@ -69,7 +69,8 @@ class Inbox:
 
     limit: int = 0
     _frames: deque = field(default_factory=deque)
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by every push; the owner may share one Event between several sources.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     _overflowed: bool = False
 
     def __post_init__(self) -> None:
@@ -83,12 +84,18 @@ class Inbox:
             self._frames.clear()
             self._overflowed = True
         self._frames.append(frame)
-        self._ready.set()
+        self.ready.set()
 
     async def get(self) -> Batch:
         """Every frame queued since the last call (waits until there is one)."""
-        await self._ready.wait()
-        self._ready.clear()
+        await self.ready.wait()
+        self.ready.clear()
+        return self.take() or Batch([])
+
+    def take(self) -> Batch | None:
+        """Every frame queued since the last call, at once; None when there is none."""
+        if not self._frames and not self._overflowed:
+            return None
         batch = Batch(list(self._frames), self._overflowed)
         self._frames.clear()
         self._overflowed = False

@@ -8,7 +8,6 @@ Frames are built by ``chat.generation.frames`` only.
 """
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -19,11 +18,11 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import get_channel_layer
-from channels.utils import await_many_dispatch
 from django.conf import settings
 
 from . import generation as gen
 from . import validation
+from .dispatching import dispatch_one_pass
 from .generation import autostop, frames
 from .generation.fanout import Batch
 from .generation.sequencer import Action, FrameSequencer
@@ -32,15 +31,6 @@ from .models import Conversation
 
 logger = logging.getLogger(__name__)
 
-
-def _queue_of(receive) -> asyncio.Queue | None:
-    """The ``asyncio.Queue`` whose ``get`` is the ASGI ``receive`` callable (daphne's,
-    and asgiref's test communicator's), else None (another server: Channels' own
-    dispatch loop is used then)."""
-    queue = getattr(receive, "__self__", None)
-    if isinstance(queue, asyncio.Queue) and getattr(receive, "__func__", None) is asyncio.Queue.get:
-        return queue
-    return None
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -102,7 +92,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def __call__(self, scope, receive, send):
         """AsyncConsumer.__call__ (channels 4.3) with a third source beside the client
         and the socket's layer channel: its fan-out inbox, whose frames come in batches
-        and skip the framework's per-message thread hop (``aclose_old_connections``)."""
+        and skip the framework's per-message thread hop (``aclose_old_connections``);
+        each message is handled one loop pass after it arrives (chat.dispatching)."""
         self.scope = scope
         self.inbox = gen.Inbox()
         # The server may tear the application down (shutdown, crash of the connection)
@@ -114,12 +105,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
             self.base_send = send
             try:
-                if _queue_of(receive) is not None:
-                    await self._dispatch_loop(_queue_of(receive))
-                else:
-                    await await_many_dispatch(
-                        [receive, self.channel_receive, self.inbox.get], self.dispatch
-                    )
+                await dispatch_one_pass(receive, self.channel_receive, self.inbox, self.dispatch)
             except StopConsumer:
                 pass
         finally:
@@ -130,57 +116,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await release_channel(
                 getattr(self, "channel_layer", None), getattr(self, "channel_name", None)
             )
-
-    async def _dispatch_loop(self, client: asyncio.Queue) -> None:
-        """Dispatch the client's messages, the inbox's batches and the layer channel's
-        messages in arrival order per source, the client's first, woken by one Event
-        that every source sets (issue 11: stop and first-token latency, CPU).
-
-        Channels' ``await_many_dispatch`` keeps a task per source and waits on them
-        with ``asyncio.wait``: a message wakes its source's task, whose completion
-        wakes ``asyncio.wait``, which wakes the consumer: three event-loop passes,
-        and two tasks made per message. On a loop busy with 300 streams a pass takes
-        tens of ms, so a ``stop`` reached its handler 30-120 ms after it arrived
-        (docs/performance.md). Here the server's queue (daphne's, or a test
-        communicator's ``asyncio.Queue``) and the inbox set the Event themselves: one
-        pass. The layer channel (snapshot replies from other processes: rare) keeps a
-        task. Raises what ``dispatch`` raises (StopConsumer ends it)."""
-        bell = self.inbox.ready
-        put_nowait = client.put_nowait
-
-        def put_and_ring(message):
-            put_nowait(message)
-            bell.set()
-
-        # The server calls put_nowait (asyncio.Queue.put too): an instance attribute,
-        # so only this connection's queue rings this consumer's bell.
-        client.put_nowait = put_and_ring
-        channel = None
-        try:
-            while True:
-                bell.clear()
-                if channel is None:
-                    channel = asyncio.ensure_future(self.channel_receive())
-                    channel.add_done_callback(lambda _: bell.set())
-                if not client.empty():
-                    await self.dispatch(client.get_nowait())
-                    bell.set()  # look again: more may be waiting
-                    continue
-                batch = self.inbox.take()
-                if batch is not None:
-                    await self.dispatch(batch)
-                    bell.set()
-                    continue
-                if channel.done():
-                    message, channel = channel.result(), None
-                    await self.dispatch(message)
-                    continue
-                await bell.wait()
-        finally:
-            if channel is not None:
-                channel.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await channel
 
     # -- connection ---------------------------------------------------------------
     async def connect(self):

@@ -509,6 +509,8 @@ async def test_second_message_while_running_is_busy(alice, upstream, connect):
     error = await second.receive_type("error")
     assert error["code"] == "busy"
     assert await Message.objects.filter(content="me too").acount() == 0
+    # The first run's request is out (a stop can now land before it is sent).
+    assert await upstream.until(lambda: len(upstream.requests) == 1)
     await first.send({"type": "stop"})
     await first.receive_type("generation.end")
     assert (await saved(message_id)).status == Message.Status.CANCELLED

@@ -31,7 +31,6 @@ from .models import Conversation
 
 logger = logging.getLogger(__name__)
 
-
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 # A snapshot request to another process that is not answered in this time falls back to

@@ -59,14 +59,14 @@ async def dispatch_one_pass(receive, channel_receive: Callable[[], Awaitable[dic
             if channel is None:
                 channel = asyncio.ensure_future(channel_receive())
                 channel.add_done_callback(lambda _: bell.set())
+            # After each dispatch every source is looked at again (what came meanwhile
+            # is found there), the client's first.
             if not client.empty():
                 await dispatch(client.get_nowait())
-                bell.set()  # look again before waiting: more may have come meanwhile
                 continue
             batch = inbox.take()
             if batch is not None:
                 await dispatch(batch)
-                bell.set()
                 continue
             if channel.done():
                 message, channel = channel.result(), None

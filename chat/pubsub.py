@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import operator
 
 from channels_redis.pubsub import (
     RedisPubSubChannelLayer,
@@ -47,18 +49,53 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 1000
 
 
-async def _run_batches(take, send) -> None:
-    """While ``take()`` returns a non-empty batch, ``await send(batch)`` and wake its
-    callers: done, or with what ``send`` raised (a cancellation is raised on too)."""
-    while batch := take():
-        try:
-            await send(batch)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-            _settle(batch, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        else:
-            _settle(batch, None)
+class _Batches:
+    """Calls of one kind (publish, or (un)subscribe) sent in batches: what is submitted
+    while one batch is being sent goes out in the next, in call order, at most
+    ``limit`` items per batch (0: no limit). Each caller waits until its batch was sent
+    and gets what sending it raised."""
+
+    def __init__(self, send, limit: int = 0) -> None:
+        self._send = send
+        self._limit = limit
+        self._items: list[tuple] = []
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, *item) -> None:
+        """Queue ``item`` (the send function's tuple, without a future) and wait until
+        its batch was sent; raises what sending it raised."""
+        done = asyncio.get_running_loop().create_future()
+        self._items.append((*item, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        await done
+
+    def _take(self) -> list[tuple]:
+        cut = self._limit or len(self._items)
+        batch, self._items = self._items[:cut], self._items[cut:]
+        return batch
+
+    async def _run(self) -> None:
+        while batch := self._take():
+            try:
+                await self._send(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                _settle(batch, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                _settle(batch, None)
+
+    async def cancel(self) -> None:
+        """Stop sending; the callers still waiting get CancelledError."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+        for *_, waiting in self._items:
+            waiting.cancel()
+        self._items = []
 
 
 def _settle(batch: list[tuple], exc: BaseException | None) -> None:
@@ -78,49 +115,26 @@ class _BatchingShard(RedisSingleShardConnection):
 
     def __init__(self, host, channel_layer):
         super().__init__(host, channel_layer)
-        self._batch: list[tuple[str, bytes, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
-        self._changes: list[tuple[str, str, asyncio.Future]] = []
-        self._changer: asyncio.Task | None = None
+        self._publishes = _Batches(self._send_publishes, MAX_BATCH)
+        # channels-redis takes the shard's lock for each (un)subscribe: every new socket
+        # and every run subscribes, and a lock hand-off costs a pass of the event loop,
+        # tens of ms when it is busy, so a burst of new sockets queued for seconds.
+        self._changes = _Batches(self._send_changes)
 
     async def subscribe(self, channel):
         """SUBSCRIBE ``channel`` (no-op when subscribed); returns once the command was
         written. Raises what redis-py raises (connection errors)."""
-        await self._change("subscribe", channel)
+        await self._changes.submit("subscribe", channel)
 
     async def unsubscribe(self, channel):
         """UNSUBSCRIBE ``channel`` (no-op when not subscribed); as :meth:`subscribe`."""
-        await self._change("unsubscribe", channel)
-
-    async def _change(self, op: str, channel: str) -> None:
-        # channels-redis takes the shard's lock for each (un)subscribe: every new socket
-        # and every run subscribes, and a lock hand-off costs a pass of the event loop,
-        # tens of ms when it is busy, so a burst of new sockets queued for seconds.
-        # Here the changes made while one is written go out together, in order.
-        done = asyncio.get_running_loop().create_future()
-        self._changes.append((op, channel, done))
-        if self._changer is None or self._changer.done():
-            self._changer = asyncio.ensure_future(self._apply_changes())
-        await done
-
-    def _take_changes(self) -> list:
-        batch, self._changes = self._changes, []
-        return batch
-
-    async def _apply_changes(self) -> None:
-        await _run_batches(self._take_changes, self._send_changes)
+        await self._changes.submit("unsubscribe", channel)
 
     async def _send_changes(self, batch: list[tuple[str, str, asyncio.Future]]) -> None:
         async with self._lock:
             # Consecutive changes of one kind: one command with every channel.
-            start = 0
-            while start < len(batch):
-                op = batch[start][0]
-                end = start
-                while end < len(batch) and batch[end][0] == op:
-                    end += 1
-                await self._send_change(op, [c for _, c, _ in batch[start:end]])
-                start = end
+            for op, run in itertools.groupby(batch, key=operator.itemgetter(0)):
+                await self._send_change(op, [channel for _, channel, _ in run])
 
     async def _send_change(self, op: str, channels: list[str]) -> None:
         subscribing = op == "subscribe"
@@ -141,20 +155,9 @@ class _BatchingShard(RedisSingleShardConnection):
     async def publish(self, channel, message):
         """Send ``message`` to the Redis channel ``channel``; returns once Redis took it.
         Raises what redis-py raises for its batch (connection errors)."""
-        sent = asyncio.get_running_loop().create_future()
-        self._batch.append((channel, message, sent))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush_batches())
-        await sent
+        await self._publishes.submit(channel, message)
 
-    def _take_batch(self) -> list:
-        batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
-        return batch
-
-    async def _flush_batches(self) -> None:
-        await _run_batches(self._take_batch, self._send_batch)
-
-    async def _send_batch(self, batch: list[tuple[str, bytes, asyncio.Future]]) -> None:
+    async def _send_publishes(self, batch: list[tuple[str, bytes, asyncio.Future]]) -> None:
         self._ensure_redis()
         async with self._redis.pipeline(transaction=False) as pipe:
             for channel, message, _ in batch:
@@ -162,18 +165,11 @@ class _BatchingShard(RedisSingleShardConnection):
             await pipe.execute()
 
     async def flush(self):
-        """Cancel the flusher and the subscription changer (their waiting callers get
-        CancelledError), then what channels-redis does: stop receiving, close the
+        """Stop the batched publishes and subscription changes (their waiting callers
+        get CancelledError), then what channels-redis does: stop receiving, close the
         connections."""
-        for task in (self._flusher, self._changer):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._flusher = self._changer = None
-        for *_, waiting in self._batch + self._changes:
-            waiting.cancel()
-        self._batch, self._changes = [], []
+        await self._publishes.cancel()
+        await self._changes.cancel()
         await super().flush()
 
 

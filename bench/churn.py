@@ -445,8 +445,7 @@ def run_config(args, config: str) -> dict:
         }
     # Churn counts leaks, not capacity: a start refused as `overloaded` (a loop that
     # lags on a busy machine) would count as a client error without leaking anything.
-    env.update({"CHAT_MAX_LOOP_LAG_MS": "0", "CHAT_MAX_LOOP_BUSY_PCT": "0",
-                "CHAT_MAX_PENDING_STARTS": "0"})
+    env["CHAT_TUNING"] = json.dumps({"max_loop_lag_ms": 0, "max_pending_starts": 0})
     os.environ.update(env)
     env = dict(os.environ)
     manage = [sys.executable, "manage.py"]

@@ -311,7 +311,7 @@ def main(argv=None) -> int:
         "CHANNEL_PREFIX": prefix,
         "CHANNEL_CAPACITY": str(args.capacity),
         "CHANNEL_LAYER": args.layer,
-        "CHAT_DELTA_COALESCE_MS": str(args.coalesce_ms),
+        "CHAT_TUNING": json.dumps({"delta_coalesce_ms": args.coalesce_ms}),
     }
     os.environ.update(env)
     manage = [sys.executable, "manage.py"]

@@ -1,5 +1,5 @@
 """How many group messages per second one process publishes through the Redis pub/sub
-channel layer while its event loop is busy, stock channels-redis vs ``chat.pubsub``
+channel layer while its event loop is busy, stock channels-redis vs ``chat.channels_redis_adapter``
 (issue 11: why PostgreSQL + Redis collapsed; docs/scale.md).
 
     python -m bench.pubsub_rate --redis redis://127.0.0.1:6379/14 --prefix ovl
@@ -19,7 +19,7 @@ import time
 
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
-from chat.pubsub import BatchingPubSubChannelLayer
+from chat.channels_redis_adapter import BatchingPubSubChannelLayer
 
 
 async def _busy(stop: asyncio.Event, busy_s: float) -> None:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|")
     for busy_ms in (float(x) for x in args.busy_ms.split(",")):
         for name, cls in (("channels-redis RedisPubSubChannelLayer", RedisPubSubChannelLayer),
-                          ("chat.pubsub BatchingPubSubChannelLayer",
+                          ("chat.channels_redis_adapter BatchingPubSubChannelLayer",
                            BatchingPubSubChannelLayer)):
             rate = asyncio.run(measure(cls, args.redis, args.prefix, args.publishers,
                                        args.busy_tasks, busy_ms, args.seconds))

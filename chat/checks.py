@@ -16,16 +16,26 @@ processes behind a load balancer (docs/scale.md). Then:
   (chat.generation.providers).
 - ``chat.E004`` (``--deploy`` only): ``DEBUG`` on; it leaks settings and source in error
   pages and keeps every SQL query in memory. Django only warns (``security.W018``).
+- ``chat.W001`` (a warning): ``DEBUG`` off with the session and CSRF cookies not marked
+  ``Secure``: they travel over plain HTTP, where anyone on the path can read a login.
+  Set ``HTTPS=1`` (and ``BEHIND_PROXY=1`` behind a TLS-terminating proxy).
 
-All are Errors, so ``manage.py check --deploy`` (run it before starting the workers)
-exits non-zero.
+- ``chat.W002`` (a warning, always): a ``CHAT_*`` or ``OPENAI_*`` environment variable
+  that nothing reads (a typo, or a former setting): it would be silently ignored.
+
+All but the warnings are Errors, so ``manage.py check --deploy`` (run it before
+starting the workers) exits non-zero.
 """
+
+import difflib
+import os
 
 from django.conf import settings
 from django.core import checks
 
 from .generation.autostop import RepetitionRule
 from .generation.providers import PROVIDER_CHOICES
+from .tuning import FORMER_VARIABLES
 
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE_CHARACTERS = 5
@@ -109,7 +119,7 @@ def check_repetition_guard(app_configs=None, **kwargs):
     except ValueError as exc:
         return [checks.Error(
             f"The repetition guard's settings cannot work: {exc}.",
-            hint="See README, \"Automatic stops\", for the CHAT_REPETITION_* settings.",
+            hint="See README, \"Automatic stops\", and chat/tuning.py (CHAT_TUNING).",
             id="chat.E005",
         )]
     return []
@@ -126,3 +136,51 @@ def check_provider(app_configs=None, **kwargs):
         hint=f"One of {', '.join(PROVIDER_CHOICES)} (docs/providers.md).",
         id="chat.E006",
     )]
+
+
+@checks.register("chat")
+def check_https_cookies(app_configs=None, **kwargs):
+    """chat.W001: DEBUG off while the session or CSRF cookie may be sent over plain HTTP
+    (``SESSION_COOKIE_SECURE``/``CSRF_COOKIE_SECURE`` off, as without ``HTTPS=1``).
+    A warning, not an error: a test deployment on a private network may run plain HTTP."""
+    if settings.DEBUG or (settings.SESSION_COOKIE_SECURE and settings.CSRF_COOKIE_SECURE):
+        return []
+    return [checks.Warning(
+        "DEBUG is off but the session and CSRF cookies are sent over plain HTTP.",
+        hint="Serve the site over HTTPS and set HTTPS=1 (secure cookies, redirect to "
+        "HTTPS, HSTS); behind a TLS-terminating proxy also BEHIND_PROXY=1 "
+        "(docs/scale.md, \"Deployment\").",
+        id="chat.W001",
+    )]
+
+
+# Variables the openai SDK reads itself (openai-python's client and its logging): not
+# typos, though these settings do not read them.
+OPENAI_SDK_VARIABLES = frozenset({
+    "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_LOG", "OPENAI_CUSTOM_HEADERS",
+    "OPENAI_WEBHOOK_SECRET", "OPENAI_ADMIN_KEY", "OPENAI_API_VERSION", "OPENAI_API_TYPE",
+})
+
+
+@checks.register("chat")
+def check_unknown_variables(app_configs=None, **kwargs):
+    """chat.W002: a ``CHAT_*``/``OPENAI_*`` environment variable that neither the settings
+    (``settings.ENV_VARIABLES``: every variable chatproject/settings.py reads) nor the
+    openai SDK read, one warning each, with the setting it may have meant."""
+    known = set(getattr(settings, "ENV_VARIABLES", ())) | OPENAI_SDK_VARIABLES
+    warnings = []
+    for name in sorted(os.environ):
+        if not name.startswith(("CHAT_", "OPENAI_")) or name in known:
+            continue
+        if name in FORMER_VARIABLES:
+            hint = (f"{name} is no longer a setting: it became the tuning constant "
+                    f"{FORMER_VARIABLES[name]!r}, set with CHAT_TUNING='"
+                    f'{{"{FORMER_VARIABLES[name]}": ...}}\' (chat/tuning.py).')
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = (f"Did you mean {close[0]}? " if close else "") + (
+                "The settings are listed in README, \"Configuration\".")
+        warnings.append(checks.Warning(
+            f"The environment variable {name} is set but nothing reads it.",
+            hint=hint, id="chat.W002"))
+    return warnings

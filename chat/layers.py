@@ -4,7 +4,7 @@ Channels has no ``delete_channel()``. channels-redis's RedisPubSubChannelLayer (
 default with REDIS_URL) subscribes a Redis pub/sub channel in ``new_channel()`` and
 ``group_add()``, and unsubscribes a channel only when a ``receive()`` on it is
 cancelled *while waiting*, a group only on the ``group_discard()`` of its last local
-member (channels_redis/pubsub.py, 4.3). So a channel stays subscribed in Redis for the
+member (channels_redis/pubsub.py, 4.3.0). So a channel stays subscribed in Redis for the
 life of the process when its last ``receive()`` returned a message instead (a socket
 that disconnects while group frames arrive: issue 9, item 5, about 25 leaked per 30
 such sockets), when the task receiving on it was cancelled elsewhere (answering a
@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 
 from channels_redis.pubsub import RedisPubSubChannelLayer
+
+from .channels_redis_adapter import release_pubsub_channel
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +41,7 @@ async def release_channel(layer, channel: str | None) -> None:
 
 async def _release(layer, channel: str) -> None:
     if isinstance(layer, RedisPubSubChannelLayer):
-        # The per-event-loop layer holds the subscriptions (pubsub.py: _get_layer).
-        loop_layer = layer._get_layer()
-        loop_layer.channels.pop(channel, None)
-        for group_channel, members in list(loop_layer.groups.items()):
-            if channel in members:
-                members.discard(channel)
-                if not members:
-                    del loop_layer.groups[group_channel]
-                    await loop_layer._get_shard(group_channel).unsubscribe(group_channel)
-        await loop_layer._get_shard(channel).unsubscribe(channel)
+        await release_pubsub_channel(layer, channel)
         return
     groups = getattr(layer, "groups", None)
     channels = getattr(layer, "channels", None)

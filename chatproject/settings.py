@@ -12,12 +12,21 @@ from decimal import Decimal
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
+
+from chat.tuning import parse as parse_tuning
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+# Every environment variable these settings read (the env_* helpers add to it):
+# chat.checks warns about a CHAT_* or OPENAI_* variable set but not in here (a typo).
+ENV_VARIABLES: set[str] = set()
+
+
 def env_str(name: str, default: str = "") -> str:
     """Return the environment variable ``name`` stripped, or ``default`` when unset/empty."""
+    ENV_VARIABLES.add(name)
     value = os.environ.get(name, "").strip()
     return value or default
 
@@ -28,6 +37,7 @@ def env_bool(name: str, default: bool = False) -> bool:
     Raises ValueError for anything else, so a typo fails at start-up instead of silently
     meaning "false".
     """
+    ENV_VARIABLES.add(name)
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default
@@ -40,6 +50,7 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 def env_int(name: str, default: int) -> int:
     """Read an integer; raises ValueError naming the variable when it does not parse."""
+    ENV_VARIABLES.add(name)
     value = os.environ.get(name, "").strip()
     if not value:
         return default
@@ -51,6 +62,7 @@ def env_int(name: str, default: int) -> int:
 
 def env_float(name: str, default: float) -> float:
     """Read a float; raises ValueError naming the variable when it does not parse."""
+    ENV_VARIABLES.add(name)
     value = os.environ.get(name, "").strip()
     if not value:
         return default
@@ -63,6 +75,7 @@ def env_float(name: str, default: float) -> float:
 def env_decimal(name: str) -> Decimal | None:
     """Read a non-negative decimal amount, or None when unset; raises ValueError naming
     the variable when it does not parse or is negative."""
+    ENV_VARIABLES.add(name)
     value = os.environ.get(name, "").strip()
     if not value:
         return None
@@ -77,6 +90,7 @@ def env_decimal(name: str) -> Decimal | None:
 
 def env_list(name: str, default: list[str]) -> list[str]:
     """Read a comma-separated list, dropping empty items."""
+    ENV_VARIABLES.add(name)
     value = os.environ.get(name, "")
     if not value.strip():
         return list(default)
@@ -91,8 +105,46 @@ DEBUG = env_bool("DEBUG", True)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
+# --- HTTPS and browser security (README, "Configuration"; docs/scale.md, "Deployment") --
+# HTTPS=1: the site is served over HTTPS only. Cookies are marked Secure, plain-HTTP
+# requests are redirected to HTTPS, browsers are told by HSTS to use HTTPS only for
+# SECURE_HSTS_SECONDS (s; 0 sends no HSTS header), this domain and its subdomains, and
+# WebSocket origins are https:// ones (chat.auth.SameOriginValidator). Django's deployment
+# checklist and `manage.py check --deploy` (security.W004/W008/W012/W016) ask for these.
+HTTPS = env_bool("HTTPS", False)
+SECURE_SSL_REDIRECT = HTTPS
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_HSTS_PRELOAD = HTTPS
+# BEHIND_PROXY=1: a TLS-terminating proxy (nginx) in front of daphne sets
+# X-Forwarded-Proto, and a request is taken as HTTPS when it says "https". Set it only
+# when the proxy always sets (or strips) that header: a client could send it otherwise.
+BEHIND_PROXY = env_bool("BEHIND_PROXY", False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_PROXY else None
+# Content-Security-Policy on every response (django-csp 4 format): only this site's
+# scripts, styles, images (and data: ones), fetches and sockets, no plugins, no <base>,
+# forms post here only, no framing (as X-Frame-Options: DENY). The API's HTML pages
+# (DRF's browsable API, Swagger UI, Redoc) also get inline styles (chat.csp).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
 INSTALLED_APPS = [
-    # daphne first so that `manage.py runserver` serves the ASGI application.
+    # chat, then daphne, first: `manage.py runserver` is chat's (daphne's, serving
+    # with chatproject.server.ChatServer), and it serves the ASGI application.
+    "chat",
     "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -106,7 +158,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
-    "chat",
+    "csp",
 ]
 
 MIDDLEWARE = [
@@ -118,6 +170,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chat.csp.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "chatproject.urls"
@@ -195,8 +248,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Channel layer --------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
 # "pubsub" (default): channels-redis RedisPubSubChannelLayer publishing in batches
-# (chat.pubsub); "pubsub-plain": the stock layer, one locked round trip per message
-# (collapsed past K = 200 streams: docs/scale.md); "core": RedisChannelLayer.
+# (chat.channels_redis_adapter); "pubsub-plain": the stock layer, one locked round trip
+# per message (collapsed past K = 200 streams: docs/scale.md); "core": RedisChannelLayer.
 # Measured in docs/scale.md: the core layer pops one message per Redis round trip per
 # process and drops silently over `capacity`; pubsub lost nothing at the same load.
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
@@ -210,7 +263,8 @@ REDIS_HOST = {"address": REDIS_URL, "socket_timeout": 30}
 if REDIS_URL and CHANNEL_LAYER.startswith("pubsub"):
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": ("chat.pubsub.BatchingPubSubChannelLayer" if CHANNEL_LAYER == "pubsub"
+            "BACKEND": ("chat.channels_redis_adapter.BatchingPubSubChannelLayer"
+                        if CHANNEL_LAYER == "pubsub"
                         else "channels_redis.pubsub.RedisPubSubChannelLayer"),
             "CONFIG": {"hosts": [REDIS_HOST], "prefix": env_str("CHANNEL_PREFIX", "asgi")},
         }
@@ -308,21 +362,14 @@ OPENAI_TIMEOUT_S = env_float("OPENAI_TIMEOUT_S", 60.0)
 OPENAI_FIRST_BYTE_TIMEOUT_S = env_float("OPENAI_FIRST_BYTE_TIMEOUT_S", 20.0)
 # A stream that sends nothing for this long (s) ends the run as failed.
 CHAT_STREAM_IDLE_TIMEOUT_S = env_float("CHAT_STREAM_IDLE_TIMEOUT_S", 60.0)
-# After a run without usage, how long (s) the provider's tokenizer may take to count its
-# text (llama.cpp/vLLM POST /tokenize; issue 12); past it the usage is estimated.
-CHAT_TOKENIZE_TIMEOUT_S = env_float("CHAT_TOKENIZE_TIMEOUT_S", 2.0)
-# OpenRouter's record of a generation (GET /api/v1/generation) appears a few seconds after
-# it ends: first ask after this many s, doubling, for this long in all.
-CHAT_USAGE_LOOKUP_FIRST_DELAY_S = env_float("CHAT_USAGE_LOOKUP_FIRST_DELAY_S", 1.0)
-CHAT_USAGE_LOOKUP_WINDOW_S = env_float("CHAT_USAGE_LOOKUP_WINDOW_S", 60.0)
 OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
 # What the provider is sent and where its reasoning and usage are read
 # (chat.generation.providers, docs/providers.md): auto (from OPENAI_BASE_URL, else asked
 # of the server once), openai, vllm, ollama, llamacpp, openrouter or deepseek.
 OPENAI_PROVIDER = env_str("OPENAI_PROVIDER", "auto").strip().lower()
-CHAT_DEMO_MODE = not OPENAI_API_KEY and not OPENAI_BASE_URL
 DEMO_MODEL_NAME = "demo"
-CHAT_MODEL = env_str("CHAT_MODEL", DEMO_MODEL_NAME if CHAT_DEMO_MODE else "gpt-4o-mini")
+CHAT_MODEL = env_str("CHAT_MODEL", DEMO_MODEL_NAME if not OPENAI_API_KEY and not OPENAI_BASE_URL
+                     else "gpt-4o-mini")
 # Models a conversation may pick; the default model is always allowed.
 CHAT_MODELS = env_list("CHAT_MODELS", [CHAT_MODEL])
 if CHAT_MODEL not in CHAT_MODELS:
@@ -332,60 +379,33 @@ CHAT_SYSTEM_PROMPT = env_str("CHAT_SYSTEM_PROMPT", "You are a helpful assistant.
 # oldest message to fit CHAT_CONTEXT_TOKENS - CHAT_MAX_TOKENS.
 CHAT_CONTEXT_TOKENS = env_int("CHAT_CONTEXT_TOKENS", 16384)
 CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 1024)
+# Characters one message may have (a longer one gets an error frame / HTTP 400).
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 32000)
-# A run's upstream reader is woken this many ms after its first unread chunk, with every
-# chunk of that time, instead of once per chunk (chat.generation.netstream); 0 wakes it
-# per chunk. At 20 tokens/s a wake then carries a few tokens: one task step, one delta
-# frame and one socket write per batch instead of per token (CPU per 1000 tokens at
-# K = 200: 0.19 s per chunk, 0.12-0.15 s at 60-100 ms; docs/performance.md, "Batched
-# reads"). A stop still returns what is buffered before it closes the stream.
-CHAT_UPSTREAM_READ_TICK_MS = env_int("CHAT_UPSTREAM_READ_TICK_MS", 80)
-# Deltas are coalesced over this window (ms) instead of one frame per token; the read
-# tick above already batches a run's text, so by default a batch goes out as it is read.
-CHAT_DELTA_COALESCE_MS = env_int("CHAT_DELTA_COALESCE_MS", 0)
-# ... and sent at once, whatever the window, when this many characters are pending.
-CHAT_DELTA_MAX_CHARS = env_int("CHAT_DELTA_MAX_CHARS", 2000)
-# Frames a generation may queue for the channel layer before it waits for them to be sent.
-CHAT_OUTBOX_LIMIT = env_int("CHAT_OUTBOX_LIMIT", 64)
-# Frames one socket may have waiting (chat.generation.fanout.Inbox); past it the socket
-# drops them and resynchronises from a fresh state frame instead of holding more.
-CHAT_INBOX_LIMIT = env_int("CHAT_INBOX_LIMIT", 1000)
+# Client frames: tokens per second per socket (a user gets twice that over all their
+# sockets on one worker); a message, regenerate, edit or sync costs 5, stop nothing.
+# 0 turns the limit off (chat.ratelimit).
+CHAT_FRAME_RATE = env_float("CHAT_FRAME_RATE", 10.0)
+# Open WebSockets one user may have on one worker (0: no cap).
+CHAT_MAX_SOCKETS_PER_USER = env_int("CHAT_MAX_SOCKETS_PER_USER", 20)
 # Admission control (chat.generation.admission; docs/scale.md): new generations are
-# refused with `overloaded` (HTTP 503) when this worker runs this many (0 = no limit) ...
+# refused with `overloaded` (HTTP 503) when this worker runs this many (0 = no limit),
+# and when its event loop runs late or its starts queue up (CHAT_TUNING below).
 CHAT_MAX_STREAMS_PER_WORKER = env_int("CHAT_MAX_STREAMS_PER_WORKER", 0)
-# ... or when this many starts wait for their transaction (0 = no limit) ...
-CHAT_MAX_PENDING_STARTS = env_int("CHAT_MAX_PENDING_STARTS", 0)
-# ... or when the oldest of them has waited longer than this (ms, 0 = off) ...
-CHAT_MAX_START_WAIT_MS = env_int("CHAT_MAX_START_WAIT_MS", 2000)
-# ... or when its event loop runs late by more than this, standing, on average (ms, 0 = off)
-CHAT_MAX_LOOP_LAG_MS = env_int("CHAT_MAX_LOOP_LAG_MS", 50)
-# ... or when its event loop is busy more than this share of the time (%, 0 = off) ...
-CHAT_MAX_LOOP_BUSY_PCT = env_int("CHAT_MAX_LOOP_BUSY_PCT", 0)
-# ... and tell the client to try again after this long (ms, times 1 to 1.5 at random).
-CHAT_OVERLOAD_RETRY_MS = env_int("CHAT_OVERLOAD_RETRY_MS", 2000)
-# The streaming assistant message is written to the database at least this often (ms).
-CHAT_CHECKPOINT_MS = env_int("CHAT_CHECKPOINT_MS", 1000)
-# A `streaming` message whose heartbeat is older than this (s) belongs to a dead process.
-CHAT_LEASE_S = env_int("CHAT_LEASE_S", 15)
-# Every worker process looks for expired leases this often (s, jittered +-50%; 0 = off).
-CHAT_SWEEP_S = env_float("CHAT_SWEEP_S", 5.0)
 # Automatic stops (chat.generation.autostop; README, "Automatic stops"). Off unless set; a
 # conversation may set its own (tighter) ceilings and turn the guard on or off.
 CHAT_REPETITION_GUARD = env_bool("CHAT_REPETITION_GUARD", False)
-# The guard stops an answer when the same CHAT_REPETITION_NGRAM words in a row occur
-# more than CHAT_REPETITION_MAX_REPEATS times within its last CHAT_REPETITION_WINDOW
-# words, or the same non-empty line comes more than CHAT_REPETITION_MAX_LINE_REPEATS
-# times in a row.
-CHAT_REPETITION_NGRAM = env_int("CHAT_REPETITION_NGRAM", 8)
-CHAT_REPETITION_MAX_REPEATS = env_int("CHAT_REPETITION_MAX_REPEATS", 5)
-CHAT_REPETITION_WINDOW = env_int("CHAT_REPETITION_WINDOW", 400)
-CHAT_REPETITION_MAX_LINE_REPEATS = env_int("CHAT_REPETITION_MAX_LINE_REPEATS", 5)
 # Per-answer ceilings: USD (prompt plus answer at the model's prices) and answer tokens;
 # unset or 0: none.
 CHAT_MAX_ANSWER_USD = env_decimal("CHAT_MAX_ANSWER_USD") or None
 CHAT_MAX_ANSWER_TOKENS = env_int("CHAT_MAX_ANSWER_TOKENS", 0) or None
 if CHAT_MAX_ANSWER_TOKENS is not None and CHAT_MAX_ANSWER_TOKENS < 0:
     raise ValueError(f"CHAT_MAX_ANSWER_TOKENS={CHAT_MAX_ANSWER_TOKENS} must not be negative")
+# The streaming path's tuning constants (chat.tuning: read tick, coalescing, outbox and
+# inbox limits, start and lag limits, checkpoints and leases, the repetition guard's
+# rule, usage lookups): measured defaults, not settings; a benchmark or an unusual
+# deployment overrides them with one JSON object, e.g. CHAT_TUNING='{"read_tick_ms": 60}'.
+# An unknown name or a bad value stops the start-up with an error naming it.
+CHAT_TUNING = parse_tuning(env_str("CHAT_TUNING"))
 # Tokens per second of the built-in demo model.
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 25.0)
 
@@ -404,6 +424,12 @@ CHAT_MODEL_PRICES = {
     name: tuple(Decimal(str(price)) for price in prices[:3])
     for name, prices in (json.loads(_prices_json) if _prices_json else _DEFAULT_PRICES).items()
 }
+
+# --- Metrics (chat/metrics.py, docs/operations.md) -------------------------------------
+# GET /metrics answers only requests with `Authorization: Bearer <CHAT_METRICS_TOKEN>`;
+# unset, the endpoint answers 404 to everyone. (PROMETHEUS_MULTIPROC_DIR, for several
+# workers, is read by prometheus_client itself at import.)
+CHAT_METRICS_TOKEN = env_str("CHAT_METRICS_TOKEN", "")
 
 LOGGING = {
     "version": 1,

@@ -141,11 +141,11 @@ def _random_pieces(text, rng):
 
 
 def test_a_rule_whose_window_cannot_hold_its_repeats_is_refused_at_start_up(settings):
-    with pytest.raises(ValueError, match="WINDOW"):
+    with pytest.raises(ValueError, match="repetition_window"):
         RepetitionRule(ngram=8, max_repeats=5, window=10)
-    settings.CHAT_REPETITION_WINDOW = 10
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(repetition_window=10)
     assert [e.id for e in checks.check_repetition_guard()] == ["chat.E005"]
-    settings.CHAT_REPETITION_WINDOW = 400
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(repetition_window=400)
     assert checks.check_repetition_guard() == []
 
 

@@ -1,5 +1,5 @@
-"""Deltas are coalesced by time (CHAT_DELTA_COALESCE_MS) and by size
-(CHAT_DELTA_MAX_CHARS): a fast provider's text goes out as soon as enough of it is
+"""Deltas are coalesced by time (CHAT_TUNING.delta_coalesce_ms) and by size
+(CHAT_TUNING.delta_max_chars): a fast provider's text goes out as soon as enough of it is
 pending, without waiting for the window (issue 11, third lever)."""
 
 import uuid
@@ -14,11 +14,12 @@ ANSWER = " ".join(f"word{i}" for i in range(60))
 async def test_enough_pending_text_is_sent_at_once_without_waiting_for_the_window(
     alice, upstream, connect, settings
 ):
-    settings.CHAT_DELTA_COALESCE_MS = 60_000  # the window alone would hold every delta
-    settings.CHAT_DELTA_MAX_CHARS = 20
+    # The window alone would hold every delta.
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(delta_coalesce_ms=60_000,
+                                                        delta_max_chars=20)
     # Chunk by chunk, so the size alone cuts the deltas: with the read tick one read may
     # bring more than the cap at once, and it goes out whole, in one delta.
-    settings.CHAT_UPSTREAM_READ_TICK_MS = 0
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(read_tick_ms=0)
     upstream.answer = ANSWER
     _, _, ws = await connect(alice, uuid.uuid4())
     await ws.receive_type("state")
@@ -36,8 +37,8 @@ async def test_enough_pending_text_is_sent_at_once_without_waiting_for_the_windo
 
 
 async def test_slow_text_is_still_sent_when_the_window_ends(alice, upstream, connect, settings):
-    settings.CHAT_DELTA_COALESCE_MS = 30
-    settings.CHAT_DELTA_MAX_CHARS = 2000
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(delta_coalesce_ms=30,
+                                                        delta_max_chars=2000)
     upstream.answer = "alpha beta gamma delta"
     upstream.tokens_per_second = 10
     _, _, ws = await connect(alice, uuid.uuid4())

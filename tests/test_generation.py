@@ -67,13 +67,13 @@ async def test_cancel_while_waiting_for_slow_channel_layer_closes_upstream_at_on
     # The task is blocked on back-pressure (the outbox is full because group_send is
     # slow), not on the stream: cancelling must still close the HTTP response at once,
     # long before the queued frames and generation.end are published.
-    settings.CHAT_OUTBOX_LIMIT = 2
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(outbox_limit=2)
     upstream.tokens_per_second = 200
     layer = SlowLayer(delay=0.3)
     generation = await gen.start_generation(alice, uuid.uuid4(), "hi", layer=layer)
     await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written >= 5)
     # The run waits on the slow layer (back-pressure): its outbox is full.
-    await eventually(lambda: generation.queued_frames >= settings.CHAT_OUTBOX_LIMIT)
+    await eventually(lambda: generation.queued_frames >= settings.CHAT_TUNING.outbox_limit)
     cancelled_at = time.monotonic()
     assert generation.cancel("stop")
     request = upstream.requests[-1]
@@ -179,7 +179,7 @@ def test_prompt_refuses_a_message_larger_than_the_context(alice, settings):
 
 
 def test_stale_streaming_message_is_interrupted_with_its_usage(alice, settings):
-    settings.CHAT_LEASE_S = 15
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(lease_s=15)
     conversation = make_conversation(alice, [("user", "question")])
     message = Message.objects.create(
         conversation=conversation, role="assistant", status="streaming", model="test-model",

@@ -79,10 +79,10 @@ async def test_a_run_with_a_fresh_heartbeat_is_left_alone(alice):
 
 
 async def test_every_worker_runs_one_sweeper_per_event_loop(settings):
-    settings.CHAT_SWEEP_S = 5
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(sweep_s=5)
     first = leases.ensure_sweeper()
     assert leases.ensure_sweeper() is first and not first.done()
-    settings.CHAT_SWEEP_S = 0
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(sweep_s=0)
     assert leases.ensure_sweeper() is None
 
 

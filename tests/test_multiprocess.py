@@ -61,12 +61,13 @@ def two_servers(asgi_servers):
     env = {
         "REDIS_URL": REDIS_URL,
         "CHANNEL_PREFIX": f"mp{uuid.uuid4().hex[:10]}",
-        "CHAT_CHECKPOINT_MS": "200",
         "LOG_LEVEL": "WARNING",
     }
 
-    def start(**extra):
-        return asgi_servers(name="a", **env, **extra), asgi_servers(name="b", **env, **extra)
+    def start(**tuning):
+        # chat.tuning constants of both processes: a checkpoint every 200 ms, and these.
+        env["CHAT_TUNING"] = json.dumps({"checkpoint_ms": 200, **tuning})
+        return asgi_servers(name="a", **env), asgi_servers(name="b", **env)
 
     return start
 
@@ -186,7 +187,7 @@ async def test_a_killed_process_leaves_no_streaming_message_the_other_finishes_i
 ):
     upstream.answer = ANSWER
     upstream.tokens_per_second = 20
-    a, b = two_servers(CHAT_LEASE_S="2", CHAT_SWEEP_S="1")
+    a, b = two_servers(lease_s=2, sweep_s=1)
     on_a, on_b, message_id = await start_run_watched_from_b(a, b, open_socket)
     await on_b.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 10)
     async def checkpointed():  # at least one checkpoint (every 200 ms) saved some text

@@ -43,8 +43,7 @@ async def test_a_poisoned_answer_does_not_end_another_users_answer(
     alice, bob, upstream, connect, settings
 ):
     # Short leases, so a run that misses its heartbeats is swept within the test.
-    settings.CHAT_LEASE_S = 2
-    settings.CHAT_SWEEP_S = 0.3
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(lease_s=2, sweep_s=0.3)
     upstream.answer = answer
     _, _, healthy_ws = await connect(bob)
     await healthy_ws.receive_type("state")

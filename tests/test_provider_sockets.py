@@ -357,7 +357,7 @@ async def test_a_timeout_that_buffered_bytes_answer_does_not_become_a_cancellati
 
 async def test_the_first_token_does_not_wait_for_the_read_tick_and_the_rest_comes_in_batches(
         upstream, settings):
-    settings.CHAT_UPSTREAM_READ_TICK_MS = 400
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(read_tick_ms=400)
     upstream.answer = " ".join(f"w{i}" for i in range(12))
     upstream.tokens_per_second = 20  # one token every 50 ms
     loop = asyncio.get_running_loop()

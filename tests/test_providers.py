@@ -255,7 +255,7 @@ async def test_openrouter_generation_lookup_gives_the_true_count_of_a_stopped_ru
         dialects, settings):
     settings.OPENAI_PROVIDER = "openrouter"
     dialects.dialect = "openrouter"
-    # Slower than the read tick (CHAT_UPSTREAM_READ_TICK_MS): at 200 tokens/s the whole
+    # Slower than the read tick (CHAT_TUNING.read_tick_ms): at 200 tokens/s the whole
     # answer is written within one tick, and the run would not be stopped mid-way.
     dialects.tokens_per_second = 20
     events, meta = await run(dialects, until=lambda events: text(events) != "")

@@ -1,4 +1,4 @@
-"""chat.pubsub.BatchingPubSubChannelLayer (the default pub/sub layer): many tasks
+"""chat.channels_redis_adapter.BatchingPubSubChannelLayer (the default pub/sub layer): many tasks
 publishing at once while the event loop is busy still get every message through, each
 sender's messages in order (2000 messages within 10 s: the stock layer, one locked round
 trip per message, gets a few dozen through per second on such a loop, the collapse of
@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from chat.pubsub import BatchingPubSubChannelLayer
+from chat.channels_redis_adapter import BatchingPubSubChannelLayer
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 SENDERS, PER_SENDER = 50, 40

@@ -35,13 +35,14 @@ async def test_a_socket_that_falls_behind_its_inbox_limit_gets_a_fresh_state_not
     alice, upstream, connect, settings
 ):
     # Frames reach this process's sockets through their fan-out inbox; one that holds
-    # more than CHAT_INBOX_LIMIT frames throws them away and asks for a fresh state. At
-    # a limit of 1, the message and generation.start frames, published together, already
-    # overflow it; on the in-memory layer on every configuration, because with a Redis
-    # layer the publisher's group_send lets the socket drain its inbox between frames.
+    # more than CHAT_TUNING.inbox_limit frames throws them away and asks for a fresh
+    # state. At a limit of 1, the message and generation.start frames, published
+    # together, already overflow it; on the in-memory layer on every configuration,
+    # because with a Redis layer the publisher's group_send lets the socket drain its
+    # inbox between frames.
     # (A message lost between processes: tests/test_fanout.py.)
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    settings.CHAT_INBOX_LIMIT = 1
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(inbox_limit=1)
     upstream.answer = ANSWER
     _, _, ws = await connect(alice)
     await ws.receive_type("state")

@@ -61,8 +61,8 @@ def speaking(upstream, settings):
     upstream.reasoning_tokens = THOUGHTS
     upstream.generation_delay = 0.2
     settings.CHAT_STREAM_IDLE_TIMEOUT_S = 5
-    settings.CHAT_USAGE_LOOKUP_FIRST_DELAY_S = 0.1
-    settings.CHAT_USAGE_LOOKUP_WINDOW_S = 5
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(usage_lookup_first_delay_s=0.1,
+                                                        usage_lookup_window_s=5)
 
     def speak(dialect):
         profile, model, _, _ = DIALECTS[dialect]

@@ -90,8 +90,9 @@ class RepetitionRule:
     - or the same non-empty line (trimmed, its list marker left out) more than
       ``max_line_repeats`` times in a row (blank lines in between do not count).
 
-    Defaults (settings ``CHAT_REPETITION_NGRAM`` 8, ``..._MAX_REPEATS`` 5,
-    ``..._WINDOW`` 400, ``..._MAX_LINE_REPEATS`` 5), and why: 8 words in a row repeated
+    Defaults (``settings.CHAT_TUNING``, chat.tuning: ``repetition_ngram`` 8,
+    ``repetition_max_repeats`` 5, ``repetition_window`` 400,
+    ``repetition_max_line_repeats`` 5), and why: 8 words in a row repeated
     verbatim is a quotation or a refrain in ordinary writing, not 6 times within 400
     words (a page); a loop of a sentence of p words is caught after about 6p words
     (p up to 66 fits the window), a few hundred tokens at most, while ``max_tokens``
@@ -112,8 +113,8 @@ class RepetitionRule:
         # The window must hold max_repeats + 1 occurrences of an n-gram, even overlapping.
         if self.window < self.ngram + self.max_repeats:
             raise ValueError(
-                f"CHAT_REPETITION_WINDOW ({self.window}) must be at least "
-                f"CHAT_REPETITION_NGRAM + CHAT_REPETITION_MAX_REPEATS "
+                f"CHAT_TUNING.repetition_window ({self.window}) must be at least "
+                f"CHAT_TUNING.repetition_ngram + CHAT_TUNING.repetition_max_repeats "
                 f"({self.ngram + self.max_repeats}) words"
             )
 
@@ -121,10 +122,10 @@ class RepetitionRule:
     def from_settings(cls) -> RepetitionRule:
         """The rule of the deployment's settings (raises ValueError if they cannot work)."""
         return cls(
-            ngram=settings.CHAT_REPETITION_NGRAM,
-            max_repeats=settings.CHAT_REPETITION_MAX_REPEATS,
-            window=settings.CHAT_REPETITION_WINDOW,
-            max_line_repeats=settings.CHAT_REPETITION_MAX_LINE_REPEATS,
+            ngram=settings.CHAT_TUNING.repetition_ngram,
+            max_repeats=settings.CHAT_TUNING.repetition_max_repeats,
+            window=settings.CHAT_TUNING.repetition_window,
+            max_line_repeats=settings.CHAT_TUNING.repetition_max_line_repeats,
         )
 
 

@@ -1,6 +1,6 @@
 """Checkpoints of streaming runs: their text so far and their lease's heartbeat, for
 every run of a process in one statement (chat.generation.leases calls it every
-``CHAT_CHECKPOINT_MS``). Synchronous (call it through ``database_sync_to_async``).
+``CHAT_TUNING.checkpoint_ms``). Synchronous (call it through ``database_sync_to_async``).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _update_contents(ids: list[str], contents: dict[str, str],
     ``contents`` / ``reasonings`` (the others keep theirs). Returns the rows updated.
 
     Written as SQL, not as the ORM's ``Case(When(...))``: compiling 200 ``When`` lookups
-    cost 37 ms of CPU per checkpoint of 200 runs, every CHAT_CHECKPOINT_MS, on a worker
+    cost 37 ms of CPU per checkpoint of 200 runs, every CHAT_TUNING.checkpoint_ms, on a worker
     that also streams them (docs/performance.md, "The cost of a start"). Values go
     through the fields' own conversions, so each backend gets what the ORM would send.
     """

@@ -25,7 +25,7 @@ async def tokenized_usage(
     """``{"prompt_tokens", "completion_tokens"}`` counted by the provider's own
     tokenizer (``providers.tokenize``: llama.cpp / vLLM ``POST /tokenize``), or None when
     the profile has no tokenize endpoint, a call fails or all of them together take
-    longer than ``CHAT_TOKENIZE_TIMEOUT_S`` (then the run is estimated).
+    longer than ``CHAT_TUNING.tokenize_timeout_s`` (then the run is estimated).
 
     ``completion_tokens`` is the saved answer's count plus the saved reasoning's (each
     tokenized alone, as the engine generated them as separate parts);
@@ -41,7 +41,7 @@ async def tokenized_usage(
 
     texts = [content, reasoning, "\n".join(m.get("content") or "" for m in prompt)]
     try:
-        async with asyncio.timeout(settings.CHAT_TOKENIZE_TIMEOUT_S):
+        async with asyncio.timeout(settings.CHAT_TUNING.tokenize_timeout_s):
             answer, thought, asked = await asyncio.gather(*(count(t) for t in texts))
     except (TimeoutError, Exception):  # noqa: BLE001 - a count we cannot get is estimated
         logger.info("tokenize failed for %s; usage estimated", meta.profile, exc_info=True)
@@ -63,13 +63,13 @@ async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
     """Ask the provider for its record of ``generation_id`` until it has one, then
     replace the run's counts and cost by it (metering.apply_lookup, source
     ``reported``). OpenRouter publishes a record a few seconds after the end, so the
-    lookup is retried with a doubling delay from ``CHAT_USAGE_LOOKUP_FIRST_DELAY_S`` for
-    ``CHAT_USAGE_LOOKUP_WINDOW_S`` in all. Returns whether the record was updated.
+    lookup is retried with a doubling delay from ``CHAT_TUNING.usage_lookup_first_delay_s`` for
+    ``CHAT_TUNING.usage_lookup_window_s`` in all. Returns whether the record was updated.
     Run it as a background task of the Runtime (Runtime.spawn), which cancels it at
     shutdown."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.CHAT_USAGE_LOOKUP_WINDOW_S
-    delay = settings.CHAT_USAGE_LOOKUP_FIRST_DELAY_S
+    deadline = loop.time() + settings.CHAT_TUNING.usage_lookup_window_s
+    delay = settings.CHAT_TUNING.usage_lookup_first_delay_s
     while True:
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         try:
@@ -82,6 +82,7 @@ async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
             return await apply(message_id, usage) is not None
         if loop.time() >= deadline:
             logger.warning("no provider record of generation %s after %g s; its usage "
-                           "stays as counted", message_id, settings.CHAT_USAGE_LOOKUP_WINDOW_S)
+                           "stays as counted", message_id,
+                           settings.CHAT_TUNING.usage_lookup_window_s)
             return False
         delay *= 2

@@ -16,10 +16,10 @@ for every message. Now:
   (counted by membership), frames are sent to the group once, in an envelope that
   names their origin, and the relay hands frames of other origins to its local
   inboxes. The in-memory layer (one process by definition) is not used for frames.
-* Back-pressure stays bounded: a socket's inbox holds at most ``CHAT_INBOX_LIMIT``
+* Back-pressure stays bounded: a socket's inbox holds at most ``CHAT_TUNING.inbox_limit``
   frames; past it the inbox is emptied and the socket resynchronises (a fresh state
   frame has all the text), so a stuck socket costs neither memory nor the others'
-  time. The run itself still waits only for the layer (``CHAT_OUTBOX_LIMIT``).
+  time. The run itself still waits only for the layer (``CHAT_TUNING.outbox_limit``).
 
 Order: one publisher per run (Generation._publisher) delivers locally, then sends to
 the group; a relay receives one process's group messages in publish order. A lost
@@ -64,7 +64,7 @@ class Inbox:
     """The frames waiting for one socket. :meth:`push` never blocks (the publisher of a
     run calls it for every socket); :meth:`get` waits for the next batch.
 
-    ``limit``: frames held at most (default ``CHAT_INBOX_LIMIT``); one more empties the
+    ``limit``: frames held at most (default ``CHAT_TUNING.inbox_limit``); one more empties the
     inbox and marks the next batch ``overflowed``."""
 
     limit: int = 0
@@ -74,7 +74,7 @@ class Inbox:
     _overflowed: bool = False
 
     def __post_init__(self) -> None:
-        self.limit = self.limit or settings.CHAT_INBOX_LIMIT
+        self.limit = self.limit or settings.CHAT_TUNING.inbox_limit
 
     def push(self, frame: dict) -> None:
         """Queue ``frame`` (a server frame dict) for the socket."""

@@ -1,16 +1,16 @@
 """Leases of streaming generations, checked by every worker process.
 
 A process running a generation refreshes ``Message.heartbeat_at`` every
-``CHAT_CHECKPOINT_MS`` (:func:`checkpoint_running`, one UPDATE for all its runs, which
+``CHAT_TUNING.checkpoint_ms`` (:func:`checkpoint_running`, one UPDATE for all its runs, which
 saves their text too). When a process dies (SIGKILL, OOM, a lost machine) its
 ``streaming`` messages stop being refreshed. Every worker process runs a *sweeper*
-that, every ``CHAT_SWEEP_S`` seconds (jittered by +-50% so N workers do not sweep in
-lockstep), finishes messages whose lease (``CHAT_LEASE_S``) has expired: status
+that, every ``CHAT_TUNING.sweep_s`` seconds (jittered by +-50% so N workers do not sweep in
+lockstep), finishes messages whose lease (``CHAT_TUNING.lease_s``) has expired: status
 ``interrupted``, the last checkpointed text kept, an estimated UsageRecord, and a
 ``generation.end`` frame published to the conversation's group so open tabs (on any
 process) see the end. A message is thus finished at most
-``CHAT_LEASE_S + 1.5 * CHAT_SWEEP_S`` (+ one checkpoint) after its process died: 23.5 s
-with the defaults, well inside the 60 s the scale-out issue requires.
+``CHAT_TUNING.lease_s + 1.5 * CHAT_TUNING.sweep_s`` (+ one checkpoint) after its process
+died: 23.5 s with the defaults, well inside the 60 s the scale-out issue requires.
 
 daphne does not speak the ASGI lifespan protocol, so there is no start-up hook: the
 sweeper is started lazily, once per event loop (a service of the loop's Runtime), by
@@ -98,7 +98,7 @@ async def checkpoint_running() -> set[str]:
 async def _checkpoint_forever() -> None:
     # Runs while upstream is silent too: the lease must stay fresh (finish_stale).
     while True:
-        await asyncio.sleep(settings.CHAT_CHECKPOINT_MS / 1000)
+        await asyncio.sleep(settings.CHAT_TUNING.checkpoint_ms / 1000)
         try:
             await checkpoint_running()
         except asyncio.CancelledError:
@@ -152,7 +152,7 @@ def worker_stats(stacks: bool = False) -> dict:
 
 
 async def _sweep_forever(layer) -> None:
-    interval = float(settings.CHAT_SWEEP_S)
+    interval = float(settings.CHAT_TUNING.sweep_s)
     while True:
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))
         try:
@@ -200,9 +200,9 @@ async def _supervise(layer) -> None:
 def ensure_sweeper(layer=None) -> asyncio.Task | None:
     """Start this event loop's sweeper unless it runs already (cheap; call it freely).
 
-    Returns the task, or None when ``CHAT_SWEEP_S`` is 0 (sweeping disabled).
+    Returns the task, or None when ``CHAT_TUNING.sweep_s`` is 0 (sweeping disabled).
     """
-    if not settings.CHAT_SWEEP_S:
+    if not settings.CHAT_TUNING.sweep_s:
         return None
     return Runtime.current().ensure_service(
         "lease-sweeper", lambda: _supervise(layer or get_channel_layer())

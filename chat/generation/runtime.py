@@ -57,9 +57,6 @@ class Runtime:
         self.loop_lag_ms = 0.0
         self.loop_lag_peak_ms = 0.0
         self.lag_refusing = False
-        # ... and the smoothed share of wall time the loop was busy (%), likewise.
-        self.loop_busy_pct = 0.0
-        self.busy_refusing = False
         # Starts admitted whose transaction has not finished (service.start_generation),
         # by a token, with the loop time (s) each was admitted at and how many were
         # waiting ahead of it: insertion order is admission order, so the first is the

@@ -1,15 +1,27 @@
-"""The Redis pub/sub channel layer with batched publishing (issue 11: why PostgreSQL +
-Redis collapsed at K = 400; docs/scale.md, "Why PostgreSQL + Redis collapsed").
+"""The one module that uses channels-redis's internals (pinned: channels-redis==4.3.0 in
+requirements.txt; tests/test_channels_redis_adapter.py fails, naming the library and
+its version, when what is used here changes).
 
-channels-redis 4.3's ``RedisSingleShardConnection.publish`` holds one ``asyncio.Lock``
-per process and Redis host across a whole ``PUBLISH`` round trip, and the same lock
-guards ``SUBSCRIBE`` / ``UNSUBSCRIBE``. Every frame of every run of the process, and
-every new socket's subscriptions, therefore wait in one FIFO, one round trip each; each
-round trip needs at least one pass of the event loop to read its reply. When the loop is
-busy (hundreds of upstream streams to read), a pass takes tens of ms, so the process
-publishes a few dozen frames per second, whatever Redis could do: measured, 150-210 of
-3800-7600 tokens/s delivered at K = 200-400, with the worker's CPU spent reading
-upstream chunks that then wait in that queue.
+What it uses of channels-redis that is not its public API (the ``CHANNEL_LAYERS``
+backend and the channel-layer methods), and why:
+
+- ``RedisPubSubChannelLayer._get_layer`` (overridden), its ``_layers``, ``_args``,
+  ``_kwargs`` and ``channels_redis.utils._wrap_close``: the layer builds its
+  per-event-loop layer by class name, so using a subclass means building it here, as
+  channels-redis does.
+- ``RedisPubSubLoopLayer._shards`` (replaced by batching shards) and ``_get_shard``,
+  ``channels``, ``groups`` (:func:`release_pubsub_channel`).
+- ``RedisSingleShardConnection._lock``, ``_subscribed_to``, ``_ensure_redis``,
+  ``_ensure_receiver``, ``_pubsub``, ``_redis``: the subscription state the batched
+  (un)subscribes keep as channels-redis's own methods do.
+
+**Batched publishing** (docs/scale.md, "Why PostgreSQL + Redis collapsed").
+channels-redis's ``RedisSingleShardConnection.publish`` holds one ``asyncio.Lock`` per
+process and Redis host across a whole ``PUBLISH`` round trip, and the same lock guards
+``SUBSCRIBE`` / ``UNSUBSCRIBE``. Every frame of every run of the process, and every new
+socket's subscriptions, therefore wait in one FIFO, one round trip each; each round trip
+needs at least one pass of the event loop to read its reply, so on a busy loop the
+process publishes a few dozen frames per second, whatever Redis could do.
 
 :class:`BatchingPubSubChannelLayer` keeps channels-redis's layer as is (subscriptions,
 receiving, groups, flush) and replaces only ``publish``: callers append to the shard's
@@ -17,15 +29,14 @@ batch, and one flusher task sends everything queued since its last round trip in
 pipeline (``PUBLISH`` x n, no transaction) on a pooled connection of its own, outside
 the subscription lock. Each caller still waits until its message was sent (errors are
 raised to it) and messages of one shard go out in call order, so a run's frames keep
-their order. Cost per message: one list append and one future, instead of a lock
-hand-off and a round trip.
+their order. ``SUBSCRIBE`` / ``UNSUBSCRIBE`` are batched the same way: changes made
+while one batch is written go out in the next, in call order, consecutive ones of a
+kind in one command.
 
-``SUBSCRIBE`` / ``UNSUBSCRIBE`` are batched the same way (every new socket subscribes
-its channel and its conversation's group, every run its control channel): channels-redis
-takes the lock per call, and each hand-off of an ``asyncio.Lock`` costs a pass of the
-event loop, so on a busy loop a ramp of 300 sockets subscribed one per pass, ~30 per
-second. Changes made while one batch is written go out in the next, in call order,
-consecutive ones of a kind in one command.
+**Giving a channel back** (:func:`release_pubsub_channel`). Channels has no
+``delete_channel()``; channels-redis subscribes a channel in ``new_channel()`` and
+``group_add()`` and unsubscribes it only when a ``receive()`` on it is cancelled while
+waiting, a group only on the ``group_discard()`` of its last local member.
 """
 
 from __future__ import annotations
@@ -44,6 +55,10 @@ from channels_redis.pubsub import (
 from channels_redis.utils import _wrap_close, decode_hosts
 
 logger = logging.getLogger(__name__)
+
+# The channels-redis release whose internals this module was written against (and
+# requirements.txt pins); tests/test_channels_redis_adapter.py checks both.
+CHECKED_VERSION = "4.3.0"
 
 # Messages per pipeline at most: bounds one round trip's size (a burst after a stall).
 MAX_BATCH = 1000
@@ -193,3 +208,18 @@ class BatchingPubSubChannelLayer(RedisPubSubChannelLayer):
             self._layers[loop] = layer
             _wrap_close(self, loop)
         return layer
+
+
+async def release_pubsub_channel(layer: RedisPubSubChannelLayer, channel: str) -> None:
+    """Forget ``channel`` in this process's per-loop layer of ``layer``: leave every
+    group it is in here, and UNSUBSCRIBE it and the groups left empty. Raises what
+    redis-py raises (connection errors)."""
+    loop_layer = layer._get_layer()
+    loop_layer.channels.pop(channel, None)
+    for group_channel, members in list(loop_layer.groups.items()):
+        if channel in members:
+            members.discard(channel)
+            if not members:
+                del loop_layer.groups[group_channel]
+                await loop_layer._get_shard(group_channel).unsubscribe(group_channel)
+    await loop_layer._get_shard(channel).unsubscribe(channel)

@@ -20,8 +20,10 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from chatproject.server import SCOPE_EXTENSION
+
 from . import generation as gen
-from . import validation
+from . import ratelimit, validation
 from .dispatching import dispatch_one_pass
 from .generation import autostop, frames
 from .generation.fanout import Batch
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+# RFC 6455 section 7.4.1: "an endpoint ... received a message that violates its policy".
+CLOSE_POLICY_VIOLATION = 1008
 # A snapshot request to another process that is not answered in this time falls back to
 # the text of the last database checkpoint.
 SNAPSHOT_TIMEOUT_S = 1.0
@@ -87,6 +91,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # The conversation did not exist when this socket connected (see above).
     _owner_unverified = False
     _fallback: asyncio.Future | None = None
+    # A client's sync is being answered (on_sync).
+    _syncing = False
+    # chat.ratelimit.SocketLimits, once connect found the user.
+    limits = None
+    # The server's flow control of this connection (chatproject.server), or None under
+    # another server.
+    flow = None
 
     async def __call__(self, scope, receive, send):
         """AsyncConsumer.__call__ (channels 4.3) with a third source beside the client
@@ -95,6 +106,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         each message is handled one loop pass after it arrives (chat.dispatching)."""
         self.scope = scope
         self.inbox = gen.Inbox()
+        self.flow = (scope.get("extensions") or {}).get(SCOPE_EXTENSION)
         # The server may tear the application down (shutdown, crash of the connection)
         # without a clean websocket.disconnect: the run this socket started still stops.
         try:
@@ -109,6 +121,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 pass
         finally:
             self._cancel_own_generation("teardown")
+            if self.limits is not None:
+                self.limits.close()
             await self._unwatch()
             # After the consumer's last receive: RedisPubSubChannelLayer keeps a
             # channel subscribed whose last receive returned a message (chat.layers).
@@ -127,6 +141,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
+        try:
+            self.limits = ratelimit.open_socket(user.id)
+        except ratelimit.SocketRefused as exc:
+            await self.accept()
+            extra = {} if exc.retry_after_ms is None else {"retry_after_ms": exc.retry_after_ms}
+            await self.send_json(frames.error(exc.code, exc.detail, **extra))
+            await self.close(code=CLOSE_POLICY_VIOLATION)
+            return
         gen.leases.ensure_sweeper(self.channel_layer)
         self.sequencer = FrameSequencer()
         # Accept before the database work: daphne drops a handshake not accepted within
@@ -229,17 +251,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     # -- client frames ------------------------------------------------------------
     async def receive(self, text_data=None, bytes_data=None):
-        """One client frame: ignored unless authorized; any failure answered with an
-        ``error`` frame, never a close. The raw text is checked (size, binary) before
-        it is parsed (decode_json)."""
+        """One client frame: ignored unless authorized; dropped over the socket's or
+        user's frame rate (:meth:`_within_limits`); any failure answered with an
+        ``error`` frame, never a 1011 close. The raw text is checked (size, binary)
+        before it is parsed (decode_json)."""
         if not self.authorized:
             return
         try:
             if text_data is None:
                 raise BadFrame("bad_frame", "Frames must be JSON text.")
-            await self.receive_json(await self.decode_json(text_data))
+            frame = await self.decode_json(text_data)
+            if await self._within_limits(frame["type"]):
+                await self.receive_json(frame)
         except BadFrame as exc:
-            await self.send_json(frames.error(exc.code, exc.detail))
+            if await self._within_limits("bad_frame"):
+                await self.send_json(frames.error(exc.code, exc.detail))
         except gen.Forbidden as exc:
             await self._refuse(exc.to_frame())
         except gen.GenerationError as exc:
@@ -253,6 +279,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(
                 frames.error("internal", "The server failed to handle this frame.")
             )
+
+    async def _within_limits(self, frame_type: str) -> bool:
+        """Charge a client frame to the socket's and user's frame rates
+        (chat.ratelimit); False when it is to be dropped. Over the limit the client gets
+        a ``rate_limited`` error (at most one a second), a socket that keeps going is
+        read no more for a while, then closed with 1008."""
+        verdict = self.limits.check(frame_type)
+        if verdict is None:
+            return True
+        if verdict.close:
+            logger.warning("closing %s of user %s: frame flood", self.channel_name,
+                           self.user.id)
+            # Its run stops with the disconnect that follows, as when a tab closes.
+            self.authorized = False
+            await self._unwatch()
+            await self.close(code=CLOSE_POLICY_VIOLATION)
+            return False
+        if verdict.notify:
+            await self.send_json(frames.error(
+                "rate_limited", "Too many frames; this one was dropped. Try again in "
+                f"{verdict.retry_after_ms} ms.", retry_after_ms=verdict.retry_after_ms))
+        if verdict.pause_s and self.flow is not None:
+            self.flow.pause_reading_for(verdict.pause_s)
+        return verdict.handle
 
     @classmethod
     async def encode_json(cls, content):
@@ -333,8 +383,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def on_sync(self, frame):
-        """Resend the ``state`` frame (a client that detected a gap in seq asks this)."""
-        await self._resync()
+        """Resend the ``state`` frame (a client that detected a gap in seq asks this).
+        At most one is pending per socket: a ``sync`` while a state is being prepared,
+        or while the client has not read what was sent (its transport's buffer is
+        full), is a no-op: that state, or what is waiting, reaches it first."""
+        if self._syncing or (self.flow is not None and self.flow.write_blocked):
+            return
+        self._syncing = True
+        try:
+            await self._resync()
+        finally:
+            self._syncing = False
 
     # -- group frames -------------------------------------------------------------
     async def dispatch(self, message):
@@ -357,7 +416,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not self.authorized:
             return
         if batch.overflowed:
-            # This socket fell CHAT_INBOX_LIMIT frames behind; they were dropped.
+            # This socket fell CHAT_TUNING.inbox_limit frames behind; they were dropped.
             logger.warning("inbox overflow on %s: resynchronising", self.channel_name)
             await self._resync()
         for frame in batch.frames:

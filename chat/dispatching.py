@@ -1,13 +1,18 @@
 """A consumer's dispatch loop that handles each message one event-loop pass after it
-arrives (issue 11: stop and first-token latency, CPU per token).
+arrives.
 
 Channels' ``await_many_dispatch`` keeps a task per source (the client's messages, the
 layer channel, here also the fan-out inbox) and waits on them with ``asyncio.wait``: a
 message wakes its source's task, whose end wakes ``asyncio.wait``, which wakes the
-consumer: three passes, and two tasks made, per message. On a loop busy with 300
-streams a pass takes tens of ms, so a ``stop`` reached its handler 30-120 ms after it
-arrived (docs/performance.md). :func:`dispatch_one_pass` has the server's queue and the
-inbox set one ``asyncio.Event`` instead: one pass, no task per message.
+consumer: three passes, and two tasks made, per message. On a loop busy with hundreds
+of streams a pass takes tens of ms, and a ``stop`` waited that long for its handler.
+:func:`dispatch_one_pass` has the server's queue and the inbox set one
+``asyncio.Event`` instead: one pass, no task per message.
+
+The server's queue can ring that event when it is this project's
+:class:`chatproject.server.InboundQueue` (``python -m chatproject.server`` and
+``manage.py runserver``); under another server (plain ``daphne``, the test
+communicator) Channels' loop does the work.
 """
 
 from __future__ import annotations
@@ -18,16 +23,16 @@ from collections.abc import Awaitable, Callable
 
 from channels.utils import await_many_dispatch
 
+from chatproject.server import InboundQueue
+
 from .generation.fanout import Inbox
 
 
-def queue_of(receive) -> asyncio.Queue | None:
-    """The ``asyncio.Queue`` whose ``get`` is the ASGI ``receive`` callable (daphne's
-    and asgiref's test communicator's are), else None."""
+def queue_of(receive) -> InboundQueue | None:
+    """The :class:`InboundQueue` whose ``get`` is the ASGI ``receive`` callable, else
+    None."""
     queue = getattr(receive, "__self__", None)
-    if isinstance(queue, asyncio.Queue) and getattr(receive, "__func__", None) is asyncio.Queue.get:
-        return queue
-    return None
+    return queue if isinstance(queue, InboundQueue) else None
 
 
 async def dispatch_one_pass(receive, channel_receive: Callable[[], Awaitable[dict]],
@@ -37,21 +42,14 @@ async def dispatch_one_pass(receive, channel_receive: Callable[[], Awaitable[dic
     per source, the client's first, until ``dispatch`` raises (StopConsumer ends a
     consumer). The server's queue and the inbox wake it through ``inbox.ready``; the
     layer channel (snapshot replies from other processes: rare) keeps a task whose end
-    does the same. Under a server whose ``receive`` is not an ``asyncio.Queue``'s
-    ``get``, Channels' ``await_many_dispatch`` does the work as before."""
+    does the same."""
     client = queue_of(receive)
     if client is None:
         return await await_many_dispatch([receive, channel_receive, inbox.get], dispatch)
     bell = inbox.ready
-    put_nowait = client.put_nowait
-
-    def put_and_ring(message) -> None:
-        put_nowait(message)
+    client.listener = bell
+    if not client.empty():
         bell.set()
-
-    # The server calls put_nowait (asyncio.Queue.put does too): an instance attribute,
-    # so only this connection's queue rings this consumer's bell.
-    client.put_nowait = put_and_ring
     channel = None
     try:
         while True:
@@ -74,6 +72,7 @@ async def dispatch_one_pass(receive, channel_receive: Callable[[], Awaitable[dic
                 continue
             await bell.wait()
     finally:
+        client.listener = None
         if channel is not None:
             channel.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -121,14 +121,6 @@ def fresh_channel_layer():
     channel_layers.backends.clear()
 
 
-@pytest.fixture(autouse=True)
-def no_busy_signal_in_process(settings):
-    """In-process tests run the server and its clients on one event loop, so the loop's
-    busy share is not the server's: admission control's busy signal is off here
-    (tests/test_overload.py turns it on; live servers keep the default)."""
-    settings.CHAT_MAX_LOOP_BUSY_PCT = 0
-
-
 # --- users ----------------------------------------------------------------------------
 @pytest.fixture
 def alice(django_user_model):
@@ -166,7 +158,7 @@ def upstream(settings):
     settings.OPENAI_API_KEY = "test-key-not-secret"
     settings.OPENAI_MAX_RETRIES = 0
     settings.CHAT_MODEL = "test-model"
-    settings.CHAT_CHECKPOINT_MS = 200
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(checkpoint_ms=200)
     yield server
     server.stop_thread()
 
@@ -255,6 +247,42 @@ async def close_left_open(sockets: list[ChatSocket]) -> None:
                 pass
 
 
+class _TransportStub:
+    """What chatproject.server.FlowControl asks of a Twisted transport when it pauses
+    reading; in process there is no socket to pause."""
+
+    def pauseProducing(self):  # noqa: N802 - Twisted's interface
+        pass
+
+    def resumeProducing(self):  # noqa: N802
+        pass
+
+
+class _ProtocolStub:
+    transport = _TransportStub()
+
+
+def server_queue():
+    """A connection's queue as chatproject.server's ChatServer makes it."""
+    from chatproject.server import FlowControl, InboundQueue
+
+    return InboundQueue(FlowControl(_ProtocolStub()))
+
+
+class ServerCommunicator(WebsocketCommunicator):
+    """A WebsocketCommunicator whose input queue is the one ChatServer gives each
+    connection (asgiref's ``input_queue`` property), so the consumer dispatches as it
+    does under the live server."""
+
+    _server_queue = None
+
+    @property
+    def input_queue(self):
+        if self._server_queue is None:
+            self._server_queue = server_queue()
+        return self._server_queue
+
+
 @pytest.fixture
 async def connect():
     """``await connect(user, conversation_id)`` -> (connected, close_code, ChatSocket);
@@ -272,7 +300,7 @@ async def connect():
             cookie = cookie or await sync_to_async(session_cookie)(user)
         if cookie:
             headers.append((b"cookie", cookie.encode()))
-        communicator = WebsocketCommunicator(
+        communicator = ServerCommunicator(
             application, f"/ws/conversations/{conversation_id}/", headers=headers
         )
         connected, code = await communicator.connect(timeout=5)

@@ -36,7 +36,8 @@ def test_database_env() -> dict[str, str]:
 
 
 class LiveServer:
-    """``daphne chatproject.asgi:application`` on 127.0.0.1:<free port>.
+    """``python -m chatproject.server chatproject.asgi:application`` (daphne with flow
+    control) on 127.0.0.1:<free port>.
 
     ``env`` adds/overrides environment variables (OPENAI_BASE_URL of the test upstream,
     REDIS_URL, ...). Its output goes to ``log_path``.
@@ -70,7 +71,7 @@ class LiveServer:
         self.log_path.parent.mkdir(exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+            [sys.executable, "-m", "chatproject.server", "-b", "127.0.0.1", "-p", str(self.port),
              "chatproject.asgi:application"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )

@@ -1,6 +1,7 @@
 """A consumer's dispatch loop (chat.dispatching): every message of the client, the
 fan-out inbox and the layer channel reaches the consumer, in order per source, under
-daphne's queue (one loop pass per message) and under any other ASGI server."""
+this project's server's queue (one loop pass per message) and under any other ASGI
+server."""
 
 import asyncio
 
@@ -9,6 +10,7 @@ from channels.exceptions import StopConsumer
 
 from chat.dispatching import dispatch_one_pass
 from chat.generation.fanout import Batch, Inbox
+from tests.conftest import server_queue
 
 
 async def _dispatch_until(receive, inbox, channel_receive, feed, count):
@@ -27,11 +29,10 @@ async def _dispatch_until(receive, inbox, channel_receive, feed, count):
     return got
 
 
-@pytest.mark.parametrize("server", ["daphne-like queue", "another server"])
+@pytest.mark.parametrize("server", ["this project's server", "another server"])
 async def test_every_message_of_every_source_is_dispatched_in_order(server):
-    queue = asyncio.Queue()
-    # Another server's receive is any coroutine function, not a queue's bound get.
-    receive = queue.get if server == "daphne-like queue" else (lambda: queue.get())
+    queue = server_queue() if server == "this project's server" else asyncio.Queue()
+    receive = queue.get
     inbox = Inbox(limit=100)
     replies = asyncio.Queue()
 
@@ -51,7 +52,7 @@ async def test_every_message_of_every_source_is_dispatched_in_order(server):
 
 
 async def test_a_client_message_is_handled_one_loop_pass_after_it_arrives():
-    queue = asyncio.Queue()
+    queue = server_queue()
     inbox = Inbox(limit=100)
     handled = asyncio.Event()
 

@@ -164,6 +164,9 @@ def _not_json(text: str) -> bool:
 @pytest.fixture
 def limits(settings):
     settings.CHAT_MAX_MESSAGE_CHARS = MAX_CHARS
+    # Frames are thrown faster than any rate a person may send (tests/test_flood.py has
+    # the limits); the rule here is about each frame's answer.
+    settings.CHAT_FRAME_RATE = 0
 
 
 @pytest.fixture
@@ -232,8 +235,9 @@ async def test_no_bad_frame_closes_the_socket_each_gets_an_error_and_nothing_sav
 
 
 async def test_a_flood_of_bad_frames_is_answered_frame_by_frame(
-    alice, upstream, connect, saved_conversation
+    alice, upstream, connect, saved_conversation, settings
 ):
+    settings.CHAT_FRAME_RATE = 0  # the frame rate limits: tests/test_flood.py
     before = await sync_to_async(everything_saved)()
     _, _, ws = await connect(alice, saved_conversation.id)
     await ws.receive_type("state")

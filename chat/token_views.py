@@ -1,11 +1,13 @@
 """The page where a user creates and revokes personal API tokens (``/settings/tokens/``).
 
 Plain server-rendered forms (POST with CSRF); the key of a new token is rendered once,
-in the answer to the POST that created it, and never stored.
+in the answer to the POST that created it, and never stored. The page is sent with
+``Cache-Control: no-store`` (``never_cache``) so no browser or proxy cache keeps a key.
 """
 
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
 
 from .models import ApiToken
@@ -13,6 +15,7 @@ from .models import ApiToken
 MAX_NAME = ApiToken._meta.get_field("name").max_length
 
 
+@never_cache
 @login_required
 @require_http_methods(["GET", "POST"])
 def tokens(request):

@@ -30,7 +30,7 @@ from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import (
     SpectacularAPIView,
     SpectacularRedocView,
-    SpectacularSwaggerView,
+    SpectacularSwaggerSplitView,
 )
 
 JSON_SCHEMA_URL = format_lazy("{}?format=json", reverse_lazy("api:schema"))
@@ -61,9 +61,11 @@ class SchemaView(SpectacularAPIView):
         return super().get(request, *args, **kwargs)
 
 
-class SwaggerView(SpectacularSwaggerView):
+class SwaggerView(SpectacularSwaggerSplitView):
     """``/api/docs/``: Swagger UI (offline, from drf-spectacular-sidecar) on the JSON
-    schema."""
+    schema; its start-up script is served from ``/api/docs/?script``, not inline, so the
+    Content-Security-Policy (``script-src 'self'``) lets it run (drf-spectacular's
+    split view, meant for CSP)."""
 
     url = JSON_SCHEMA_URL
 

@@ -121,7 +121,9 @@ class UpstreamServer:
 
     ``tokens_per_second`` paces content chunks; ``answer`` maps the request's messages
     to the answer text; ``fail_status`` answers every completion request with that HTTP
-    status and an OpenAI-style error body; ``drop_after`` aborts the TCP connection after
+    status and an OpenAI-style error body whose message is ``fail_message``;
+    ``split`` (text -> list of chunk texts, default :func:`split_tokens`) cuts the
+    answer into content chunks; ``drop_after`` aborts the TCP connection after
     that many content chunks; ``response_delay`` (s) waits before the response headers
     (a slow provider); ``fault`` (one of :data:`FAULTS`, None for none) misbehaves the
     way it names, mid-stream ones after ``fault_after`` content chunks, ``rate_limited``
@@ -140,6 +142,7 @@ class UpstreamServer:
         tokens_per_second: float = 25.0,
         answer: Callable[[list[dict]], str] | str = demo_answer,
         fail_status: int | None = None,
+        fail_message: str = "upstream failure (test)",
         drop_after: int | None = None,
         response_delay: float = 0.0,
         model: str = "demo",
@@ -156,6 +159,7 @@ class UpstreamServer:
         self.tokens_per_second = tokens_per_second
         self.answer = answer
         self.fail_status = fail_status
+        self.fail_message = fail_message
         self.drop_after = drop_after
         self.response_delay = response_delay
         self.model = model
@@ -335,7 +339,7 @@ class UpstreamServer:
             await self._send_json(
                 writer,
                 self.fail_status,
-                {"error": {"message": "upstream failure (test)", "type": "server_error"}},
+                {"error": {"message": self.fail_message, "type": "server_error"}},
             )
             return True
         rejected = dialect_rejection(self.dialect, request_body)
@@ -353,7 +357,7 @@ class UpstreamServer:
         body = record.body
         messages = body.get("messages") or []
         text = self.answer(messages) if callable(self.answer) else str(self.answer)
-        tokens = split_tokens(text)
+        tokens = self.split(text)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         finish_reason = "stop"
         if max_tokens and len(tokens) > int(max_tokens):

@@ -105,10 +105,10 @@ class MessageQuerySet(models.QuerySet):
         return self.filter(status=Message.Status.STREAMING)
 
     def stale(self, now=None):
-        """Streaming messages whose heartbeat is older than ``CHAT_LEASE_S``: the process
+        """Streaming messages whose heartbeat is older than ``CHAT_TUNING.lease_s``: the process
         that ran them is gone."""
         now = now or timezone.now()
-        cutoff = now - timezone.timedelta(seconds=settings.CHAT_LEASE_S)
+        cutoff = now - timezone.timedelta(seconds=settings.CHAT_TUNING.lease_s)
         return self.streaming().filter(Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True))
 
 
@@ -154,6 +154,12 @@ class Message(models.Model):
     worker = models.CharField(max_length=100, blank=True)
     # Set when a regenerate or an edit replaced this message; kept for the record.
     superseded = models.BooleanField(default=False)
+    # What a streaming answer may still use of its user's quotas (chat.generation.budgets):
+    # its prompt estimate plus its own completion-token ceiling, in tokens, and that
+    # priced at its model's prices when it started, in USD (null: not priced, the user
+    # had no quota then). Set when the run is prepared; counted while it streams.
+    reserved_tokens = models.PositiveIntegerField(default=0)
+    reserved_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
 
     objects = MessageQuerySet.as_manager()
 

@@ -4,11 +4,15 @@ Two kinds of limit, both set per user in the admin:
 
 * **Quotas**: tokens and/or USD per UTC day and per UTC month. What the user used in
   the period (the sum of their ``UsageRecord`` rows since the period started), plus what
-  their generations still running may use, plus what the new request may use (its
-  prompt tokens plus the requested ``max_tokens``, priced at today's unit prices), must
-  fit the limit. The request is counted at its maximum because the answer's length is
-  not known before it is generated; the record written at the end holds what it really
-  used. An empty limit is unlimited.
+  their generations still running may use, plus what the new request may use, must fit
+  the limit. A run is counted at its maximum, its *reservation* (:class:`Reservation`:
+  its prompt tokens plus its own completion-token ceiling, priced at its model's unit
+  prices), because the answer's length is not known before it is generated. The
+  reservation is stored on the run's assistant row (``Message.reserved_tokens`` /
+  ``reserved_usd``) when it starts, and the check sums those of the user's running rows,
+  so a run with a large ceiling keeps holding it while a later run with a small one
+  asks. The record written at the end holds what it really used, in the same
+  transaction that ends the row's ``streaming`` status. An empty limit is unlimited.
 * **Concurrency**: at most ``max_concurrent`` generations of the user stream at once,
   across every tab and server process (1 for users without a ``UserBudget`` row). It
   counts the user's assistant messages with status ``streaming`` whose lease is fresh
@@ -28,14 +32,13 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import Q, Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from .. import accounting
 from ..models import Message, UsageRecord, UserBudget
 from ..money import format_usd
 from .errors import ConcurrencyLimit, QuotaExceeded
-from .prompt import prompt_for_estimate
 
 UTC = dt.UTC
 # Quota fields of UserBudget, in the order they are reported.
@@ -106,25 +109,56 @@ def running(user, now: dt.datetime | None = None):
     """The user's assistant messages that are streaming now, in any conversation and
     process (stale ones, whose process stopped heartbeating, are left out)."""
     now = now or timezone.now()
-    cutoff = now - dt.timedelta(seconds=settings.CHAT_LEASE_S)
+    cutoff = now - dt.timedelta(seconds=settings.CHAT_TUNING.lease_s)
     return Message.objects.streaming().filter(
         conversation__owner=user, role=Message.Role.ASSISTANT, heartbeat_at__gte=cutoff
     )
 
 
-def reserved(messages, max_tokens: int) -> tuple[int, Decimal]:
-    """Tokens and USD that running generations may still use: their prompt (estimated
-    from the history before them, as ``finish_stale`` does) plus ``max_tokens`` each.
-    They have no UsageRecord until they end, so without this a user allowed several
-    concurrent generations could start them all against the same remainder."""
-    tokens, usd = 0, Decimal(0)
-    for message in messages.select_related("conversation"):
-        prompt = accounting.count_prompt_tokens(
-            prompt_for_estimate(message.conversation, before=message.created_at)
-        )
-        tokens += prompt + max_tokens
-        usd += accounting.cost_usd(prompt, max_tokens, accounting.unit_prices(message.model))
-    return tokens, usd
+@dataclass(frozen=True)
+class Reservation:
+    """What one run may use of its user's quotas until its UsageRecord is written.
+
+    ``tokens``: its prompt tokens (estimated) plus its completion-token ceiling (the
+    request's ``max_tokens``, or the lower bound of an automatic stop); ``usd``: those
+    tokens at its model's unit prices when it started, None when they were not priced
+    (its user had no quota; pricing costs a start a query). Stored on the run's
+    assistant row (``Message.reserved_tokens``, ``Message.reserved_usd``)."""
+
+    tokens: int
+    usd: Decimal | None
+
+
+@dataclass(frozen=True)
+class Held:
+    """The user's running generations (see :func:`running`): how many, and the sum of
+    their reservations: ``tokens``, ``usd`` of the priced ones, and ``unpriced_tokens``
+    (the tokens of those stored without a USD amount)."""
+
+    count: int = 0
+    tokens: int = 0
+    usd: Decimal = Decimal(0)
+    unpriced_tokens: int = 0
+
+    def usd_at(self, prices: tuple[Decimal, Decimal]) -> Decimal:
+        """USD they hold, the unpriced tokens counted at the dearer of ``prices`` (USD
+        per 1M input, output tokens): an upper bound of what they may cost."""
+        dearer = max(prices[0], prices[1])
+        extra = Decimal(self.unpriced_tokens) * dearer / accounting.MILLION
+        return self.usd + extra.quantize(Decimal("0.00000001"))
+
+
+def held(user, now: dt.datetime | None = None) -> Held:
+    """Count and sum the reservations of the user's running generations, in one
+    aggregate query over the stored ``reserved_*`` fields (nothing is re-estimated)."""
+    totals = running(user, now).aggregate(
+        count=Count("id"),
+        tokens=Sum("reserved_tokens"),
+        usd=Sum("reserved_usd"),
+        unpriced=Sum("reserved_tokens", filter=Q(reserved_usd__isnull=True)),
+    )
+    return Held(count=totals["count"] or 0, tokens=totals["tokens"] or 0,
+                usd=totals["usd"] or Decimal(0), unpriced_tokens=totals["unpriced"] or 0)
 
 
 def lock_user(user) -> UserBudget | None:
@@ -148,16 +182,23 @@ def check(
     model: str | None = None,
     now: dt.datetime | None = None,
     budget=READ,
-) -> None:
-    """Refuse a generation that the user's budget does not allow.
+    prices: tuple[Decimal, Decimal] | None = None,
+) -> Reservation:
+    """Refuse a generation that the user's budget does not allow; return the
+    :class:`Reservation` of an allowed one, to store on its assistant row.
 
-    ``prompt_tokens`` and ``max_tokens`` are tokens; ``model`` prices them (USD limits;
-    default ``settings.CHAT_MODEL``); ``now`` is for tests. Must run inside the
-    transaction that creates the assistant row: it first locks the user's row
-    (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite's IMMEDIATE transactions already
-    serialise writers), so two starts of the same user in different conversations or
-    processes are checked one after the other and the second sees the first's
-    ``streaming`` row. Raises RuntimeError when called outside a transaction.
+    ``prompt_tokens`` and ``max_tokens`` (the run's own completion ceiling) are tokens;
+    ``model`` prices them (USD limits; default ``settings.CHAT_MODEL``) unless
+    ``prices`` (USD per 1M input, output tokens of that model) is given; ``now`` is for
+    tests. Must run inside the transaction that creates the assistant row: it first
+    locks the user's row (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite's
+    IMMEDIATE transactions already serialise writers), so two starts of the same user in
+    different conversations or processes are checked one after the other and the second
+    sees the first's ``streaming`` row with its reservation. Raises RuntimeError when
+    called outside a transaction.
+
+    The reservation's ``usd`` is None when nothing needed pricing (no quota set and no
+    ``prices`` given): a start of a user without quotas costs no price lookup.
 
     Raises:
         ConcurrencyLimit: ``max_concurrent`` generations are already streaming. The
@@ -181,8 +222,9 @@ def check(
     if budget is READ:
         budget = lock_user(user)
     limit = budget.max_concurrent if budget is not None else DEFAULT_MAX_CONCURRENT
-    in_flight = running(user, now)
-    count = in_flight.count()
+    # One query: the count the concurrency limit needs and the reservations the quotas do.
+    in_flight = held(user, now)
+    count = in_flight.count
     if count >= limit:
         raise ConcurrencyLimit(
             f"You already have {count} answer{'s' if count != 1 else ''} being generated "
@@ -190,18 +232,19 @@ def check(
             limit=limit,
             running=count,
         )
-    if budget is None or all(getattr(budget, f) is None for f in QUOTA_FIELDS):
-        return
-    model = model or settings.CHAT_MODEL
     requested_tokens = prompt_tokens + max_tokens
-    requested_usd = accounting.cost_usd(prompt_tokens, max_tokens, accounting.unit_prices(model))
+    if budget is None or all(getattr(budget, f) is None for f in QUOTA_FIELDS):
+        usd = None if prices is None else accounting.cost_usd(prompt_tokens, max_tokens, prices)
+        return Reservation(requested_tokens, usd)
+    prices = prices or accounting.unit_prices(model or settings.CHAT_MODEL)
+    requested_usd = accounting.cost_usd(prompt_tokens, max_tokens, prices)
     periods = Periods.at(now)
     past = used(user, periods)
-    held_tokens, held_usd = reserved(in_flight, max_tokens) if count else (0, Decimal(0))
+    held_usd = in_flight.usd_at(prices)
     usage = Usage(
-        tokens_day=past.tokens_day + held_tokens,
+        tokens_day=past.tokens_day + in_flight.tokens,
         usd_day=past.usd_day + held_usd,
-        tokens_month=past.tokens_month + held_tokens,
+        tokens_month=past.tokens_month + in_flight.tokens,
         usd_month=past.usd_month + held_usd,
     )
     remaining, exceeded = {}, []
@@ -215,7 +258,7 @@ def check(
         if need > left:
             exceeded.append(field)
     if not exceeded:
-        return
+        return Reservation(requested_tokens, requested_usd)
     resets_at = periods.month_end if any(f.endswith("month") for f in exceeded) else periods.day_end
     first = exceeded[0]
     unit = "tokens" if first.startswith("tokens") else "USD"

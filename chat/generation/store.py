@@ -117,14 +117,34 @@ def _lock_conversation(user, conversation_id, *, create: dict | None,
     return conversation, created
 
 
+def _refuse_other_settings(conversation: Conversation, create: dict | None) -> None:
+    """A message to an existing conversation may repeat its ``model`` and
+    ``system_prompt`` but not change them: they are set when the conversation is created
+    and changed with ``PATCH /api/conversations/{id}/``, so a different one would be
+    silently ignored. Raises InvalidRequest then; an empty or absent value is no
+    request and passes."""
+    create = create or {}
+    model = create.get("model")
+    if model and model != (conversation.model or settings.CHAT_MODEL):
+        raise InvalidRequest(
+            f"This conversation uses the model {conversation.model or settings.CHAT_MODEL!r}; "
+            "change it in the conversation's settings, not with a message.")
+    prompt = (create.get("system_prompt") or "").strip()
+    if prompt and prompt != conversation.system_prompt.strip():
+        raise InvalidRequest(
+            "This conversation has another system prompt; change it in the "
+            "conversation's settings, not with a message.")
+
+
 def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int,
-                 *, budget=budgets.READ) -> None:
-    """Per-user budgets (see chat.generation.budgets): raises QuotaExceeded or
-    ConcurrencyLimit. ``budget``: the user's UserBudget (or None) when the caller
-    already locked the user and read it (budgets.lock_user)."""
-    budgets.check(
+                 *, budget=budgets.READ, prices=None) -> budgets.Reservation:
+    """Per-user budgets (see chat.generation.budgets): the run's reservation, or raises
+    QuotaExceeded or ConcurrencyLimit. ``budget``: the user's UserBudget (or None) when
+    the caller already locked the user and read it (budgets.lock_user); ``prices``: the
+    model's unit prices when already looked up."""
+    return budgets.check(
         user, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-        model=conversation.model or settings.CHAT_MODEL, budget=budget,
+        model=conversation.model or settings.CHAT_MODEL, budget=budget, prices=prices,
     )
 
 
@@ -151,7 +171,7 @@ def _finish_stale_or_refuse(conversation: Conversation) -> list[dict]:
     streaming = list(conversation.messages.streaming().values_list("heartbeat_at", flat=True))
     if not streaming:
         return []
-    cutoff = timezone.now() - timezone.timedelta(seconds=settings.CHAT_LEASE_S)
+    cutoff = timezone.now() - timezone.timedelta(seconds=settings.CHAT_TUNING.lease_s)
     # The same test as MessageQuerySet.stale: no heartbeat, or one older than the lease.
     stale_ends = (finish_stale(conversation_id=conversation.id)
                   if any(beat is None or beat < cutoff for beat in streaming) else [])
@@ -187,6 +207,8 @@ def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
                                                    now=now)
         if conversation is None:
             raise InvalidRequest("This conversation has no messages yet.")
+        if not created:
+            _refuse_other_settings(conversation, create)
         # Created by this transaction: no messages, no runs, title and updated_at set.
         stale_ends = [] if created else _finish_stale_or_refuse(conversation)
         user_message, title_text = ask(conversation, now)
@@ -207,12 +229,15 @@ def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
         # only what the answer may cost before it is stopped.
         stops = AutoStop.for_run(user, conversation, model=model, prompt_tokens=prompt_tokens,
                                  budget=budget)
-        check_budget(user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS),
-                     budget=budget)
+        # The run's own reservation is stored on its row: later starts count it.
+        reservation = check_budget(
+            user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS),
+            budget=budget, prices=stops.ceiling.prices if stops.ceiling else None)
         assistant = Message(
             conversation=conversation, role=Message.Role.ASSISTANT, content="",
             status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
-            heartbeat_at=now, worker=WORKER_ID,
+            heartbeat_at=now, worker=WORKER_ID, reserved_tokens=reservation.tokens,
+            reserved_usd=reservation.usd,
         )
         Message.objects.bulk_create([m for m in (user_message, assistant) if m is not None])
     return PreparedRun(
@@ -341,7 +366,7 @@ def finish_stale(conversation_id=None) -> list[dict]:
         )
         logger.warning(
             "generation %s interrupted: %s (lease %s s), worker %s%s",
-            message.id, silence, settings.CHAT_LEASE_S, message.worker or "unknown",
+            message.id, silence, settings.CHAT_TUNING.lease_s, message.worker or "unknown",
             " (this process)" if message.worker == WORKER_ID else "",
         )
     return ends
@@ -375,23 +400,45 @@ checkpoint_many = checkpoints.checkpoint_many
 
 
 # --- a socket's start-up state -----------------------------------------------------------
+# Messages read per query by load_state, newest first: a usual conversation in one.
+STATE_BATCH = 100
+
+
 def load_state(user, conversation_id) -> dict:
     """What a newly connected socket needs: ``{"conversation": dict or None,
-    "messages": [dict, ...], "streaming": dict or None}`` (the visible messages, and
-    the streaming assistant message if any, as saved at the last checkpoint). Two
-    queries whatever the number of messages. Raises Forbidden for another user's
-    conversation."""
+    "messages": [dict, ...], "streaming": dict or None, "has_more": bool}``: the latest
+    visible messages, oldest first, as far as they may fit a state frame
+    (``frames.STATE_BUDGET_BYTES``, counted at one byte per character, a lower bound
+    of their JSON size, so frames.state has all it can send), ``has_more`` when older
+    ones were left unread, and the streaming assistant message if any, as saved at the
+    last checkpoint. Two queries for a conversation of up to STATE_BATCH messages
+    whatever their size. Raises Forbidden for another user's conversation."""
     conversation = Conversation.objects.filter(id=conversation_id).first()
     if conversation is None:
-        return {"conversation": None, "messages": [], "streaming": None}
+        return {"conversation": None, "messages": [], "streaming": None, "has_more": False}
     if conversation.owner_id != user.id:
         raise Forbidden("This conversation belongs to someone else.")
-    messages = list(
-        conversation.messages.visible().select_related("usage").order_by("created_at")
-    )
+    newest_first = (conversation.messages.visible().select_related("usage")
+                    .order_by("-created_at", "-id"))
+    messages: list[Message] = []
+    chars, has_more = 0, False
+    while not has_more:
+        batch = list(newest_first[len(messages):len(messages) + STATE_BATCH])
+        for message in batch:
+            if chars > frames.STATE_BUDGET_BYTES:
+                has_more = True
+                break
+            messages.append(message)
+            chars += len(message.content) + len(message.reasoning)
+        if len(batch) < STATE_BATCH:
+            break
+    messages.reverse()
     streaming = next((m for m in messages if m.status == Message.Status.STREAMING), None)
+    if streaming is None and has_more:
+        streaming = conversation.messages.visible().streaming().first()
     return {
         "conversation": conversation.to_dict(),
         "messages": [m.to_dict() for m in messages],
         "streaming": streaming.to_dict() if streaming else None,
+        "has_more": has_more,
     }

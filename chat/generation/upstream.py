@@ -7,13 +7,15 @@ response's bytes are read here (chat.generation.sse) and each chunk parsed with 
 into a :class:`StreamEvent` (:func:`_read_chunk`), with no SDK object per chunk.
 
 Provider output is untrusted input: text is cleaned here (:func:`clean_provider_text`),
-usage counts are checked, and the API key is masked in any provider message.
+usage counts are checked, and the API key is masked in any provider message and in the
+streamed text (:class:`StreamMasks`, also when chunks split it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -27,6 +29,7 @@ import httpx2
 import openai
 from django.conf import settings
 
+from .. import metrics
 from . import netstream, providers, sse
 from .errors import UpstreamFailure, UpstreamTimeout
 
@@ -126,7 +129,7 @@ def new_client(base_url: str | None, api_key: str) -> openai.AsyncOpenAI:
     # worker's event loop); the SDK still sends, retries, authenticates and maps errors.
     http_client = openai.DefaultAsyncHttpxClient(
         transport=netstream.AsyncioTransport(
-            limits=_CONNECTION_LIMITS, read_tick=settings.CHAT_UPSTREAM_READ_TICK_MS / 1000))
+            limits=_CONNECTION_LIMITS, read_tick=settings.CHAT_TUNING.read_tick_ms / 1000))
     return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout,
                               max_retries=settings.OPENAI_MAX_RETRIES,
                               http_client=http_client)
@@ -147,21 +150,116 @@ def clean_provider_text(text: str) -> str:
     error messages, so one provider's bad output cannot fail a database write shared
     with other runs (the batched checkpoint, store.checkpoint_many). Python strings
     hold code points, so a surrogate here is always unpaired: ``json.loads`` already
-    joins escaped pairs.
+    joins escaped pairs. The API key is masked after, per stream (:class:`StreamMasks`
+    in :func:`stream_answer`: a key may span chunks) and in messages (:func:`mask_key`).
     """
     if not _UNSAFE_TEXT.search(text):
         return text
     return _UNSAFE_TEXT.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", text)
 
 
+# What the configured API key is replaced by wherever provider text may echo it.
+KEY_MASK = "***"
+# A shorter key is not masked (too short to tell from ordinary text); a key prefix this
+# long left at the end of a stream (the key cut by the end) is masked as the key.
+_MIN_KEY_CHARS = 8
+
+
+def mask_key(text: str, key: str | None = None) -> str:
+    """``text`` with every occurrence of ``key`` (default: settings.OPENAI_API_KEY)
+    replaced by ``***``; keys shorter than 8 characters are not masked. Mask before
+    cutting a text: a cut through the key would leave a prefix nothing recognises."""
+    key = settings.OPENAI_API_KEY if key is None else key
+    if key and len(key) >= _MIN_KEY_CHARS and key in text:
+        return text.replace(key, KEY_MASK)
+    return text
+
+
 def _provider_message(value, limit: int = 300) -> str:
     """A provider's message (any JSON value) as clean text of at most ``limit`` chars;
-    the configured API key is masked should a provider or proxy echo it."""
-    text = clean_provider_text(str(value or "").strip())
-    key = settings.OPENAI_API_KEY
-    if key and len(key) >= 8:
-        text = text.replace(key, "***")
-    return text[:limit]
+    the configured API key is masked, before the cut, should a provider or proxy echo
+    it."""
+    return mask_key(clean_provider_text(str(value or "").strip()))[:limit]
+
+
+class KeyMask:
+    """Masks an API key in one kind of streamed text (answer or reasoning) of one stream,
+    also when the provider's chunks split it.
+
+    :meth:`feed` takes the next chunk's text and returns what may be sent now: the key
+    masked, and the tail that could begin it (a proper prefix of the key, so at most
+    ``len(key) - 1`` characters, and only when the tail matches) held back and joined
+    to the next chunk. :meth:`flush` gives the held tail once the text has ended (a
+    prefix of 8 or more characters, the key cut by the end, comes out masked). Cost per
+    chunk: one substring test and a search for the key's first character in the
+    chunk's last ``len(key) - 1`` characters."""
+
+    __slots__ = ("_first", "_held", "_key")
+
+    def __init__(self, key: str):
+        self._key, self._first, self._held = key, key[0], ""
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def feed(self, text: str) -> str:
+        """The part of the held text plus ``text`` that can be sent now, key masked."""
+        if self._held:
+            text, self._held = self._held + text, ""
+        key = self._key
+        if key in text:
+            text = text.replace(key, KEY_MASK)
+        # The longest tail that is a proper prefix of the key: the first match wins.
+        at = text.find(self._first, max(len(text) - len(key) + 1, 0))
+        while at != -1:
+            if key.startswith(text[at:]):
+                self._held = text[at:]
+                return text[:at]
+            at = text.find(self._first, at + 1)
+        return text
+
+    def flush(self) -> str:
+        """The held text, now that no more text of this kind follows."""
+        held, self._held = self._held, ""
+        return KEY_MASK if len(held) >= _MIN_KEY_CHARS else held
+
+
+class StreamMasks:
+    """The key masks of one stream's answer and reasoning text (:class:`KeyMask`)."""
+
+    __slots__ = ("content", "reasoning")
+
+    def __init__(self, key: str):
+        self.content, self.reasoning = KeyMask(key), KeyMask(key)
+
+    @classmethod
+    def for_key(cls, key: str | None) -> StreamMasks | None:
+        """The masks for ``key``; None when it is too short to mask (or unset)."""
+        return cls(key) if key and len(key) >= _MIN_KEY_CHARS else None
+
+    def event(self, event: StreamEvent) -> StreamEvent:
+        """``event`` with its text masked: reasoning held back is released when answer
+        text follows, and all that is held once the provider gives a finish_reason."""
+        content, reasoning = event.content, event.reasoning
+        final = bool(event.finish_reason)
+        if reasoning:
+            reasoning = self.reasoning.feed(reasoning)
+        if (content or final) and self.reasoning.holding:
+            reasoning += self.reasoning.flush()
+        if content:
+            content = self.content.feed(content)
+        if final and self.content.holding:
+            content += self.content.flush()
+        if content is event.content and reasoning is event.reasoning:
+            return event
+        return dataclasses.replace(event, content=content, reasoning=reasoning)
+
+    def flush(self) -> StreamEvent | None:
+        """An event of the text still held (the stream ended), or None."""
+        if not (self.content.holding or self.reasoning.holding):
+            return None
+        return StreamEvent(content=self.content.flush(), reasoning=self.reasoning.flush())
 
 
 def _count(value) -> int | None:
@@ -260,7 +358,8 @@ def _retry_hint(exc: openai.APIStatusError) -> str:
 def _api_message(exc: openai.APIStatusError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
     message = body.get("message") or (body.get("error") or {}).get("message") if body else None
-    return str(message or exc.message)[:300]
+    # Not cut here: _provider_message masks the key first, then cuts.
+    return str(message or exc.message)
 
 
 def _failure(exc: Exception, label: str) -> UpstreamFailure | None:
@@ -306,14 +405,41 @@ async def stream_answer(
     stops generating.
     """
     meta = meta if meta is not None else StreamMeta()
+    # The key is masked in the text as it is read: a proxy may echo it in an answer.
+    masks = StreamMasks.for_key(settings.OPENAI_API_KEY)
     try:
         async for event in _events(client, model, messages, max_tokens, label, meta):
-            yield event
+            yield event if masks is None else masks.event(event)
     except Exception as exc:
+        metrics.provider_error(model, error_kind(exc))
         failure = _failure(exc, label)
         if failure is None:
             raise
+        if masks is not None and (tail := masks.flush()) is not None:
+            yield tail  # the text received before the failure is kept whole
         raise failure from exc
+    if masks is not None and (tail := masks.flush()) is not None:
+        yield tail
+
+
+def error_kind(exc: Exception) -> str | None:
+    """The kind of a provider fault for chat_provider_errors_total: ``4xx``/``5xx`` (the
+    HTTP status class of an error answer), ``timeout``, ``dropped`` (the connection was
+    lost), ``malformed`` (a chunk that is not a JSON object), ``error_event`` (an
+    ``{"error": ...}`` event in the stream); None for an exception that is not the
+    provider's (a bug)."""
+    if isinstance(exc, openai.APIStatusError):
+        return f"{exc.status_code // 100}xx"
+    if isinstance(exc, UpstreamTimeout | openai.APITimeoutError | httpx2.TimeoutException):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError | httpx2.RequestError | ssl.SSLError
+                  | anyio.EndOfStream):
+        return "dropped"
+    if isinstance(exc, json.JSONDecodeError):
+        return "malformed"
+    if isinstance(exc, UpstreamFailure | openai.APIError):
+        return "error_event"
+    return None
 
 
 def _stream_error(payload: dict) -> UpstreamFailure:

@@ -1,7 +1,9 @@
 """Query-string filters of the API (django-filter)."""
 
 import django_filters
+from django import forms
 from django.db.models import Exists, OuterRef, Q
+from rest_framework import exceptions
 
 from ..models import Conversation, Message, UsageRecord
 from .fields import DateTimeFilter, TextFilter
@@ -48,3 +50,21 @@ class UsageFilter(django_filters.FilterSet):
     class Meta:
         model = UsageRecord
         fields = ["since"]
+
+
+def messages_before(messages, before: str | None):
+    """The visible ones of ``messages`` (a conversation's), with their usage; only
+    those before the message ``before`` (an id: ``?before=``) when it is given. Raises
+    ValidationError (400) for a ``before`` that is not a UUID, NotFound (404) for one
+    that is not among ``messages``."""
+    visible = messages.visible().select_related("usage")
+    if before is None:
+        return visible
+    try:
+        anchor = messages.filter(id=forms.UUIDField().clean(before)).first()
+    except forms.ValidationError:
+        raise exceptions.ValidationError({"before": ["A message id (UUID)."]}) from None
+    if anchor is None:
+        raise exceptions.NotFound("No such message in this conversation (before).")
+    return visible.filter(Q(created_at__lt=anchor.created_at)
+                          | Q(created_at=anchor.created_at, id__lt=anchor.id))

@@ -17,6 +17,8 @@ app_name = "api"
 urlpatterns = [
     path("conversations/<str:conversation_id>/messages/", sse.conversation_messages,
          name="conversation-messages"),
+    path("conversations/<str:conversation_id>/messages/<str:message_id>/",
+         views.ConversationMessageView.as_view(), name="conversation-message"),
     path("conversations/<str:conversation_id>/export", export.ExportView.as_view(),
          name="conversation-export"),
     path("conversations/<str:conversation_id>/stop", views.StopView.as_view(),

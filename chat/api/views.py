@@ -110,11 +110,17 @@ class ConversationPagination(StrictCursorPagination):
 
 
 class MessagePagination(StrictCursorPagination):
-    """Oldest first, as the conversation reads."""
+    """Oldest first, as the conversation reads; newest first with ``before`` (the page
+    just before a message: what a client shows above what it has)."""
 
     ordering = ("created_at", "id")
     page_size = 50
     max_page_size = 200
+
+    def get_ordering(self, request, queryset, view):
+        if request.query_params.get("before") is not None:
+            return ("-created_at", "-id")
+        return super().get_ordering(request, queryset, view)
 
 
 # --- conversations ------------------------------------------------------------------------
@@ -214,16 +220,24 @@ class ConversationMessagesView(generics.ListAPIView):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return Message.objects.none()
-        return self.get_conversation().messages.visible().select_related("usage")
+        return filters.messages_before(self.get_conversation().messages,
+                                       self.request.query_params.get("before"))
 
     @extend_schema(
         summary="List the messages of a conversation",
         description="Visible messages (what the user saw; answers replaced by a "
-        "regenerate or an edit are left out), oldest first, cursor-paginated.",
-        parameters=[CONVERSATION_ID],
+        "regenerate or an edit are left out), oldest first, cursor-paginated. With "
+        "`before`: the messages before that one, **newest first** (follow `next` for "
+        "older ones): what the chat page loads above the latest ones its WebSocket "
+        "`state` frame carried (`has_more`).",
+        parameters=[CONVERSATION_ID, OpenApiParameter(
+            "before", OpenApiTypes.UUID,
+            description="Id of a message of this conversation: list only the visible "
+            "messages before it, newest first.")],
         responses={200: serializers.MessageSerializer(many=True), 400: BAD_REQUEST,
-                   404: OpenApiResponse(ERROR, description="Not your conversation, or an "
-                                        "invalid cursor."),
+                   404: OpenApiResponse(ERROR, description="Not your conversation, an "
+                                        "invalid cursor, or `before` not one of its "
+                                        "messages."),
                    **AUTH_ERRORS},
     )
     def get(self, request, *args, **kwargs):
@@ -271,6 +285,33 @@ class ConversationMessagesView(generics.ListAPIView):
     def post(self, request, *args, **kwargs):
         # Never reached: the URL's async view handles POST itself (chat.api.sse).
         raise exceptions.MethodNotAllowed("POST")
+
+
+class ConversationMessageView(generics.RetrieveAPIView):
+    """``/api/conversations/{id}/messages/{message_id}/``: one message, whole (a
+    WebSocket ``state`` frame may carry a large one cut, ``truncated``)."""
+
+    serializer_class = serializers.MessageSerializer
+
+    def get_object(self):
+        conversation = get_object_or_404(
+            Conversation.objects.for_user(self.request.user), id=self.kwargs["conversation_id"]
+        )
+        return get_object_or_404(conversation.messages.select_related("usage"),
+                                 id=self.kwargs["message_id"])
+
+    @extend_schema(
+        summary="Get one message",
+        description="One message of one of your conversations, whole (also one "
+        "replaced by a regenerate or an edit); a streaming answer's text as of its "
+        "last checkpoint.",
+        parameters=[CONVERSATION_ID, OpenApiParameter(
+            "message_id", OpenApiTypes.UUID, OpenApiParameter.PATH,
+            description="Id of a message of that conversation.")],
+        responses={200: serializers.MessageSerializer, 404: NOT_FOUND, **AUTH_ERRORS},
+    )
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
 
 
 # --- stop -------------------------------------------------------------------------------
@@ -393,6 +434,8 @@ class ApiTokenViewSet(
         serializer.is_valid(raise_exception=True)
         token, key = ApiToken.issue(request.user, serializer.validated_data["name"])
         token.key = key
+        # The key is in this answer only: no browser or proxy cache may keep it.
         return Response(
-            serializers.NewApiTokenSerializer(token).data, status=status.HTTP_201_CREATED
+            serializers.NewApiTokenSerializer(token).data, status=status.HTTP_201_CREATED,
+            headers={"Cache-Control": "no-store"},
         )

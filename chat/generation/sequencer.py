@@ -60,8 +60,12 @@ class FrameSequencer:
     def state(self, state: dict, generation: dict | None) -> dict:
         """The ``state`` frame to send for ``state`` (store.load_state's dict) and the
         running generation's snapshot ``{"message_id", "content", "reasoning", "seq"}``
-        (or None);
-        marks the state sent. Held frames are then released by :meth:`next_held`."""
+        (or None), within the state's byte budget (frames.state: the latest messages,
+        ``has_more``, a message too large cut and flagged ``truncated``);
+        marks the state sent. Held frames are then released by :meth:`next_held`.
+
+        A snapshot cut to its end still fits the seq series: its ``seq`` says which
+        deltas its (shown) end includes, and later deltas continue it."""
         self._closed = {m["id"] for m in state["messages"] if m["status"] != "streaming"}
         messages = state["messages"]
         if generation is not None:
@@ -73,7 +77,8 @@ class FrameSequencer:
                 for m in messages
             ]
         self.state_sent = True
-        return frames.state(state["conversation"], messages, generation)
+        return frames.state(state["conversation"], messages, generation,
+                            has_more=state.get("has_more", False))
 
     def hold(self, frame: dict) -> bool:
         """Hold ``frame`` if the state is not sent yet; returns whether it was held."""

@@ -13,8 +13,8 @@ import {
   PENDING_NOTES, findMessage, lastOfRole, refresh, setConversation, state,
 } from "./state.js";
 import {
-  STATUS_LABELS, appendMessage, queueRender, removeMessages, renderMessage, renderTranscript,
-  stopNotice,
+  STATUS_LABELS, appendMessage, completeTruncated, queueRender, removeMessages, renderMessage,
+  renderTranscript, stopNotice,
 } from "./transcript.js";
 
 const RECONNECT_BASE_MS = 500;
@@ -181,7 +181,11 @@ function onState(frame) {
   settlePendingMessage(frame.messages);
   // Messages this tab queued while offline stay on screen until they are sent.
   const queued = state.messages.filter((m) => m.pending);
-  state.messages = [...frame.messages, ...queued];
+  // The frame carries the latest messages only (`has_more`): older ones this tab loaded
+  // over REST stay above them, if they join the frame's first message.
+  const earlier = earlierKept(frame);
+  state.messages = [...(earlier || []), ...frame.messages, ...queued];
+  if (!earlier) state.hasMore = Boolean(frame.has_more);
   state.lastSeq.clear();
   state.streamingId = null;
   for (const m of frame.messages) {
@@ -196,7 +200,18 @@ function onState(frame) {
   }
   renderTranscript();
   setConversation(frame.conversation);
+  // A message too large for the frame came cut (`truncated`): fetch it whole. A
+  // streaming one is fetched when it ends (onGenerationEnd).
+  for (const m of frame.messages) completeTruncated(m);
   flushOutbox();
+}
+
+/** The older messages this tab shows before the frame's first one (loaded over REST),
+ *  or null when the frame has them all or its first message is not shown here. */
+function earlierKept(frame) {
+  if (!frame.has_more || !frame.messages.length) return null;
+  const index = state.messages.findIndex((m) => m.id === frame.messages[0].id);
+  return index > 0 ? state.messages.slice(0, index).filter((m) => !m.pending) : null;
 }
 
 /** A message sent just before the socket dropped: either the server has it (it is in
@@ -326,6 +341,7 @@ function onGenerationEnd(frame) {
   renderMessage(message.id);
   refresh();
   if (state.lastSeq.get(message.id) === SEQ_UNKNOWN) requestSync();
+  else completeTruncated(message);  // its saved text is final now
   if (frame.status === "failed") {
     showNotice(`The model failed: ${frame.error || "unknown error"}`);
   }

@@ -14,7 +14,9 @@ export const PENDING_NOTES = {
 export const state = {
   conversation: null,            // conversation dict, null until the first message
   // Visible message dicts, in order: the server's shape (README, "a message") plus
-  // `pending`, the note of a user message this tab has not seen echoed yet.
+  // `pending`, the note of a user message this tab has not seen echoed yet, and
+  // `truncated` (state frames only): its text was cut to fit the frame; it is fetched
+  // whole over REST (transcript.js completeTruncated).
   messages: [],
   lastSeq: new Map(),            // message id -> seq of the last delta applied
   streamingId: null,             // id of the assistant message streaming now
@@ -25,6 +27,10 @@ export const state = {
   conversations: initialConversations,  // the sidebar's list
   searchResults: null,           // null: show state.conversations
   stateFrames: 0,                // state frames received (the first one scrolls to the end)
+  // Older messages exist than state.messages holds: the `state` frame carried only the
+  // latest (`has_more`); the transcript loads the rest over REST (loadEarlier).
+  hasMore: false,
+  loadingEarlier: false,         // a page of older messages is being fetched
 };
 
 export function findMessage(id) {

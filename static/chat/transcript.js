@@ -1,10 +1,12 @@
 // The transcript: one <article class="msg"> per visible message, drawn from the model
 // in state.js. User text goes in with textContent; answers are markdown, sanitized by
 // markdown.js. Renders of a streaming answer are coalesced to one per animation frame,
-// and the view follows the end unless the reader has scrolled up.
+// and the view follows the end unless the reader has scrolled up. Older messages than
+// the `state` frame carried are loaded over REST at the top (scrolling up or "Load
+// earlier messages"), and a message the frame carried cut (`truncated`) is fetched whole.
 
 import { copyText, decorateCodeBlocks, renderMarkdown } from "./markdown.js";
-import { $, element } from "./page.js";
+import { $, api, config, element, showNotice } from "./page.js";
 import { findMessage, lastOfRole, onRefresh, refresh, state } from "./state.js";
 
 // Within this many pixels of the bottom the view counts as "at the end" and follows
@@ -40,6 +42,13 @@ const actionHandlers = {
 };
 
 const renderQueued = new Set();
+
+// Older messages are fetched this many at a time (the REST API's `page_size`).
+const EARLIER_PAGE = 50;
+// Within this many pixels of the top, scrolling up loads older messages.
+const EARLIER_SLACK_PX = 64;
+// Ids of cut messages being fetched whole.
+const completing = new Set();
 
 // --- formatting -----------------------------------------------------------------------
 
@@ -144,6 +153,14 @@ function updateStatus(status, message) {
   status.replaceChildren();
   if (message.pending) {
     status.textContent = message.pending;
+    return;
+  }
+  if (message.truncated) {
+    // A streaming answer shows the end of its text (its deltas continue it); a finished
+    // message the start, until the whole text arrives over REST.
+    status.textContent = message.status === "streaming"
+      ? "The start of this long answer is not shown; it is loaded when the answer ends."
+      : "Loading the rest of this long message…";
     return;
   }
   const label = STATUS_LABELS[message.status];
@@ -298,6 +315,93 @@ function refreshActions() {
 function refreshTranscript() {
   $("empty-state").hidden = state.messages.length > 0;
   refreshActions();
+  refreshEarlier();
+}
+
+// --- older messages and cut ones, over REST ----------------------------------------------
+
+function messagesPath(suffix = "") {
+  return `/api/conversations/${encodeURIComponent(config.conversation_id)}/messages/${suffix}`;
+}
+
+/** The "Load earlier messages" button at the top of the transcript (made once). */
+function earlierButton() {
+  let button = $("load-earlier");
+  if (!button) {
+    button = element("button", "link-btn load-earlier", "Load earlier messages");
+    button.type = "button";
+    button.id = "load-earlier";
+    button.addEventListener("click", () => loadEarlier());
+    $("transcript").prepend(button);
+  }
+  return button;
+}
+
+function refreshEarlier() {
+  const button = earlierButton();
+  button.hidden = !state.hasMore;
+  button.disabled = state.loadingEarlier;
+  button.textContent = state.loadingEarlier ? "Loading earlier messages…" : "Load earlier messages";
+}
+
+/** Fetch the page of messages before the oldest shown (`GET …/messages/?before=`, newest
+ *  first) and put them above it, keeping the reader's place. */
+export async function loadEarlier() {
+  const oldest = state.messages.find((m) => !m.pending);
+  if (!state.hasMore || state.loadingEarlier || !oldest) return;
+  state.loadingEarlier = true;
+  refreshEarlier();
+  try {
+    const page = await api("GET",
+      `${messagesPath()}?before=${encodeURIComponent(oldest.id)}&page_size=${EARLIER_PAGE}`);
+    // A state frame may have rebuilt the transcript meanwhile: then this page may not
+    // join what is shown, and the button asks again.
+    if (state.messages.find((m) => !m.pending) !== oldest) return;
+    const known = new Set(state.messages.map((m) => m.id));
+    prependMessages(page.results.filter((m) => !known.has(m.id)).reverse());
+    state.hasMore = Boolean(page.next);
+  } catch (error) {
+    showNotice(`Could not load earlier messages: ${error.message}`);
+  } finally {
+    state.loadingEarlier = false;
+    refreshEarlier();
+  }
+}
+
+function prependMessages(older) {
+  const t = $("transcript");
+  const height = t.scrollHeight;
+  const first = t.querySelector(".msg");
+  state.messages = [...older, ...state.messages];
+  for (const message of older) {
+    if (message.role !== "system") t.insertBefore(buildMessage(message), first);
+  }
+  // The messages the reader was looking at stay where they were on screen.
+  t.scrollTop += t.scrollHeight - height;
+  refresh();
+}
+
+/** Replace a cut message's text (a `state` frame's `truncated`) by the whole of it,
+ *  fetched over REST. For an answer that was streaming, call it once it has ended: the
+ *  saved text is then final. */
+export async function completeTruncated(message) {
+  if (!message.truncated || message.status === "streaming" || completing.has(message.id)) return;
+  completing.add(message.id);
+  try {
+    const whole = await api("GET", messagesPath(`${encodeURIComponent(message.id)}/`));
+    // The model may have been rebuilt meanwhile (a state frame): update what is there.
+    for (const m of new Set([message, findMessage(message.id)])) {
+      if (!m) continue;
+      m.content = whole.content;
+      m.reasoning = whole.reasoning;
+      delete m.truncated;
+    }
+    renderMessage(message.id);
+  } catch (error) {
+    showNotice(`Could not load the whole message: ${error.message}`);
+  } finally {
+    completing.delete(message.id);
+  }
 }
 
 // --- scrolling ---------------------------------------------------------------------------
@@ -323,6 +427,7 @@ function scrollToEndIfFollowing(force = false) {
 function onTranscriptScroll() {
   state.follow = atEnd();
   if (state.follow) $("jump").hidden = true;
+  if (state.hasMore && $("transcript").scrollTop <= EARLIER_SLACK_PX) loadEarlier();
 }
 
 export function initTranscript() {

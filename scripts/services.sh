@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure what the tests need is on the machine: Debian's chromium (for Playwright),
+# Debian's prometheus (tests/test_metrics.py),
 # and PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 running.
 set -uo pipefail
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
@@ -7,6 +8,16 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 if ! command -v chromium >/dev/null 2>&1; then
   echo "installing Debian chromium for the browser tests"
   as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+fi
+
+# Debian's prometheus (the server and promtool) for tests/test_metrics.py: the test runs
+# its own server on a free port with a temporary config and storage. The package's own
+# service is not wanted: without an init system it does not start, and where it did
+# it listens on 9090, which the tests do not use.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "installing Debian prometheus for the metrics tests"
+  as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
+    --no-install-recommends prometheus >/dev/null
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

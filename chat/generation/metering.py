@@ -9,12 +9,13 @@ running count, the server's own tokenizer, then tiktoken.
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from django.db import transaction
 
-from .. import accounting
+from .. import accounting, metrics
 from ..models import Message, UsageRecord
 from .outcome import Outcome
 
@@ -59,7 +60,7 @@ def settle(run: store.RunRef, outcome: Outcome, message: Message) -> UsageRecord
     counts = usage_counts(run, outcome, message.content, message.reasoning)
     prices = accounting.price_list(run.model)
     prompt_tokens, completion_tokens = counts["prompt_tokens"], counts["completion_tokens"]
-    return UsageRecord.objects.create(
+    record = UsageRecord.objects.create(
         user_id=run.user_id, conversation_id=run.conversation_id, message=message,
         model=run.model, status=outcome.status, prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
@@ -74,6 +75,9 @@ def settle(run: store.RunRef, outcome: Outcome, message: Message) -> UsageRecord
         # autostop hook: how it ended and what it could have used (the admin report).
         finish_reason=outcome.finish_reason, max_tokens=run.max_tokens,
     )
+    # Counted once the record is committed: the metrics agree with the database.
+    transaction.on_commit(functools.partial(metrics.run_recorded, record))
+    return record
 
 
 def apply_lookup(message_id: str, usage: dict) -> UsageRecord | None:
@@ -86,6 +90,7 @@ def apply_lookup(message_id: str, usage: dict) -> UsageRecord | None:
         record = UsageRecord.objects.select_for_update().filter(message_id=message_id).first()
         if record is None:
             return None
+        counted = metrics.usage_counts(record)
         record.prompt_tokens = _counts(usage, "prompt_tokens")
         record.completion_tokens = _counts(usage, "completion_tokens")
         record.total_tokens = record.prompt_tokens + record.completion_tokens
@@ -102,4 +107,5 @@ def apply_lookup(message_id: str, usage: dict) -> UsageRecord | None:
                                      cached_tokens=record.cached_tokens)
         )
         record.save()
+        transaction.on_commit(functools.partial(metrics.usage_corrected, counted, record))
     return record

@@ -18,7 +18,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from .. import validation
+from .. import metrics, validation
 from . import admission, frames, leases, store
 from .errors import InvalidRequest
 from .runtime import Runtime
@@ -116,6 +116,7 @@ async def start_generation(
         )
     finally:
         runtime.start_ended(start)
+    metrics.run_started(run.model)
     generation = Generation(run=run, layer=layer or get_channel_layer(), runtime=runtime)
     runtime.add(generation)
     # Straight to the group, not through the run's outbox: its subscribers (an SSE

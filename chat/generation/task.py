@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from .. import metrics
 from ..layers import release_channel
 from ..models import Message
 from . import counting, frames, store, upstream
@@ -75,6 +76,10 @@ class Generation:
     _failure: str | None = None
     # What the upstream reader tells of its stream (filled in as it goes).
     _meta: upstream.StreamMeta = field(default_factory=upstream.StreamMeta)
+    # chat.metrics: when a stop reached the run (time.monotonic(); None once its upstream
+    # is closed) and when the oldest pending text arrived.
+    _stop_at: float | None = None
+    _pending_since: float = 0.0
 
     @property
     def message_id(self) -> str:
@@ -93,7 +98,7 @@ class Generation:
     def queued_frames(self) -> int:
         """Frames waiting to be published (local sockets get them without waiting; the
         channel layer, for other processes, may make them wait); the run stops reading
-        upstream at ``CHAT_OUTBOX_LIMIT`` until they are sent (back-pressure)."""
+        upstream at ``CHAT_TUNING.outbox_limit`` until they are sent (back-pressure)."""
         return self._outbox.qsize()
 
     def is_streaming(self) -> bool:
@@ -111,6 +116,7 @@ class Generation:
         if self._finishing or self.cancel_reason or (self.task is not None and self.task.done()):
             return False
         self.cancel_reason = reason
+        self._stop_at = time.monotonic()
         self._hang_up()
         if self.task is not None:
             self._cancel_task()
@@ -135,6 +141,8 @@ class Generation:
         hang_up = self._meta.hang_up
         if hang_up is not None:
             hang_up()
+            metrics.stop_reached_upstream(self._stop_at)
+            self._stop_at = None
 
     def _cancel_task(self) -> None:
         if inspect.getcoroutinestate(self.task.get_coro()) == inspect.CORO_CREATED:
@@ -187,13 +195,16 @@ class Generation:
 
     def _append(self, content: str, kind: str = _CONTENT) -> None:
         """Add provider text (answer or reasoning): coalesced by time (a frame at most
-        every CHAT_DELTA_COALESCE_MS) and by size (at once when CHAT_DELTA_MAX_CHARS are
-        pending, so a fast provider's text does not wait for the window)."""
+        every CHAT_TUNING.delta_coalesce_ms) and by size (at once when
+        CHAT_TUNING.delta_max_chars are pending, so a fast provider's text does not wait
+        for the window)."""
         (self.text if kind == _CONTENT else self.reasoning).append(content)
+        if not self._pending:
+            self._pending_since = time.monotonic()
         self._pending.append((kind, content))
         self._pending_chars += len(content)
-        window = settings.CHAT_DELTA_COALESCE_MS
-        if window <= 0 or self._pending_chars >= settings.CHAT_DELTA_MAX_CHARS:
+        window = settings.CHAT_TUNING.delta_coalesce_ms
+        if window <= 0 or self._pending_chars >= settings.CHAT_TUNING.delta_max_chars:
             # With no window the delta is queued now: text appended until the publisher
             # takes it (the rest of this read's events) joins it (_delta_queued), so a
             # read still makes one frame, without a timer per read or the loop pass
@@ -219,8 +230,12 @@ class Generation:
 
     def _take_frames(self) -> list[dict]:
         """The frames of all pending text, numbered now: one per run of the same kind
-        (reasoning, then answer text, as the provider sent them); [] when none is left."""
+        (reasoning, then answer text, as the provider sent them), several with a seq
+        each for a run longer than frames.DELTA_MAX_CHARS (one upstream read may bring
+        more than a WebSocket message may carry); [] when none is left."""
         self._delta_queued = False
+        if self._pending:
+            metrics.DELTA_LAG.observe(time.monotonic() - self._pending_since)
         out: list[dict] = []
         runs: list[tuple[str, list[str]]] = []
         for kind, text in self._pending:
@@ -231,14 +246,14 @@ class Generation:
         self._pending.clear()
         self._pending_chars = 0
         for kind, texts in runs:
-            content = "".join(texts)
-            self.seq += 1
-            if kind == _CONTENT:
-                self.published_text.append(content)
-                out.append(frames.delta(self.message_id, self.seq, content))
-            else:
-                self.published_reasoning.append(content)
-                out.append(frames.reasoning(self.message_id, self.seq, content))
+            for content in frames.text_pieces("".join(texts)):
+                self.seq += 1
+                if kind == _CONTENT:
+                    self.published_text.append(content)
+                    out.append(frames.delta(self.message_id, self.seq, content))
+                else:
+                    self.published_reasoning.append(content)
+                    out.append(frames.reasoning(self.message_id, self.seq, content))
         return out
 
     # -- the control channel --------------------------------------------------------
@@ -299,12 +314,14 @@ class Generation:
                             await asyncio.sleep(0)
                     if event.finish_reason:
                         finish_reason = event.finish_reason
-                    if self._outbox.qsize() >= settings.CHAT_OUTBOX_LIMIT:
+                    if self._outbox.qsize() >= settings.CHAT_TUNING.outbox_limit:
                         # Back-pressure: a slow channel layer slows our reading (and so
                         # the provider, through TCP) instead of growing memory.
                         await self._outbox.join()
         except (asyncio.CancelledError, Exception) as exc:  # every end maps to an Outcome
             ended_by = exc
+        # A stop before the response was open (no hang-up): its close is the aclosing's.
+        metrics.stop_reached_upstream(self._stop_at)
         outcome = outcome_of(ended_by, finish_reason=finish_reason, failure=self._failure,
                              message_id=self.message_id,
                              cancel_reason=self.cancel_reason).with_timing(
@@ -422,6 +439,8 @@ class Generation:
             self._run(), name=f"generation-{self.message_id}", context=Context()
         )
         self.task.add_done_callback(_log_task_end)
+        metrics.ACTIVE_GENERATIONS.inc()
+        self.task.add_done_callback(metrics.generation_task_done)
         if self.cancel_reason:
             self._cancel_task()  # cancelled while launching
 

@@ -1,6 +1,6 @@
 """How many group messages per second one process publishes through the Redis pub/sub
-channel layer while its event loop is busy, stock channels-redis vs ``chat.channels_redis_adapter``
-(issue 11: why PostgreSQL + Redis collapsed; docs/scale.md).
+channel layer while its event loop is busy, stock channels-redis vs
+``chat.channels_redis_adapter`` (why PostgreSQL + Redis collapsed; docs/scale.md).
 
     python -m bench.pubsub_rate --redis redis://127.0.0.1:6379/14 --prefix ovl
 

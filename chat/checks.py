@@ -13,7 +13,8 @@ processes behind a load balancer (docs/scale.md). Then:
 - ``chat.E005`` (always): the repetition guard's ``CHAT_REPETITION_*`` settings cannot
   work (chat.generation.autostop.RepetitionRule).
 - ``chat.E006`` (always): ``OPENAI_PROVIDER`` names no provider profile
-  (chat.generation.providers).
+  (chat.generation.providers.profiles), or ``OPENAI_API`` no provider
+  (chat.generation.providers.PROVIDERS).
 - ``chat.E004`` (``--deploy`` only): ``DEBUG`` on; it leaks settings and source in error
   pages and keeps every SQL query in memory. Django only warns (``security.W018``).
 - ``chat.W001`` (a warning): ``DEBUG`` off with the session and CSRF cookies not marked
@@ -34,7 +35,8 @@ from django.conf import settings
 from django.core import checks
 
 from .generation.autostop import RepetitionRule
-from .generation.providers import PROVIDER_CHOICES
+from .generation.providers import PROVIDERS
+from .generation.providers.profiles import PROVIDER_CHOICES
 from .tuning import FORMER_VARIABLES
 
 SECRET_KEY_MIN_LENGTH = 50
@@ -127,15 +129,24 @@ def check_repetition_guard(app_configs=None, **kwargs):
 
 @checks.register("chat")
 def check_provider(app_configs=None, **kwargs):
-    """chat.E006: OPENAI_PROVIDER is not one of the provider profiles."""
+    """chat.E006: OPENAI_PROVIDER is not one of the provider profiles, or OPENAI_API
+    not one of the providers."""
+    errors = []
     value = getattr(settings, "OPENAI_PROVIDER", "auto")
-    if value in PROVIDER_CHOICES:
-        return []
-    return [checks.Error(
-        f"OPENAI_PROVIDER={value!r} is not a provider profile.",
-        hint=f"One of {', '.join(PROVIDER_CHOICES)} (docs/providers.md).",
-        id="chat.E006",
-    )]
+    if value not in PROVIDER_CHOICES:
+        errors.append(checks.Error(
+            f"OPENAI_PROVIDER={value!r} is not a provider profile.",
+            hint=f"One of {', '.join(PROVIDER_CHOICES)} (docs/providers.md).",
+            id="chat.E006",
+        ))
+    value = getattr(settings, "OPENAI_API", "chat")
+    if value not in PROVIDERS:
+        errors.append(checks.Error(
+            f"OPENAI_API={value!r} is not a provider API.",
+            hint=f"One of {', '.join(PROVIDERS)} (docs/architecture.md).",
+            id="chat.E006",
+        ))
+    return errors
 
 
 @checks.register("chat")

@@ -6,9 +6,9 @@ default with REDIS_URL) subscribes a Redis pub/sub channel in ``new_channel()`` 
 cancelled *while waiting*, a group only on the ``group_discard()`` of its last local
 member (channels_redis/pubsub.py, 4.3.0). So a channel stays subscribed in Redis for the
 life of the process when its last ``receive()`` returned a message instead (a socket
-that disconnects while group frames arrive: issue 9, item 5, about 25 leaked per 30
-such sockets), when the task receiving on it was cancelled elsewhere (answering a
-snapshot request), or when nothing ever received on it.
+that disconnects while group frames arrive: most such sockets leaked their channel),
+when the task receiving on it was cancelled elsewhere (answering a snapshot request),
+or when nothing ever received on it.
 """
 
 from __future__ import annotations

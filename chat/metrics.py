@@ -225,7 +225,7 @@ def admission_refused(reason: str) -> None:
 
 
 def provider_error(model: str, kind: str | None) -> None:
-    """A provider fault of ``kind`` (upstream.error_kind; None: not the provider's)."""
+    """A provider fault of ``kind`` (providers.base.guarded; None: not the provider's)."""
     if kind is not None:
         PROVIDER_ERRORS.labels(model_label(model), kind).inc()
 

@@ -25,7 +25,7 @@ class Tuning:
     """The tuning constants; every value is a non-negative number in the unit its name
     ends with (``_ms``, ``_s``) or a count."""
 
-    # --- the upstream stream (chat.generation.upstream, chat.generation.netstream) ---
+    # --- the upstream stream (chat.generation.providers: chat_completions, netstream) ---
     # After the answer's first text, a run's reader is woken this long after its first
     # unread chunk, with every chunk of that time, instead of once per chunk (ms; 0: per
     # chunk): one task step, one delta frame and one socket write per batch instead of
@@ -51,9 +51,10 @@ class Tuning:
     # Refuse new generations while this many starts wait for their transaction (0: no
     # limit) ...
     max_pending_starts: int = 0
-    # ... or while the oldest of them has waited longer than this (ms; 0: off). Equal
-    # to the retry hint: a start waits no longer than a refused client would.
-    max_start_wait_ms: int = 2000
+    # ... or while a start admitted now would wait longer than this for its
+    # transaction (ms; 0: off): the time to first token a burst of starts may take to
+    # drain; a queue that drains sooner is no overload.
+    max_start_wait_ms: int = 3000
     # ... or while the event loop runs late by more than this, standing, on average
     # (ms; 0: off).
     max_loop_lag_ms: int = 50

@@ -148,7 +148,7 @@ CSV_HEADER = [
     "message_id", "model", "status", "prompt_tokens", "completion_tokens", "total_tokens",
     "estimated", "input_usd_per_mtok", "output_usd_per_mtok", "cost_usd", "ttft_ms",
     "duration_ms",
-    # Added with issue 12, at the end so scripts reading columns by position still work.
+    # Last, so scripts reading columns by position still work.
     "finish_reason", "source", "reasoning_tokens", "cached_tokens", "reasoning_hidden",
     "cached_input_usd_per_mtok",
 ]

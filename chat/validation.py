@@ -1,7 +1,7 @@
 """One set of rules for the text users send, used by the WebSocket consumer, the REST API
 (chat.api.fields.TextField) and chat.generation.start_generation alike.
 
-What the database can store decides the rules (issue 9, item 2):
+What the database can store decides the rules:
 
 - a lone surrogate (U+D800-U+DFFF, e.g. the JSON escape ``"\\udcff"``) cannot be
   encoded as UTF-8, so saving it fails (UnicodeEncodeError on SQLite, an encoding error

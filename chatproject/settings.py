@@ -198,7 +198,7 @@ ASGI_APPLICATION = "chatproject.asgi.application"
 # concurrent "start a generation" transactions serialise instead of failing with
 # "database is locked" on upgrade (Django 5.1+ `transaction_mode`, SQLite docs on WAL).
 # Applied to every SQLite database below, however configured: DATABASE_URL=sqlite:///
-# without them ran in journal mode `delete` and failed under churn (issue 9, item 4).
+# without them ran in journal mode `delete` and failed under churn.
 SQLITE_OPTIONS = {
     "transaction_mode": "IMMEDIATE",
     "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 20),
@@ -210,8 +210,8 @@ DATABASE_URL = env_str("DATABASE_URL")
 # database_sync_to_async call, as Django's default does). Channels closes "old"
 # connections around every database_sync_to_async call, so with 0 every query of a start
 # opened a connection (PostgreSQL: a backend; SQLite: the file, its PRAGMAs, Django's
-# functions) and closed it: 10 % of a worker's CPU at K = 200 (docs/performance.md, "The
-# cost of a start"). A worker holds one connection per executor thread (a handful).
+# functions) and closed it, a large share of a busy worker's CPU. A worker holds one
+# connection per executor thread (a handful).
 DATABASE_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 60)
 # Before a kept connection is reused after a pause, Django checks it still works (one
 # `SELECT 1` on PostgreSQL, nothing on SQLite), so a restarted database server costs no
@@ -249,7 +249,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env_str("REDIS_URL")
 # "pubsub" (default): channels-redis RedisPubSubChannelLayer publishing in batches
 # (chat.channels_redis_adapter); "pubsub-plain": the stock layer, one locked round trip
-# per message (collapsed past K = 200 streams: docs/scale.md); "core": RedisChannelLayer.
+# per message (collapses under a few hundred streams: docs/scale.md); "core": RedisChannelLayer.
 # Measured in docs/scale.md: the core layer pops one message per Redis round trip per
 # process and drops silently over `capacity`; pubsub lost nothing at the same load.
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
@@ -347,6 +347,13 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # Separate request/response components, so read-only fields are not asked for.
     "COMPONENT_SPLIT_REQUEST": True,
+    # Enum components named for what they hold: the models a conversation may use
+    # (CHAT_MODELS), and its empty choice, the default model (chat.api.schema_hooks).
+    "ENUM_NAME_OVERRIDES": {"ChatModelEnum": "django.conf.settings.CHAT_MODELS"},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "chat.api.schema_hooks.name_blank_enum",
+    ],
 }
 
 # --- Chat / LLM -----------------------------------------------------------------------
@@ -363,9 +370,12 @@ OPENAI_FIRST_BYTE_TIMEOUT_S = env_float("OPENAI_FIRST_BYTE_TIMEOUT_S", 20.0)
 # A stream that sends nothing for this long (s) ends the run as failed.
 CHAT_STREAM_IDLE_TIMEOUT_S = env_float("CHAT_STREAM_IDLE_TIMEOUT_S", 60.0)
 OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
+# The API the provider is spoken to with, a key of chat.generation.providers.PROVIDERS:
+# chat (POST /chat/completions, streamed).
+OPENAI_API = env_str("OPENAI_API", "chat").strip().lower()
 # What the provider is sent and where its reasoning and usage are read
-# (chat.generation.providers, docs/providers.md): auto (from OPENAI_BASE_URL, else asked
-# of the server once), openai, vllm, ollama, llamacpp, openrouter or deepseek.
+# (chat.generation.providers.profiles, docs/providers.md): auto (from OPENAI_BASE_URL,
+# else asked of the server once), openai, vllm, ollama, llamacpp, openrouter or deepseek.
 OPENAI_PROVIDER = env_str("OPENAI_PROVIDER", "auto").strip().lower()
 DEMO_MODEL_NAME = "demo"
 CHAT_MODEL = env_str("CHAT_MODEL", DEMO_MODEL_NAME if not OPENAI_API_KEY and not OPENAI_BASE_URL
@@ -391,6 +401,11 @@ CHAT_MAX_SOCKETS_PER_USER = env_int("CHAT_MAX_SOCKETS_PER_USER", 20)
 # refused with `overloaded` (HTTP 503) when this worker runs this many (0 = no limit),
 # and when its event loop runs late or its starts queue up (CHAT_TUNING below).
 CHAT_MAX_STREAMS_PER_WORKER = env_int("CHAT_MAX_STREAMS_PER_WORKER", 0)
+# Graceful shutdown (chatproject.server; docs/scale.md, "Deploying without losing
+# answers"): seconds a worker told to stop (SIGTERM/SIGINT) lets its running answers go
+# on before it interrupts them (saved, with usage). Set the supervisor's stop timeout
+# (systemd TimeoutStopSec, Kubernetes terminationGracePeriodSeconds) above it.
+CHAT_SHUTDOWN_GRACE_S = env_float("CHAT_SHUTDOWN_GRACE_S", 60.0)
 # Automatic stops (chat.generation.autostop; README, "Automatic stops"). Off unless set; a
 # conversation may set its own (tighter) ceilings and turn the guard on or off.
 CHAT_REPETITION_GUARD = env_bool("CHAT_REPETITION_GUARD", False)

@@ -1,5 +1,5 @@
 """A real inference engine for the ``realmodel`` tests: llama.cpp's ``llama-server``
-serving SmolLM2-135M-Instruct on CPU (issue 12 §4).
+serving SmolLM2-135M-Instruct on CPU.
 
 ``scripts/realmodel.sh`` builds the server and unpacks the model into a cache outside
 the checkout (about 15 minutes on 2 cores the first time, then a second); nothing is

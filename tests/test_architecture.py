@@ -1,6 +1,7 @@
-"""The shape of chat/ (issue 10): no import cycles, no file over 450 lines, server
-frames built only in chat/generation/frames.py, and no imports inside functions except
-those listed below with their reason.
+"""The shape of chat/: no import cycles, only the provider layer imports a provider
+SDK or an HTTP client, no file over 450 lines, server frames built only in
+chat/generation/frames.py, and no imports inside functions except those listed below
+with their reason.
 
 ``python -m tests.test_architecture`` prints the import graph and any cycle.
 """
@@ -131,6 +132,28 @@ def test_dependencies_go_one_way_consumers_and_api_then_runtime_then_store_then_
                                       "chat.generation.service"}, (module, dependency)
     assert not {d for d in graph["chat.generation.frames"] if d.startswith("chat.")}
     assert graph["chat.generation.errors"] <= {"chat.generation.frames"}
+
+
+# The provider layer: the only package that may import a provider's SDK or an HTTP
+# client, so another provider API is one new module there (docs/architecture.md).
+PROVIDER_LAYER = "chat.generation.providers"
+PROVIDER_LIBRARIES = {"openai", "httpx", "httpx2", "httpcore", "httpcore2"}
+
+
+def test_only_the_provider_layer_imports_a_provider_sdk_or_http_client():
+    found = []
+    for path in python_files():
+        name = module_name(path)
+        if name == PROVIDER_LAYER or name.startswith(PROVIDER_LAYER + "."):
+            continue
+        for node in _imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.partition(".")[0] for alias in node.names]
+            else:
+                roots = [] if node.level else [(node.module or "").partition(".")[0]]
+            found += [f"{name}:{node.lineno} {root}" for root in roots
+                      if root in PROVIDER_LIBRARIES]
+    assert found == []
 
 
 def test_no_python_file_in_chat_is_over_450_lines():

@@ -1,4 +1,4 @@
-"""Automatic stops (issue 13, "Stops that save money without a click"): the repetition
+"""Automatic stops: the repetition
 guard and the per-answer cost ceiling stop a run exactly as a ``stop`` frame does
 (upstream closed at once, text kept, usage recorded), with ``finish_reason``
 ``repetition`` or ``cost_limit``, on the WebSocket and the SSE API; the budget reserves

@@ -1,4 +1,4 @@
-"""The churn bench (``python -m bench.churn``, issue 9 item 7) runs by itself and reports
+"""The churn bench (``python -m bench.churn``) runs by itself and reports
 every figure it promises, in a form that parses."""
 
 import json
@@ -47,7 +47,7 @@ def test_the_churn_bench_runs_ten_sockets_on_the_defaults_and_reports_every_figu
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     # Exit 1 means a target was missed. The bench measures whatever code it runs on,
-    # and issue 9 lists leaks today's code has: this test checks that the bench runs and
+    # and may find leaks in today's code: this test checks that the bench runs and
     # reports, not that the figures are zero (the bench's own exit code does that).
     # Exit 2 (could not run) fails.
     assert result.returncode in (0, 1), result.stdout + result.stderr

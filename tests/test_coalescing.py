@@ -1,6 +1,6 @@
 """Deltas are coalesced by time (CHAT_TUNING.delta_coalesce_ms) and by size
 (CHAT_TUNING.delta_max_chars): a fast provider's text goes out as soon as enough of it is
-pending, without waiting for the window (issue 11, third lever)."""
+pending, without waiting for the window."""
 
 import uuid
 

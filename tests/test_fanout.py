@@ -1,4 +1,4 @@
-"""Local fan-out (issue 11, second lever): the sockets of a conversation in one process
+"""Local fan-out: the sockets of a conversation in one process
 get its frames directly, and the channel layer carries them only to other processes,
 once per process, never once per socket (chat.generation.fanout).
 

@@ -1,4 +1,4 @@
-"""The first hour of a new user (issue 13, "Frictions"): the words on the pages match the
+"""The first hour of a new user: the words on the pages match the
 README, the scripts say where to go next and make an admin without knowing about
 .venv, there is a site icon, amounts read the same everywhere, the admin's user filter
 has no stray entry, and the API schema opens readably in a browser."""

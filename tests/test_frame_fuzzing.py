@@ -1,4 +1,4 @@
-"""No frame closes a socket with 1011 (issue 9, item 2).
+"""No frame closes a socket with 1011.
 
 A Hypothesis fuzzer throws bad frames at alice's socket on a conversation with saved
 messages: random JSON values and nesting, unicode with lone surrogates, NUL and control

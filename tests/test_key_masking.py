@@ -12,7 +12,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.demo_model import split_tokens
-from chat.generation import upstream as upstream_module
+from chat.generation.providers import StreamEvent, base
 from chat.models import Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -129,11 +129,11 @@ async def test_reasoning_echoing_the_key_is_sent_and_saved_with_the_key_masked(
 def test_a_key_prefix_left_at_the_end_of_a_stream_is_masked_and_short_tails_are_kept():
     """The stream ends inside the key (max_tokens reached mid-key): 8 or more of its
     characters come out masked; a shorter tail that merely could begin the key is text."""
-    masks = upstream_module.StreamMasks(KEY)
-    sent = masks.event(upstream_module.StreamEvent(content="cut here: " + KEY[:12]))
+    masks = base.StreamMasks(KEY)
+    sent = masks.event(StreamEvent(content="cut here: " + KEY[:12]))
     assert sent.content == "cut here: "
     assert masks.flush().content == "***"
-    sent = masks.event(upstream_module.StreamEvent(content="this is"))
+    sent = masks.event(StreamEvent(content="this is"))
     assert sent.content == "this i"  # "s" could begin the key: held for the next chunk
-    last = masks.event(upstream_module.StreamEvent(content="", finish_reason="stop"))
+    last = masks.event(StreamEvent(content="", finish_reason="stop"))
     assert last.content == "s"

@@ -1,5 +1,4 @@
-"""Admission control (issue 11, "past capacity, degrade, never collapse";
-chat.generation.admission): a worker past its limit refuses NEW generations with an
+"""Admission control: a worker past its limit refuses NEW generations with an
 ``overloaded`` error frame (and HTTP 503 + Retry-After on the API) while the answers it
 already streams keep streaming and complete; nothing is saved for a refused message;
 it admits again once the load has dropped.

@@ -1,4 +1,4 @@
-"""One poisoned answer must not end other users' answers (issue 9, item 3).
+"""One poisoned answer must not end other users' answers.
 
 Provider text is untrusted: a delta with NUL (PostgreSQL refuses it) or a lone
 surrogate (no driver can encode it) once made the batched checkpoint fail for every

@@ -1,7 +1,8 @@
-"""The provider client reads its sockets on asyncio itself (chat.generation.netstream,
-issue 11): one readiness registration per connection instead of two epoll changes per
-read, a read timeout that still fires, and TCP back-pressure when the reader falls
-behind. Real loopback sockets and the loopback upstream; no mocks."""
+"""The provider client reads its sockets on asyncio itself
+(chat.generation.providers.netstream): one readiness registration per connection
+instead of two epoll changes per read, a read timeout that still fires, and TCP
+back-pressure when the reader falls behind. Real loopback sockets and the loopback
+upstream; no mocks."""
 
 import asyncio
 import contextlib
@@ -17,8 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from chat.generation import netstream
-from chat.generation import upstream as upstream_module
+from chat.generation.providers import chat_completions, netstream, transport
 from tests.eventually import eventually
 
 TOKENS = 40
@@ -52,8 +52,8 @@ async def test_reading_a_stream_does_not_change_the_sockets_registration_per_chu
             return originals[name](*args, **kwargs)
         return call
 
-    client = upstream_module.new_client(settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY)
-    events = upstream_module.stream_answer(
+    client = chat_completions.new_client(settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY)
+    events = chat_completions.stream_answer(
         client, model="test-model", messages=[{"role": "user", "content": "hi"}],
         max_tokens=100, label="sockets")
     for name in originals:
@@ -183,7 +183,7 @@ async def test_an_https_provider_is_read_through_tls_on_the_same_sockets(tmp_pat
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
     port = server.sockets[0].getsockname()[1]
-    client = httpx2.AsyncClient(transport=netstream.AsyncioTransport(verify=client_context))
+    client = httpx2.AsyncClient(transport=transport.AsyncioTransport(verify=client_context))
     try:
         async with client.stream("GET", f"https://127.0.0.1:{port}/v1/x") as response:
             body = b"".join([chunk async for chunk in response.aiter_bytes()])
@@ -191,7 +191,7 @@ async def test_an_https_provider_is_read_through_tls_on_the_same_sockets(tmp_pat
         assert body == b"".join(b'data: {"n": %d}\n\n' % n for n in range(3))
         # A certificate the client does not trust is a connection error, as before.
         with pytest.raises(httpx2.ConnectError):
-            await httpx2.AsyncClient(transport=netstream.AsyncioTransport()).get(
+            await httpx2.AsyncClient(transport=transport.AsyncioTransport()).get(
                 f"https://127.0.0.1:{port}/v1/x")
     finally:
         await client.aclose()
@@ -361,10 +361,10 @@ async def test_the_first_token_does_not_wait_for_the_read_tick_and_the_rest_come
     upstream.answer = " ".join(f"w{i}" for i in range(12))
     upstream.tokens_per_second = 20  # one token every 50 ms
     loop = asyncio.get_running_loop()
-    client = upstream_module.new_client(settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY)
+    client = chat_completions.new_client(settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY)
     arrivals = []
     started = loop.time()
-    events = upstream_module.stream_answer(
+    events = chat_completions.stream_answer(
         client, model="test-model", messages=[{"role": "user", "content": "hi"}],
         max_tokens=100, label="tick")
     try:

@@ -1,5 +1,5 @@
 """Each provider profile gets the request its documentation asks for, and its stream's
-reasoning and usage are read where that provider puts them (issue 12, sections 1 and 5).
+reasoning and usage are read where that provider puts them.
 
 At the level of ``stream_answer`` (events and StreamMeta) against the loopback upstream
 speaking each provider's dialect (chat/demo_dialects.py); the saved answer, the usage
@@ -13,9 +13,10 @@ from decimal import Decimal
 import pytest
 
 from chat.demo_model import split_tokens
-from chat.generation import providers
 from chat.generation.errors import UpstreamFailure
-from chat.generation.upstream import StreamMeta, new_client, stream_answer
+from chat.generation.providers import StreamMeta
+from chat.generation.providers import profiles as providers
+from chat.generation.providers.chat_completions import new_client, stream_answer
 from tests.eventually import eventually
 
 ANSWER = "Rayleigh scattering makes the sky look blue."

@@ -1,4 +1,4 @@
-"""The app against a real inference engine (issue 12 §4): llama.cpp's llama-server
+"""The app against a real inference engine: llama.cpp's llama-server
 serving SmolLM2-135M-Instruct on CPU, reached through the openai SDK like any provider.
 
 What the loopback test upstream cannot show, the engine's own counters can: how many

@@ -1,4 +1,4 @@
-"""An answer's reasoning ("thinking") text (issue 12, section 2): streamed to every tab
+"""An answer's reasoning ("thinking") text: streamed to every tab
 as ``reasoning`` frames numbered in the deltas' seq series, carried by state frames,
 saved with the answer, kept when a stop lands while the model still thinks, and shown
 in the page as a collapsible "Thinking" part above the answer.

@@ -1,4 +1,4 @@
-"""A socket the server refused can do nothing (issue 9, item 1), and the actions check
+"""A socket the server refused can do nothing, and the actions check
 the owner where they act, not only at connect: the consumer ignores frames of a socket
 not authorized for its conversation, ``request_stop``/``request_snapshot`` and the
 control group check the run's owner, the REST stop answers 404 to anyone else.

@@ -1,6 +1,6 @@
-"""Every SQLite database gets the same tuning, however it is configured (issue 9, item
-4): WAL journal, IMMEDIATE transactions and a busy timeout, for ``DATABASE_URL=
-sqlite:///path`` as for the default ``SQLITE_PATH`` database.
+"""Every SQLite database gets the same tuning, however it is configured: WAL journal,
+IMMEDIATE transactions and a busy timeout, for ``DATABASE_URL=sqlite:///path`` as for
+the default ``SQLITE_PATH`` database.
 
 Each case starts a fresh Python process, since the settings are read once at start-up.
 """

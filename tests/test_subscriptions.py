@@ -1,5 +1,5 @@
 """Nothing leaks on RedisPubSubChannelLayer: every channel a socket or a run subscribes
-to in Redis is released however it ends (issue 9, item 5), and a run stopped before it
+to in Redis is released however it ends, and a run stopped before it
 started still ends as any run does (generation.end, usage record, channels released).
 
 The live server always uses Redis here (``REDIS_URL``, default

@@ -1,4 +1,4 @@
-"""Regression guard of the streaming hot path's CPU cost (issue 11).
+"""Regression guard of the streaming hot path's CPU cost.
 
 One daphne worker on the embedded defaults (SQLite, in-memory channel layer) streams K
 answers from the bench upstream (``bench.upstream``, 20 tokens/s per stream) to K real
@@ -20,13 +20,9 @@ from bench.throughput import Harness
 
 pytestmark = pytest.mark.multiprocess
 
-# Worker CPU per delivered token / SDK floor CPU per token, K=20 streams.
-# Before issue 11's optimizations: 2.25 to 3.07 (22 runs, load average 4-10; the ceiling
-# was then 4.0). After them (orjson reader, local fan-out, asyncio sockets): 1.47 to 1.63
-# in 5 runs (load average 2.1-2.9); the ceiling was the worst (1.63) x 1.35 = 2.2. With
-# the read tick, the write-through and the cheaper starts: 0.81 to 0.96 in 5 runs (load
-# average 0.9-1.8, 2026-11-21); the ceiling is again the worst x 1.35. The code before
-# them (1.47 or more) fails it: a regression of about +35 % of the CPU per token.
+# Worker CPU per delivered token / SDK floor CPU per token, 20 streams: about the worst
+# ratio of the current code on a shared machine times 1.35, so a regression of about a
+# third of the CPU per token fails it (docs/performance.md, "Regression guard").
 MAX_APP_TO_SDK_CPU_RATIO = 1.3
 
 K = 20  # streams, each about 220 tokens (1 s ramp + 1 s settle + 8 s window + 1 s tail)

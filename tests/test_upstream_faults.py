@@ -1,4 +1,4 @@
-"""What real providers send must not fail a run (issue 9, item 6).
+"""What real providers send must not fail a run.
 
 Each fault the loopback upstream can produce (``chat.demo_model.FAULTS``) is driven
 through the real WebSocket, SDK and database: the run ends with a clear status, the

@@ -1,4 +1,4 @@
-"""Every run's usage says where its numbers come from (issue 12, sections 2, 3 and 5):
+"""Every run's usage says where its numbers come from:
 for each provider dialect of the loopback upstream, a completed run, a run stopped
 while the model still thinks, one stopped after its first visible token and a failed
 one, checking the saved answer and reasoning, the usage numbers and their ``source``.

@@ -11,10 +11,12 @@ Modules, each depending only on those listed before it::
     autostop  automatic stops of a run (repetition guard, cost ceiling) and their policy
     outcome   Outcome: how a run ended (status, finish_reason, error, usage, timings)
     store     the transactions: prepare_*, finalize, finish_stale, checkpoints, load_state
-    upstream  the provider client and the reading of one stream into StreamEvents
+    providers the provider interface and registry, and each provider's module (the
+              only modules that import a provider SDK or an HTTP client)
     fanout    Fanout, Inbox: frames to this process's sockets, the relay to the others
-    runtime   Runtime: the per-event-loop registry (runs, clients, demo server, services)
+    runtime   Runtime: the per-event-loop registry (runs, providers, demo server, services)
     admission refuse new runs past this worker's capacity (overloaded, HTTP 503)
+    drain     a worker told to stop: nothing new starts, runs end, the rest interrupted
     task      Generation: the running task, cancellation, coalescing, publishing
     leases    the checkpointer, the sweeper of dead processes' runs, worker stats
     sequencer FrameSequencer: what one socket may send (no I/O)
@@ -27,7 +29,7 @@ the connection close and stops generating. Every run, whatever its end, finishes
 exactly one ``generation.end`` frame and one ``UsageRecord``.
 """
 
-from . import admission, autostop, budgets, frames, leases, store
+from . import admission, autostop, budgets, drain, frames, leases, store
 from .errors import (
     Busy,
     ConcurrencyLimit,
@@ -43,6 +45,7 @@ from .fanout import Inbox
 from .frames import control_group_name, group_name
 from .outcome import Outcome
 from .prompt import build_prompt, build_prompt_safe, prompt_for_estimate
+from .providers import StreamEvent, clean_provider_text, uses_demo_model
 from .runtime import Runtime
 from .service import (
     broadcast,
@@ -69,12 +72,12 @@ from .store import (
     validate_model,
 )
 from .task import Generation
-from .upstream import StreamEvent, clean_provider_text, uses_demo_model
 
 __all__ = [
     "Busy", "ConcurrencyLimit", "Forbidden", "Generation", "GenerationError", "Inbox",
     "InvalidRequest", "Outcome", "Overloaded", "PreparedRun", "QuotaExceeded", "RunRef",
     "Runtime", "StreamEvent", "UpstreamFailure", "UpstreamTimeout", "WORKER_ID", "admission",
+    "drain",
     "autostop", "broadcast", "budgets",
     "build_prompt", "build_prompt_safe", "clean_provider_text", "control_group_name",
     "finalize", "finish_stale", "frames", "group_name", "leases", "load_state", "prepare_edit",

@@ -4,7 +4,7 @@
 - it degenerates into a loop: ``finish_reason`` ``repetition`` (:class:`RepetitionGuard`);
 - its running cost reaches a ceiling: ``finish_reason`` ``cost_limit`` (:class:`CostCeiling`).
 
-Both are opt-in (issue 13, "Stops that save money without a click"):
+Both are opt-in:
 
 - per deployment: ``CHAT_REPETITION_GUARD`` (and its tunables), ``CHAT_MAX_ANSWER_USD``,
   ``CHAT_MAX_ANSWER_TOKENS``;
@@ -53,6 +53,7 @@ STOPPED_BY = {
     "stop": "stop frame",
     "disconnect": "client disconnect",
     "teardown": "socket torn down by the server",
+    "shutdown": "the end of the drain grace (worker stopping)",
     "lease_lost": "lease lost",
     "failed": "the server (text could not be saved)",
     REPETITION: "repetition guard",

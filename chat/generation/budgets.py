@@ -161,6 +161,24 @@ def held(user, now: dt.datetime | None = None) -> Held:
                 usd=totals["usd"] or Decimal(0), unpriced_tokens=totals["unpriced"] or 0)
 
 
+def held_by_user(user_ids, now: dt.datetime | None = None) -> dict[int, Held]:
+    """:func:`held` of several users in one query (grouped by user): user id -> Held;
+    a user with no running generation is left out (``Held()``)."""
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=settings.CHAT_TUNING.lease_s)
+    rows = (Message.objects.streaming()
+            .filter(conversation__owner__in=list(user_ids), role=Message.Role.ASSISTANT,
+                    heartbeat_at__gte=cutoff)
+            .values("conversation__owner")
+            .annotate(count=Count("id"), tokens=Sum("reserved_tokens"),
+                      usd=Sum("reserved_usd"),
+                      unpriced=Sum("reserved_tokens", filter=Q(reserved_usd__isnull=True)))
+            .order_by())
+    return {row["conversation__owner"]: Held(
+        count=row["count"] or 0, tokens=row["tokens"] or 0, usd=row["usd"] or Decimal(0),
+        unpriced_tokens=row["unpriced"] or 0) for row in rows}
+
+
 def lock_user(user) -> UserBudget | None:
     """Lock ``user``'s row for this transaction and return their UserBudget (None: they
     have none), in one query (the budget joined to the locked row). The lock is
@@ -174,6 +192,21 @@ def lock_user(user) -> UserBudget | None:
         return None
 
 
+def lock_users(user_ids) -> dict[int, UserBudget | None]:
+    """:func:`lock_user` of several users in one query, in the order of their ids (two
+    transactions locking some of the same users then cannot deadlock): user id ->
+    their UserBudget or None."""
+    locked = (get_user_model().objects.select_for_update(no_key=True, of=("self",))
+              .select_related("budget").filter(pk__in=list(user_ids)).order_by("pk"))
+    budgets = {}
+    for user in locked:
+        try:
+            budgets[user.pk] = user.budget
+        except UserBudget.DoesNotExist:
+            budgets[user.pk] = None
+    return budgets
+
+
 def check(
     user,
     *,
@@ -183,6 +216,7 @@ def check(
     now: dt.datetime | None = None,
     budget=READ,
     prices: tuple[Decimal, Decimal] | None = None,
+    in_flight: Held | None = None,
 ) -> Reservation:
     """Refuse a generation that the user's budget does not allow; return the
     :class:`Reservation` of an allowed one, to store on its assistant row.
@@ -209,7 +243,9 @@ def check(
             and ``resets_at`` (ISO 8601 UTC: when the exceeded quotas all reset).
 
     ``budget``: the user's UserBudget or None, when the caller already took the lock
-    and read it with :func:`lock_user` in this transaction (a start saves a query).
+    and read it with :func:`lock_user` in this transaction (a start saves a query);
+    ``in_flight``: the user's :func:`held`, when the caller read it under that lock (a
+    batch of starts: ``store.prepare_batch``).
     """
     if not transaction.get_connection().in_atomic_block:
         # Outside the transaction the lock would be released at once and the count race.
@@ -223,7 +259,7 @@ def check(
         budget = lock_user(user)
     limit = budget.max_concurrent if budget is not None else DEFAULT_MAX_CONCURRENT
     # One query: the count the concurrency limit needs and the reservations the quotas do.
-    in_flight = held(user, now)
+    in_flight = held(user, now) if in_flight is None else in_flight
     count = in_flight.count
     if count >= limit:
         raise ConcurrencyLimit(

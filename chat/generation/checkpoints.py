@@ -44,8 +44,8 @@ def checkpoint_many(contents: dict[str, str],
     than asked were updated does a second query tell which (the usual checkpoint is
     one statement, not a locking SELECT and an UPDATE).
 
-    One run's text must not fail the others (issue 9: a lone surrogate in one answer
-    made every run of the process miss its heartbeats and be swept): when the batch
+    One run's text must not fail the others (a lone surrogate in one answer would make
+    every run of the process miss its heartbeats and be swept): when the batch
     fails, each row is written on its own, and a row whose text is refused gets its
     lease refreshed without it and is reported in ``unsaved``. Raises only when even
     that fails (the database itself is unavailable; the next interval tries again).

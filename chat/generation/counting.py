@@ -1,7 +1,8 @@
 """Counts of a run that come from the provider after its stream: the server's own
-tokenizer (source ``tokenized``) and OpenRouter's record of a generation (its native
-tokens and cost, source ``reported``). Both are asked only once the upstream stream is
-closed, so they never delay a stop reaching the provider (issue 12, section 3).
+tokenizer (``Provider.count_tokens``, source ``tokenized``) and the provider's record
+of the answer (``Provider.usage_after``, e.g. OpenRouter's native tokens and cost,
+source ``reported``). Both are asked only once the upstream stream is closed, so they
+never delay a stop reaching the provider.
 """
 
 from __future__ import annotations
@@ -13,31 +14,29 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from .. import accounting
-from . import metering, providers, upstream
+from . import metering
+from .providers import Provider, StreamMeta
 
 logger = logging.getLogger(__name__)
 
 
 async def tokenized_usage(
-    client, meta: upstream.StreamMeta, *, model: str, prompt: list[dict], content: str,
+    provider: Provider, meta: StreamMeta, *, model: str, prompt: list[dict], content: str,
     reasoning: str,
 ) -> dict | None:
     """``{"prompt_tokens", "completion_tokens"}`` counted by the provider's own
-    tokenizer (``providers.tokenize``: llama.cpp / vLLM ``POST /tokenize``), or None when
-    the profile has no tokenize endpoint, a call fails or all of them together take
-    longer than ``CHAT_TUNING.tokenize_timeout_s`` (then the run is estimated).
+    tokenizer (``provider.count_tokens``: llama.cpp / vLLM ``POST /tokenize``), or None
+    when the provider has no tokenizer for this server, a call fails or all of them
+    together take longer than ``CHAT_TUNING.tokenize_timeout_s`` (then the run is
+    estimated).
 
     ``completion_tokens`` is the saved answer's count plus the saved reasoning's (each
     tokenized alone, as the engine generated them as separate parts);
     ``prompt_tokens`` the messages' contents with the per-message overhead of
     chat.accounting (the server's chat template is not known here).
     """
-    profile = providers.PROFILES.get(meta.profile)
-    if profile is None or not profile.tokenize:
-        return None
-
     async def count(text: str) -> int | None:
-        return await providers.tokenize(client, profile, model, text) if text else 0
+        return await provider.count_tokens(meta, model, text) if text else 0
 
     texts = [content, reasoning, "\n".join(m.get("content") or "" for m in prompt)]
     try:
@@ -52,15 +51,9 @@ async def tokenized_usage(
     return {"prompt_tokens": asked + overhead, "completion_tokens": answer + thought}
 
 
-def lookup_wanted(meta: upstream.StreamMeta) -> bool:
-    """True when the provider keeps a record of the generation worth asking for
-    (OpenRouter: ``GET /api/v1/generation?id=``, stopped generations included)."""
-    profile = providers.PROFILES.get(meta.profile)
-    return profile is not None and profile.generation_lookup and bool(meta.generation_id)
-
-
-async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
-    """Ask the provider for its record of ``generation_id`` until it has one, then
+async def lookup_usage(provider: Provider, meta: StreamMeta, message_id: str) -> bool:
+    """Ask the provider for its record of the answer (``provider.usage_after``; start
+    it only when ``provider.wants_usage_after(meta)``) until it has one, then
     replace the run's counts and cost by it (metering.apply_lookup, source
     ``reported``). OpenRouter publishes a record a few seconds after the end, so the
     lookup is retried with a doubling delay from ``CHAT_TUNING.usage_lookup_first_delay_s`` for
@@ -73,7 +66,7 @@ async def lookup_usage(client, generation_id: str, message_id: str) -> bool:
     while True:
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         try:
-            usage = await providers.lookup_generation(client, generation_id)
+            usage = await provider.usage_after(meta)
         except Exception:  # noqa: BLE001 - a failed lookup is retried like a missing one
             logger.info("generation lookup of %s failed", message_id, exc_info=True)
             usage = None

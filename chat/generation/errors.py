@@ -73,7 +73,8 @@ class ConcurrencyLimit(Busy):
 class Overloaded(GenerationError):
     """This worker refuses new generations to keep its running ones on time
     (``overloaded``; chat.generation.admission). ``extra``: ``retry_after_ms`` (the
-    hint, ms) and ``reason`` (``streams``, ``starts``, ``lag`` or ``busy``).
+    hint, ms) and ``reason`` (``streams``, ``starts``, ``lag``, ``busy`` or
+    ``shutting_down``: the worker drains, chat.generation.drain).
 
     HTTP 503 Service Unavailable with ``Retry-After`` in whole seconds, rounded up (RFC
     9110, sections 15.6.4 and 10.2.3): the server is temporarily unable to handle the
@@ -90,7 +91,7 @@ class Overloaded(GenerationError):
 class UpstreamFailure(Exception):
     """A run failed because of its provider (HTTP error, timeout, lost connection,
     malformed chunk, an error event); ``str(exc)`` is the clean, user-facing text
-    (provider text sanitized and the API key masked by chat.generation.upstream)."""
+    (provider text sanitized and the API key masked by chat.generation.providers)."""
 
 
 class UpstreamTimeout(UpstreamFailure):

@@ -1,11 +1,10 @@
 """Local fan-out: a conversation's frames reach the sockets of this process directly,
-and the channel layer carries them only to other processes (issue 11, second lever).
+and the channel layer carries them only to other processes.
 
-Before, every frame went ``group_send`` -> one channel-layer message per socket ->
-the socket's dispatch. On the in-memory layer each send scanned every channel for
-expired messages (``InMemoryChannelLayer._clean_expired``, 17 % of a worker at
-K = 200), and Channels' ``dispatch`` hops to a thread (``aclose_old_connections``)
-for every message. Now:
+Sending every frame with ``group_send`` costs one channel-layer message per socket and
+the socket's dispatch: on the in-memory layer each send scans every channel for expired
+messages, and Channels' ``dispatch`` hops to a thread (``aclose_old_connections``) for
+every message, a large share of a busy worker. Instead:
 
 * :class:`Fanout` (one per event loop, ``Runtime.fanout``) keeps the :class:`Inbox`
   of every socket watching each conversation and puts each frame in them without
@@ -114,8 +113,8 @@ class Fanout:
         # One lock per group being joined or left (with its users' count), and one for
         # starting and stopping the relay: a single lock for every group made new
         # sockets join one after another, a loop pass or more each (the subscribe's
-        # own lock hand-off), and at K = 300 on Redis the last sockets of a 3 s ramp
-        # waited 12 s for their state frame (docs/performance.md).
+        # own lock hand-off), and under a burst of new sockets the last ones waited
+        # seconds for their state frame.
         self._group_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._relay_lock = asyncio.Lock()
         self._relay_layer = None

@@ -169,7 +169,7 @@ def delta(message_id: str, seq: int, content: str) -> dict:
 
 def reasoning(message_id: str, seq: int, content: str) -> dict:
     """Reasoning ("thinking") text of a run, numbered in the same ``seq`` series as its
-    deltas, so the order of the two and gap repair hold across both (issue 12)."""
+    deltas, so the order of the two and gap repair hold across both."""
     return {"type": "reasoning", "message_id": message_id, "seq": seq, "content": content}
 
 
@@ -213,9 +213,13 @@ def envelope(frame: dict, *, group: str, origin: str) -> dict:
     return {"type": "chat.frame", "frame": frame, "group": group, "origin": origin}
 
 
-def stop_request(user_id: int, reason: str) -> dict:
-    """Asks a run's control channel to stop (honoured for its owner only)."""
-    return {"type": "generation.stop", "reason": reason, "user_id": user_id}
+def stop_request(user_id: int, reason: str, tab: str | None = None) -> dict:
+    """Asks a run's control channel to stop (honoured for its owner only; with ``tab``,
+    only by a run that tab started)."""
+    frame = {"type": "generation.stop", "reason": reason, "user_id": user_id}
+    if tab is not None:
+        frame["tab"] = tab
+    return frame
 
 
 def sync_request(user_id: int, reply_channel: str) -> dict:

@@ -3,8 +3,8 @@ and the later correction from the provider's own record (OpenRouter's generation
 lookup). Synchronous, called inside store.finalize's transaction (call apply_lookup
 through ``database_sync_to_async``).
 
-The order of sources comes from issue 12, section 3: the provider's final usage, its
-running count, the server's own tokenizer, then tiktoken.
+The order of sources, most exact first: the provider's final usage, its running count,
+the server's own tokenizer, then tiktoken.
 """
 
 from __future__ import annotations

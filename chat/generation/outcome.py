@@ -17,6 +17,8 @@ from .errors import UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_ERROR = "The server restarted before the answer was complete."
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -81,6 +83,9 @@ def outcome_of(
         return Outcome(Message.Status.FAILED, "error",
                        "The model provider ended the answer before it was complete.")
     if isinstance(exc, asyncio.CancelledError):
+        if failure is None and cancel_reason == "shutdown":
+            # The worker's drain grace ended (chat.generation.drain): as a lost lease.
+            return Outcome(Message.Status.INTERRUPTED, "error", SHUTDOWN_ERROR)
         if failure is None:
             # autostop hook: `repetition`/`cost_limit` when a rule stopped it.
             return Outcome(Message.Status.CANCELLED, finish_reason_for(cancel_reason))

@@ -1,7 +1,7 @@
 """The per-event-loop state of this process: ONE :class:`Runtime` per event loop.
 
 It holds what used to be six module-level registries: the generations running here
-(by conversation), the provider clients (their connection pools are bound to the
+(by conversation), the providers (their connection pools are bound to the
 loop), the demo model server, the loop's background tasks (lease checkpointer and
 sweeper) and the tasks that own detached runs (the SSE view's); and the loop's
 :class:`~chat.generation.fanout.Fanout` (the sockets watching each conversation). Tests
@@ -25,14 +25,19 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from ..demo_model import UpstreamServer
-from . import upstream
+from . import providers
 from .fanout import Fanout
+from .startqueue import StartQueue
 
 if TYPE_CHECKING:
     from .task import Generation
 
 # Weight of each finished start in Runtime.start_service_ms (about the last 10).
 START_SMOOTHING = 0.1
+# Batches of fewer starts do not update it: a lone start's time is the fixed cost of a
+# trip to a thread and a commit (and, the first time, of opening the connection), not
+# what each start of a crowd adds.
+START_SAMPLE_MIN = 8
 
 _runtimes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -44,13 +49,15 @@ class Runtime:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._generations: dict[uuid.UUID, Generation] = {}
-        self._clients: dict[tuple, object] = {}
+        self._providers: dict[tuple, providers.Provider] = {}
         self._demo_server: UpstreamServer | None = None
         self._services: dict[str, asyncio.Task] = {}
         self._detached: set[asyncio.Task] = set()
         self._background: set[asyncio.Task] = set()
         # The sockets of this loop by conversation, and the relay to other processes.
         self.fanout = Fanout()
+        # The worker was told to stop: nothing new starts (chat.generation.drain).
+        self.draining = False
         # Admission control (chat.generation.admission): the smoothed lateness of the
         # loop's probe timer (ms), its largest single lateness, and whether new
         # generations are refused for lag (kept for the hysteresis).
@@ -58,11 +65,13 @@ class Runtime:
         self.loop_lag_peak_ms = 0.0
         self.lag_refusing = False
         # Starts admitted whose transaction has not finished (service.start_generation),
-        # by a token, with the loop time (s) each was admitted at and how many were
-        # waiting ahead of it: insertion order is admission order, so the first is the
-        # one waiting longest. And the time one start adds to the wait of the next (ms,
-        # averaged over the last ones: Little's law per finished start).
-        self._starts: dict[object, tuple[float, int]] = {}
+        # by a token, with the loop time (s) each was admitted at: insertion order is
+        # admission order, so the first is the one waiting longest. The queue their
+        # transactions wait in (committed a batch at a time), and the time one start
+        # adds to the wait of those behind it (ms: a batch's time over its starts,
+        # averaged over the last ones).
+        self._starts: dict[object, float] = {}
+        self.start_queue = StartQueue(loop, self.starts_served)
         self.start_service_ms = 0.0
 
     @classmethod
@@ -97,6 +106,10 @@ class Runtime:
         (the ones whose text is checkpointed)."""
         return [g for g in list(self._generations.values()) if g.is_streaming()]
 
+    def generations(self) -> list[Generation]:
+        """Every generation registered on this loop (starting, streaming or ending)."""
+        return list(self._generations.values())
+
     def count(self) -> int:
         """Generations registered on this loop (starting, streaming or ending)."""
         return len(self._generations)
@@ -105,19 +118,23 @@ class Runtime:
     def start_began(self) -> object:
         """Count a start admitted now until :meth:`start_ended` with the token returned."""
         token = object()
-        self._starts[token] = (self.loop.time(), len(self._starts))
+        self._starts[token] = self.loop.time()
         return token
 
     def start_ended(self, token: object) -> None:
-        """The start's transaction finished (or failed); idempotent. Its wait, shared
-        among itself and the starts that were ahead of it, updates
-        :attr:`start_service_ms`."""
-        entry = self._starts.pop(token, None)
-        if entry is None:
+        """The start's transaction finished (or failed); idempotent."""
+        self._starts.pop(token, None)
+
+    def starts_served(self, count: int, elapsed_s: float) -> None:
+        """A batch of ``count`` starts took ``elapsed_s`` (s, its trip to a thread and
+        its transaction): each of them adds ``elapsed_s / count`` to the wait of the
+        starts behind it; :attr:`start_service_ms` follows it, each start weighing
+        ``START_SMOOTHING``, from batches of ``START_SAMPLE_MIN`` starts or more."""
+        if count < START_SAMPLE_MIN:
             return
-        began, ahead = entry
-        sample_ms = (self.loop.time() - began) * 1000.0 / (ahead + 1)
-        self.start_service_ms += (sample_ms - self.start_service_ms) * START_SMOOTHING
+        sample_ms = elapsed_s * 1000.0 / count
+        weight = 1.0 - (1.0 - START_SMOOTHING) ** count
+        self.start_service_ms += (sample_ms - self.start_service_ms) * weight
 
     @property
     def starting(self) -> int:
@@ -127,7 +144,7 @@ class Runtime:
     def oldest_start_wait_ms(self) -> float:
         """How long the oldest unfinished start has waited since its admission (ms; 0
         when none waits)."""
-        for began, _ in self._starts.values():
+        for began in self._starts.values():
             return (self.loop.time() - began) * 1000.0
         return 0.0
 
@@ -140,19 +157,19 @@ class Runtime:
                    (len(self._starts) + 1) * self.start_service_ms)
 
     # -- the provider --------------------------------------------------------------
-    async def client(self):
-        """The provider client of this loop for the current settings, pointed at the
-        configured provider or at this loop's demo model server."""
-        if upstream.uses_demo_model():
+    async def provider(self) -> providers.Provider:
+        """The provider of this loop for the current settings (``OPENAI_API``), pointed
+        at the configured server or at this loop's demo model server; one instance per
+        configuration, as its connection pool is bound to this loop."""
+        cls, base_url, api_key = providers.configured()
+        if providers.uses_demo_model():
             server = await self.demo_server(settings.DEMO_TOKENS_PER_SECOND)
             base_url, api_key = server.base_url, "demo"
-        else:
-            base_url, api_key = upstream.configured_provider()
-        key = upstream.client_key(base_url, api_key)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = upstream.new_client(base_url, api_key)
-        return client
+        key = cls.key(base_url, api_key)
+        provider = self._providers.get(key)
+        if provider is None:
+            provider = self._providers[key] = cls(base_url, api_key)
+        return provider
 
     async def demo_server(self, tokens_per_second: float) -> UpstreamServer:
         """This loop's demo model server, started on first use."""

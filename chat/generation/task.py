@@ -1,10 +1,9 @@
 """One running generation: its asyncio task, cancellation, delta coalescing and the
 publishing of its frames, in order, to the conversation's group and local subscribers.
 
-The task reads :class:`~chat.generation.upstream.StreamEvent` values (never SDK
-objects), produces one :class:`~chat.generation.outcome.Outcome` and hands it to
-``store.finalize``; every run, whatever its end, publishes exactly one
-``generation.end`` and writes one UsageRecord.
+The task reads the StreamEvents of the configured provider (chat.generation.providers),
+produces one Outcome and hands it to ``store.finalize``; every run, whatever its end,
+publishes exactly one ``generation.end`` and writes one UsageRecord.
 """
 
 from __future__ import annotations
@@ -23,9 +22,10 @@ from django.conf import settings
 from .. import metrics
 from ..layers import release_channel
 from ..models import Message
-from . import counting, frames, store, upstream
+from . import counting, frames, store
 from .autostop import describe_end
 from .outcome import Outcome, outcome_of
+from .providers import Provider, StreamMeta, StreamRequest
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class Generation:
     end_frame: dict | None = None
     task: asyncio.Task | None = None
     cancel_reason: str | None = None
+    # The browser tab that started the run (the socket URL's ``tab``), or None: its
+    # disconnect stops the run on whichever worker that tab's socket was.
+    tab: str | None = None
     # (len(text), len(reasoning)) at the last saved checkpoint (chat.generation.leases).
     checkpoint_mark: tuple[int, int] | None = None
     _pending: list[tuple[str, str]] = field(default_factory=list)
@@ -74,8 +77,8 @@ class Generation:
     _publisher_task: asyncio.Task | None = None
     # Set by fail(): the error the run ends with instead of `cancelled`.
     _failure: str | None = None
-    # What the upstream reader tells of its stream (filled in as it goes).
-    _meta: upstream.StreamMeta = field(default_factory=upstream.StreamMeta)
+    # What the provider tells of its stream (filled in as it goes).
+    _meta: StreamMeta = field(default_factory=StreamMeta)
     # chat.metrics: when a stop reached the run (time.monotonic(); None once its upstream
     # is closed) and when the oldest pending text arrived.
     _stop_at: float | None = None
@@ -268,7 +271,8 @@ class Generation:
                 if message.get("user_id") != self.run.user_id:
                     continue
                 if kind == "generation.stop":
-                    if message.get("message_id") in (None, self.message_id):
+                    if message.get("message_id") in (None, self.message_id) and \
+                            message.get("tab") in (None, self.tab):
                         self.cancel(message.get("reason") or "stop")
                 elif kind == "generation.sync" and message.get("reply_channel"):
                     await self.layer.send(
@@ -281,13 +285,11 @@ class Generation:
     # -- the task -----------------------------------------------------------------
     async def _run(self) -> None:
         usage, finish_reason, ttft_ms, ended_by = None, "", None, None
-        running_usage, client, meta = None, None, self._meta
+        running_usage, provider, meta = None, None, self._meta
         try:
-            client = await self.runtime.client()
-            events = upstream.stream_answer(
-                client, model=self.run.model, messages=self.run.prompt,
-                max_tokens=self.run.max_tokens, label=self.message_id, meta=meta,
-            )
+            provider = await self.runtime.provider()
+            events = provider.stream(StreamRequest(self.run.model, self.run.prompt,
+                                                   self.run.max_tokens, self.message_id), meta)
             # aclosing: the HTTP response is closed on every exit, including a
             # CancelledError raised at any await of this task.
             async with contextlib.aclosing(events):
@@ -332,24 +334,22 @@ class Generation:
         self._finishing = True
         self._flush()
         tokenized = None
-        if usage is None and running_usage is None and client is not None:
-            tokenized = await self._tokenize(client, meta)
+        if usage is None and running_usage is None and provider is not None:
+            tokenized = await self._tokenize(provider, meta)
         outcome = outcome.with_counts(running_usage=running_usage, tokenized=tokenized,
                                       reasoning_hidden=meta.hidden_reasoning)
         await self._finish(outcome)
-        if client is not None and counting.lookup_wanted(meta):
-            self.runtime.spawn(
-                counting.lookup_usage(client, meta.generation_id, self.message_id),
-                name=f"lookup-{self.message_id}")
+        if provider is not None and provider.wants_usage_after(meta):
+            self.runtime.spawn(counting.lookup_usage(provider, meta, self.message_id),
+                               name=f"lookup-{self.message_id}")
         if isinstance(ended_by, asyncio.CancelledError) and self._failure is None:
             raise asyncio.CancelledError
 
-    async def _tokenize(self, client, meta: upstream.StreamMeta) -> dict | None:
-        """counting.tokenized_usage of the text so far; None if this task is cancelled
-        meanwhile (the run still ends, estimated)."""
+    async def _tokenize(self, provider: Provider, meta: StreamMeta) -> dict | None:
+        """The server's count of the text so far; None if cancelled meanwhile."""
         try:
             return await counting.tokenized_usage(
-                client, meta, model=self.run.model, prompt=self.run.prompt,
+                provider, meta, model=self.run.model, prompt=self.run.prompt,
                 content="".join(self.text), reasoning="".join(self.reasoning))
         except asyncio.CancelledError:
             return None

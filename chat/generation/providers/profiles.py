@@ -1,7 +1,8 @@
-"""Provider profiles: what each OpenAI-compatible server is sent and where its answer's
-reasoning and usage are read (issue 12, section 1; docs/providers.md has the table).
+"""Dialect profiles of the Chat Completions provider: what each OpenAI-compatible
+server is sent and where its answer's reasoning and usage are read (docs/providers.md
+has the table).
 
-``OPENAI_PROVIDER`` picks one (``auto``, the default, or one of :data:`PROVIDERS`).
+``OPENAI_PROVIDER`` picks one (``auto``, the default, or one of :data:`PROFILE_NAMES`).
 ``auto`` decides from the base URL (no base URL or api.openai.com: ``openai``;
 openrouter.ai: ``openrouter``; api.deepseek.com: ``deepseek``; port 11434:
 ``ollama``), else from the server itself, asked once per base URL and process
@@ -12,7 +13,7 @@ Besides the profiles: what a server refused once (a 400 naming an optional
 parameter, retried without it: :func:`adapt_after`) is remembered per (base URL,
 model) for the process, and the two look-ups the accounting makes after a run,
 :func:`tokenize` and :func:`lookup_generation`. This module knows nothing of the
-stream reader (chat.generation.upstream imports it).
+stream reader (.chat_completions imports it).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 # OPENAI_PROVIDER's values besides "auto" (the "generic" profile is auto's fallback).
-PROVIDERS = ("openai", "vllm", "ollama", "llamacpp", "openrouter", "deepseek")
-PROVIDER_CHOICES = ("auto", *PROVIDERS)
+PROFILE_NAMES = ("openai", "vllm", "ollama", "llamacpp", "openrouter", "deepseek")
+PROVIDER_CHOICES = ("auto", *PROFILE_NAMES)
 # OpenAI's reasoning models (o1, o3, o4-mini, the gpt-5 family): they reject max_tokens
 # and bill reasoning tokens they never stream (OpenAI reasoning guide).
 OPENAI_REASONING_MODEL = re.compile(r"^(o1|o3|o4|gpt-5)([-.].*)?$")

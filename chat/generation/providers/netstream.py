@@ -1,22 +1,17 @@
 """The provider client's sockets on asyncio itself: an httpcore2 network backend
-(:class:`AsyncioBackend`) for the SDK's HTTP client (issue 11, the upstream reader's
-CPU per token).
+(:class:`AsyncioBackend`, given to the transport with httpcore2's public
+``network_backend=``) for the SDK's HTTP client.
 
-httpcore2's default backend reads through anyio, and anyio's ``SocketStream.receive``
-resumes the transport's reading before every read and pauses it after (an epoll
-``register``/``unregister`` per read: 17 % of the worker's event loop at K = 200, py-spy,
-docs/performance.md) inside a ``fail_after`` cancel scope (``asyncio.current_task``
-through sniffio per read: 7 %). Here each connection is an ``asyncio.Protocol`` that
-keeps reading into a buffer: a read returns what is buffered at once and waits only
-when nothing is, and the read timeout is one timer per connection, re-armed lazily,
-instead of a cancel scope per read. Reading pauses only when the reader falls
-``_HIGH_WATER`` bytes behind (TCP back-pressure on the provider, as before).
-
-Errors are httpcore2's (``ConnectError``, ``ConnectTimeout``, ``ReadError``,
-``ReadTimeout``, ``WriteError``, ``WriteTimeout``), which httpx2 maps to its own and the
-SDK to ``APIConnectionError`` / ``APITimeoutError``, as with the default backend.
-Closing aborts the transport: the socket is closed on the loop's next iteration, also
-when the reader is cancelled at any await (a stop closes the upstream at once).
+httpcore2's default backend reads through anyio, whose ``SocketStream.receive``
+resumes and pauses the transport's reading around every read (an epoll register and
+unregister per read) inside a cancel scope per read: at one read per token, the
+largest cost of a busy worker's event loop. Here each connection is an
+``asyncio.Protocol`` that keeps reading into a buffer: a read returns what is buffered
+and waits only when nothing is; the read timeout is one timer per connection, re-armed
+lazily. Reading pauses only when the reader falls ``_HIGH_WATER`` bytes behind (TCP
+back-pressure on the provider). Errors are httpcore2's, which httpx2 and the SDK map
+as with the default backend. Closing aborts the transport, also when the reader is
+cancelled at any await (a stop closes the upstream at once).
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ import ssl
 from collections.abc import Iterable
 
 import httpcore2
-import httpx2
 
 # Buffered bytes above which the socket is no longer read (until a read drains them).
 _HIGH_WATER = 256 * 1024
@@ -41,15 +35,12 @@ class _Connection(asyncio.Protocol):
     def __init__(self, tick: float = 0.0) -> None:
         self.loop = asyncio.get_running_loop()
         # Read tick (s; 0: wake the reader on every data_received): the reader is woken
-        # a tick after the first chunk it has not seen, with every chunk of that tick.
-        # At 20 tokens/s a stream's chunks arrive ~50 ms apart, so a wake carries
-        # several (one task step, one coalesced frame, one socket write per batch). One
-        # timer per connection, not one for the loop: a shared tick woke every stream
-        # in the same loop iteration, a burst that delayed stops and other sockets'
-        # frames by tens of ms (lag p99 324 vs 105 ms at K=200). The tick applies only
-        # once the reader asked for it (AsyncioStream.batch_reads: the upstream does
-        # after the answer's first text), so a response's headers and first token
-        # (TTFT) never wait for it.
+        # a tick after the first chunk it has not seen, with every chunk of that tick
+        # (one task step, one coalesced frame, one socket write per batch). One timer
+        # per connection: a loop-wide tick would wake every stream in one burst, which
+        # delays stops and other sockets' frames. It applies only once the reader asks
+        # (AsyncioStream.batch_reads, after the answer's first text), so the headers
+        # and the first token never wait for it.
         self.tick = tick
         self.tick_handle: asyncio.TimerHandle | None = None
         self.batching = False
@@ -305,25 +296,6 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         return None
 
 
-def batch_reads(response) -> None:
-    """Batch the reads of an httpx2 response's connection (AsyncioStream.batch_reads);
-    a response on another backend, or an upgraded connection, is left as it is."""
-    stream = response.extensions.get("network_stream")
-    if isinstance(stream, AsyncioStream):
-        stream.batch_reads()
-
-
-def hang_up(response) -> None:
-    """Close an httpx2 response's connection now, from outside its reader and without
-    an await (AsyncioStream.hang_up): a stop reaches the provider in the step that asks
-    for it, not when the reading task next runs, which on a busy event loop is a pass or
-    two later (issue 11: stop -> upstream close p99). A response on another backend is
-    left to its reader's cancellation."""
-    stream = response.extensions.get("network_stream")
-    if isinstance(stream, AsyncioStream):
-        stream.hang_up()
-
-
 class AsyncioBackend(httpcore2.AsyncNetworkBackend):
     """httpcore2's network backend on asyncio protocols (module docstring). Only for
     an asyncio event loop (the worker's). ``read_tick`` (s): readers waiting for data
@@ -372,102 +344,3 @@ async def _connect(open_connection, timeout, socket_options,
         connection.transport.abort()
         raise httpcore2.ConnectError(str(exc)) from exc
     return AsyncioStream(connection)
-
-
-# httpcore2's errors as httpx2's (the SDK maps httpx2's to APIConnectionError and
-# APITimeoutError), most specific first: httpx2's own transport maps them the same way.
-_ERRORS: tuple[tuple[type[Exception], type[httpx2.HTTPError]], ...] = (
-    (httpcore2.ConnectTimeout, httpx2.ConnectTimeout),
-    (httpcore2.ReadTimeout, httpx2.ReadTimeout),
-    (httpcore2.WriteTimeout, httpx2.WriteTimeout),
-    (httpcore2.PoolTimeout, httpx2.PoolTimeout),
-    (httpcore2.TimeoutException, httpx2.TimeoutException),
-    (httpcore2.ConnectError, httpx2.ConnectError),
-    (httpcore2.ReadError, httpx2.ReadError),
-    (httpcore2.WriteError, httpx2.WriteError),
-    (httpcore2.NetworkError, httpx2.NetworkError),
-    (httpcore2.ProxyError, httpx2.ProxyError),
-    (httpcore2.UnsupportedProtocol, httpx2.UnsupportedProtocol),
-    (httpcore2.LocalProtocolError, httpx2.LocalProtocolError),
-    (httpcore2.RemoteProtocolError, httpx2.RemoteProtocolError),
-    (httpcore2.ProtocolError, httpx2.ProtocolError),
-)
-
-
-@contextlib.contextmanager
-def _httpx_errors():
-    """Raise httpcore2's exceptions as the matching httpx2 ones (``_ERRORS``)."""
-    try:
-        yield
-    except Exception as exc:
-        for core, mapped in _ERRORS:
-            if isinstance(exc, core):
-                raise mapped(str(exc)) from exc
-        raise
-
-
-class _ResponseStream(httpx2.AsyncByteStream):
-    """A response body from the pool, its errors mapped to httpx2's."""
-
-    def __init__(self, stream) -> None:
-        self._stream = stream
-
-    async def __aiter__(self):
-        with _httpx_errors():
-            async for part in self._stream:
-                yield part
-
-    async def aclose(self) -> None:
-        with _httpx_errors():
-            await self._stream.aclose()
-
-
-class AsyncioTransport(httpx2.AsyncBaseTransport):
-    """An httpx2 transport (the documented custom-transport interface,
-    ``handle_async_request``) over an ``httpcore2.AsyncConnectionPool`` whose
-    connections use :class:`AsyncioBackend`, given through the pool's public
-    ``network_backend`` argument (httpx2's own transport takes no backend).
-
-    ``read_tick`` (s): :class:`AsyncioBackend`. ``verify``, ``cert``, ``trust_env``:
-    the TLS context, as ``httpx2.create_ssl_context``. ``limits``: an
-    ``httpx2.Limits`` (default: httpx2's). ``http1``, ``http2``, ``retries``,
-    ``local_address``, ``uds``, ``socket_options``: the pool's. No proxy: the SDK's
-    client mounts its own transport for proxies from the environment.
-    """
-
-    def __init__(self, read_tick: float = 0.0, *, verify: ssl.SSLContext | str | bool = True,
-                 cert=None, trust_env: bool = True, limits: httpx2.Limits | None = None,
-                 http1: bool = True, http2: bool = False, retries: int = 0,
-                 local_address: str | None = None, uds: str | None = None,
-                 socket_options: Iterable | None = None) -> None:
-        limits = limits or httpx2.Limits(max_connections=100, max_keepalive_connections=20)
-        self.pool = httpcore2.AsyncConnectionPool(
-            ssl_context=httpx2.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1, http2=http2, retries=retries, local_address=local_address,
-            uds=uds, socket_options=socket_options,
-            network_backend=AsyncioBackend(read_tick),
-        )
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        """Send ``request`` on the pool; raises httpx2's transport errors
-        (``ConnectError``, ``ReadTimeout``, ...)."""
-        core_request = httpcore2.Request(
-            method=request.method,
-            url=httpcore2.URL(scheme=request.url.raw_scheme, host=request.url.raw_host,
-                              port=request.url.port, target=request.url.raw_path),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        with _httpx_errors():
-            response = await self.pool.handle_async_request(core_request)
-        return httpx2.Response(status_code=response.status, headers=response.headers,
-                               stream=_ResponseStream(response.stream),
-                               extensions=response.extensions)
-
-    async def aclose(self) -> None:
-        """Close the pool's connections."""
-        await self.pool.aclose()

@@ -1,6 +1,8 @@
-"""Server-sent events as the chat completions stream sends them: the ``data`` of each
-event from an HTTP response's bytes, and each chunk's JSON (issue 11: orjson, with no
-SDK object per chunk; chat.generation.upstream builds the events)."""
+"""The client side of server-sent events, as providers stream their answers: the
+``data`` of each event from an HTTP response's bytes, and each event's JSON (orjson,
+with no SDK object per event: at one object per token the SDK's parsing costs more
+CPU than the rest of the run). Providers build their events from these
+(.chat_completions)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ DIALECTS = (
     "openrouter",         # delta.reasoning; X-Generation-Id; GET /api/v1/generation
     "no-stream-options",  # 400 naming stream_options when the body has it
     "no-usage",           # ignores include_usage, never sends usage
+    "responses",          # also OpenAI's Responses API, /v1/responses (chat.demo_responses)
 )
 # Where each dialect streams reasoning text (None: it streams none).
 REASONING_FIELD = {

@@ -12,7 +12,7 @@ of the tests and of ``bench.load`` as well. Failure modes for those: ``fail_stat
 (answer an HTTP error), ``drop_after`` (cut the connection after N content chunks) and
 ``fault`` (one of :data:`FAULTS`: what real providers and proxies were seen to send),
 and ``dialect`` (one of :data:`DIALECTS`: a real provider's wire format, reasoning and
-usage included; chat.demo_dialects).
+usage included; chat.demo_dialects; the Responses API too: chat.demo_responses).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from .accounting import count_prompt_tokens
 from .demo_dialects import DIALECTS, Speaker, check_dialect, extra_route, write_tokens
 from .demo_dialects import rejection as dialect_rejection
 from .demo_faults import FAULT_ERRORS, FAULTS, NO_CHOICES
+from .demo_responses import ResponsesState
+from .demo_responses_http import is_responses_path
+from .demo_responses_http import serve as serve_responses
 
 __all__ = ["DIALECTS", "FAULTS", "UpstreamRequest", "UpstreamServer", "demo_answer",
            "split_tokens"]
@@ -173,6 +176,7 @@ class UpstreamServer:
         self.generations: dict[str, tuple] = {}  # OpenRouter id -> (record, speaker, model)
         self.split = split_tokens
         self.requests: list[UpstreamRequest] = []
+        self.responses = ResponsesState()  # the "responses" dialect's (demo_responses)
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
@@ -211,6 +215,7 @@ class UpstreamServer:
         return self
 
     async def stop(self) -> None:
+        self.responses.close()
         if self._server is not None:
             self._server.close()
             # Python 3.11's Server.close() leaves accepted keep-alive connections open.
@@ -307,6 +312,10 @@ class UpstreamServer:
 
     async def _route(self, method, path, body, reader, writer) -> bool:
         path, _, query = path.partition("?")
+        if self.dialect == "responses" and is_responses_path(path):
+            return await serve_responses(
+                self, method, path, query, body, reader, writer,
+                lambda b: UpstreamRequest(id=next(_ids), body=b, started_at=time.monotonic()))
         extra = extra_route(self, method, path, query, body, json.loads)
         if extra is not None:
             await self._send_json(writer, *extra)

@@ -184,3 +184,9 @@ def open_socket(user_id: int) -> SocketLimits:
                             f"(the limit is {cap}); close one and reload.")
     user.sockets += 1
     return SocketLimits(user_id, user)
+
+
+def forget_users() -> None:
+    """Forget every user's sockets, bucket and cool-down on this worker (for tests,
+    whose users' ids repeat from one test to the next)."""
+    _users.clear()

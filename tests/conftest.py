@@ -140,6 +140,15 @@ def session_cookie(user) -> str:
 
 # --- upstream ---------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
+def fresh_frame_limits():
+    """Each test's users start with full frame buckets and no sockets counted."""
+    from chat import ratelimit
+
+    ratelimit.forget_users()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def fresh_provider_memory():
     """Detected provider profiles and refused parameters are remembered per base URL for
     the process (chat.generation.providers); a port may be reused by a later test's
@@ -163,7 +172,7 @@ def upstream(settings):
     server.stop_thread()
 
 
-# --- a real inference engine (issue 12 §4) ---------------------------------------------
+# --- a real inference engine ---------------------------------------------
 @pytest.fixture(scope="session")
 def llama_server(request):
     """llama.cpp's llama-server serving SmolLM2-135M-Instruct on a loopback port, for

@@ -171,3 +171,39 @@ def test_a_client_that_never_reads_cannot_grow_the_worker(asgi_servers, alice,
             return json.loads(await ws.recv())["type"]
 
     assert asyncio.run(opens()) == "state"
+
+
+# --- in process: the rules of chat.ratelimit ------------------------------------------------
+async def test_a_user_past_the_socket_cap_gets_too_many_sockets_and_1008(alice, bob, connect,
+                                                                           settings):
+    settings.CHAT_MAX_SOCKETS_PER_USER = 2
+    for _ in range(2):
+        _, _, ws = await connect(alice)
+        assert (await ws.receive())["type"] == "state"
+    _, _, third = await connect(alice)
+    refused = await third.receive()
+    assert refused["type"] == "error" and refused["code"] == "too_many_sockets"
+    closed = await third.comm.receive_output(timeout=5)
+    assert closed == {"type": "websocket.close", "code": 1008}
+    # Bob's own sockets are not counted against alice's cap.
+    _, _, bobs = await connect(bob)
+    assert (await bobs.receive())["type"] == "state"
+
+
+async def test_a_stop_is_never_refused_even_past_the_frame_rate(alice, upstream, connect):
+    upstream.tokens_per_second = 20
+    _, _, ws = await connect(alice)
+    await ws.receive_type("state")
+    await ws.send({"type": "message", "content": "Tell me about stopping"})
+    start = await ws.receive_type("generation.start")
+    await ws.receive_type("delta")  # the provider is answering
+    # Costly frames empty the socket's bucket (a burst of 30 tokens at 5 each, 10/s).
+    for _ in range(12):
+        await ws.send({"type": "sync"})
+    limited = await ws.receive_until(lambda f: f.get("code") == "rate_limited")
+    assert limited["retry_after_ms"] > 0
+    await ws.send({"type": "stop"})
+    end = await ws.receive_type("generation.end")
+    assert end["message_id"] == start["message"]["id"] and end["status"] == "cancelled"
+    request = upstream.requests[-1]
+    assert await upstream.until(lambda: request.client_closed_at is not None, timeout=2.0)

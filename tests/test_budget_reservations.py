@@ -131,6 +131,34 @@ def test_a_run_started_before_its_user_had_a_quota_still_holds_its_tokens(alice)
     assert refused.value.extra["limit"] == "usd_per_day"
 
 
+def burst_of_one_token_starts(user, count: int) -> list[str]:
+    """``count`` starts of one-token runs by ``user`` in as many threads at once (each its
+    own connection and transaction): "started" or "refused" for each."""
+    barrier = threading.Barrier(count)
+    outcomes = []
+    lock = threading.Lock()
+
+    def one():
+        try:
+            barrier.wait(10)
+            try:
+                start(user, max_answer_tokens=1)
+                outcome = "started"
+            except QuotaExceeded:
+                outcome = "refused"
+            with lock:
+                outcomes.append(outcome)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
 def test_a_burst_of_small_starts_beside_a_large_run_admits_exactly_what_fits(alice):
     """A large run streams; eight starts of one-token runs in eight threads at once
     (each its own connection and transaction) against a quota that fits exactly three
@@ -142,28 +170,7 @@ def test_a_burst_of_small_starts_beside_a_large_run_admits_exactly_what_fits(ali
         tokens_per_day=prompt + settings.CHAT_MAX_TOKENS + 3 * small,
     )
     start(alice)
-    barrier = threading.Barrier(8)
-    outcomes = []
-    lock = threading.Lock()
-
-    def one():
-        try:
-            barrier.wait(10)
-            try:
-                start(alice, max_answer_tokens=1)
-                outcome = "started"
-            except QuotaExceeded:
-                outcome = "refused"
-            with lock:
-                outcomes.append(outcome)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    outcomes = burst_of_one_token_starts(alice, 8)
     assert sorted(outcomes) == ["refused"] * 5 + ["started"] * 3
     assert running_count(alice) == 4
 
@@ -172,27 +179,6 @@ def test_a_burst_of_equal_starts_admits_exactly_as_many_as_the_quota_fits(alice)
     prompt = prompt_tokens()
     each = prompt + 1
     UserBudget.objects.create(user=alice, max_concurrent=20, tokens_per_day=4 * each)
-    barrier = threading.Barrier(8)
-    outcomes = []
-    lock = threading.Lock()
-
-    def one():
-        try:
-            barrier.wait(10)
-            try:
-                start(alice, max_answer_tokens=1)
-                outcome = "started"
-            except QuotaExceeded:
-                outcome = "refused"
-            with lock:
-                outcomes.append(outcome)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    outcomes = burst_of_one_token_starts(alice, 8)
     assert sorted(outcomes) == ["refused"] * 4 + ["started"] * 4
     assert running_count(alice) == 4

@@ -70,6 +70,9 @@ async def test_a_second_run_with_a_one_token_ceiling_is_refused_while_the_first_
     assert refused["type"] == "error" and refused["code"] == "quota_exceeded", refused
     assert refused["remaining"] == {"tokens_per_day": 1060 - first_holds}
     assert refused["requested"]["tokens"] == prompt + 1
+    # The first run's request reaches the upstream (a start returns before it is sent);
+    # the refused one never does.
+    assert await upstream.until(lambda: len(upstream.requests) >= 1, timeout=5.0)
     assert len(upstream.requests) == 1
     assert await sync_to_async(running_count)(alice) == 1
 

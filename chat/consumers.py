@@ -9,10 +9,8 @@ Frames are built by ``chat.generation.frames`` only.
 
 import asyncio
 import functools
-import json
 import logging
 
-import orjson
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -23,13 +21,14 @@ from django.conf import settings
 from chatproject.server import SCOPE_EXTENSION
 
 from . import generation as gen
-from . import ratelimit, validation
+from . import ratelimit, tabs, validation, wire
 from .dispatching import dispatch_one_pass
 from .generation import autostop, frames
 from .generation.fanout import Batch
 from .generation.sequencer import Action, FrameSequencer
 from .layers import release_channel
 from .models import Conversation
+from .wire import BadFrame
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,8 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 # RFC 6455 section 7.4.1: "an endpoint ... received a message that violates its policy".
 CLOSE_POLICY_VIOLATION = 1008
+# RFC 6455 section 7.4.1 / IANA: "Service Restart"; the tab reconnects at once.
+CLOSE_SERVICE_RESTART = 1012
 # A snapshot request to another process that is not answered in this time falls back to
 # the text of the last database checkpoint.
 SNAPSHOT_TIMEOUT_S = 1.0
@@ -53,14 +54,6 @@ def _owner_id(conversation_id) -> int | None:
 
 
 _load_owner_id = database_sync_to_async(_owner_id, thread_sensitive=False)
-
-
-class BadFrame(Exception):
-    """A client frame that cannot be acted on; answered with an error frame."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code, self.detail = code, detail
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -93,6 +86,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     _fallback: asyncio.Future | None = None
     # A client's sync is being answered (on_sync).
     _syncing = False
+    # This socket's tab id (chat.tabs), and whether it saw a run of the conversation.
+    tab = None
+    saw_run = False
     # chat.ratelimit.SocketLimits, once connect found the user.
     limits = None
     # The server's flow control of this connection (chatproject.server), or None under
@@ -107,8 +103,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.scope = scope
         self.inbox = gen.Inbox()
         self.flow = (scope.get("extensions") or {}).get(SCOPE_EXTENSION)
-        # The server may tear the application down (shutdown, crash of the connection)
-        # without a clean websocket.disconnect: the run this socket started still stops.
+        self.tab = tabs.tab_of(scope)
+        # The server may tear the application down (a crash of the connection) without
+        # a clean websocket.disconnect: the run this tab started still stops.
         try:
             self.channel_layer = get_channel_layer(self.channel_layer_alias)
             # Other processes answer snapshot requests on it (generation_snapshot).
@@ -120,7 +117,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             except StopConsumer:
                 pass
         finally:
-            self._cancel_own_generation("teardown")
+            await self._stop_own_generation("teardown")
             if self.limits is not None:
                 self.limits.close()
             await self._unwatch()
@@ -141,6 +138,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
+        if gen.drain.is_draining():
+            # This worker is stopping: the tab reconnects at once, to another one.
+            await self.accept()
+            return await self.close(code=CLOSE_SERVICE_RESTART)
         try:
             self.limits = ratelimit.open_socket(user.id)
         except ratelimit.SocketRefused as exc:
@@ -181,6 +182,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         is here or there is none, else when its process answers (generation_snapshot)
         or, failing that, from the last checkpoint (_snapshot_fallback)."""
         self._state = state
+        self.saw_run = state["streaming"] is not None
         if state["streaming"] is None:
             return await self._send_state(None)
         self.sequencer.begin_resync(forget_positions=True)
@@ -225,8 +227,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def disconnect(self, code):
         if self._fallback is not None:
             self._fallback.cancel()
-        # Cancel first: the upstream stream is closed without waiting for the layer.
-        self._cancel_own_generation("disconnect")
+        # Stop first: the upstream stream is closed without waiting for the layer.
+        await self._stop_own_generation("disconnect")
         await self._unwatch()
 
     async def _unwatch(self):
@@ -235,9 +237,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.watching = False
             await gen.unwatch(self.conversation_id, self.inbox)
 
-    def _cancel_own_generation(self, reason):
-        if self.generation is not None:
-            self.generation.cancel(reason)
+    async def _stop_own_generation(self, reason):
+        """A closed tab stops the run it started (chat.tabs), at once when this socket
+        started it; a worker that drains closes its sockets and stops nothing."""
+        try:
+            await tabs.stop_tab_run(self, reason)
+        except Exception:  # noqa: BLE001 - the run's lease or the user's stop ends it
+            logger.exception("could not stop the run of tab %s", self.tab)
 
     async def _refuse(self, frame: dict | None = None) -> None:
         """Someone else owns the conversation (created after this socket connected to
@@ -306,30 +312,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     @classmethod
     async def encode_json(cls, content):
-        """``content`` (a frame: JSON types only) as JSON text, with orjson: the stdlib
-        encoder was 2.3 % of a worker's time at K = 200 (py-spy, docs/performance.md),
-        one frame per delta per socket. What orjson refuses (a lone surrogate, which the
-        stdlib escapes; an integer past 64 bits) goes through the stdlib as before."""
-        try:
-            return orjson.dumps(content).decode()
-        except TypeError:  # orjson.JSONEncodeError is a TypeError
-            return json.dumps(content)
+        """The frame as JSON text (chat.wire.encode: orjson)."""
+        return wire.encode(content)
 
     @classmethod
     async def decode_json(cls, text_data):
-        """The frame object of ``text_data``; raises BadFrame (too large, not JSON,
-        nested too deeply, not an object with a string ``type``)."""
-        if len(text_data) > settings.CHAT_MAX_MESSAGE_CHARS * 4 + 1024:
-            raise BadFrame("too_large", "The frame is too large.")
-        try:
-            frame = await super().decode_json(text_data)
-        except RecursionError:
-            raise BadFrame("bad_json", "The frame is nested too deeply.") from None
-        except ValueError:
-            raise BadFrame("bad_json", "The frame is not valid JSON.") from None
-        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            raise BadFrame("bad_frame", 'A frame is an object with a "type".')
-        return frame
+        """The checked frame object of ``text_data`` (chat.wire.decode); raises BadFrame."""
+        return wire.decode(text_data)
 
     async def receive_json(self, frame):
         """Dispatch one valid frame by its type. Raises GenerationError and
@@ -371,7 +360,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _start(self, content, mode, create=None):
         self.generation = await gen.start_generation(
             self.user, self.conversation_id, content, mode=mode, create=create,
-            layer=self.channel_layer,
+            layer=self.channel_layer, tab=self.tab,
         )
         # The store checked the owner (it created the conversation for this user, or
         # found it theirs): the group frames that follow need no check.
@@ -440,6 +429,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 )
             self._owner_unverified = False
         action = self.sequencer.decide(frame)
+        # A run of the conversation is streaming (chat.tabs.stop_tab_run).
+        self.saw_run = frame["type"] == "generation.start" or (
+            self.saw_run and frame["type"] != "generation.end")
         if action is Action.RESYNC:
             # A group message was lost between the generation and this socket: repair
             # from the source instead of showing text with a hole.

@@ -20,6 +20,19 @@ daphne and Twisted offer:
   than the spec: asgi.readthedocs.io, "Extensions"), to stop reading a socket that
   floods (chat.ratelimit) and to skip work for a socket that does not read.
 
+**Graceful shutdown** (:meth:`ChatServer.drain`): on SIGTERM or SIGINT the worker stops
+listening, closes every WebSocket with 1012 (service restart: the tabs reconnect to
+another worker at once and follow their answers there through the channel layer),
+refuses new generations (``overloaded``, reason ``shutting_down``), lets the running
+ones stream to their end for up to ``CHAT_SHUTDOWN_GRACE_S``, interrupts what is left
+(chat.generation.drain), and only then lets daphne cancel what remains and the reactor
+stop. A second signal ends the wait at once. The signals are taken on the asyncio loop
+daphne's reactor runs on (``loop.add_signal_handler``) instead of Twisted's handlers,
+whose SIGINT/SIGTERM stop the reactor at once; the drain itself is daphne's "before
+shutdown" trigger :meth:`ChatServer.kill_all_applications`, so whatever stops the
+reactor drains first (Twisted: a trigger that returns a Deferred delays the shutdown
+until it fires).
+
 It is daphne's ``Server`` through daphne's own switches: the command-line interface's
 ``server_class`` (``python -m chatproject.server``, daphne's arguments) and the
 ``runserver`` command's ``server_cls`` (chat/management/commands/runserver.py).
@@ -31,10 +44,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
+import time
 from functools import partial
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -46,6 +63,9 @@ INBOUND_LOW = 16
 UNSENT_LIMIT_BYTES = 4 * 1024 * 1024
 # Policy violation, service restart, try again later (RFC 6455 section 7.4.1; IANA).
 PROTOCOL_CLOSE_CODES = frozenset({1008, 1012, 1013})
+SERVICE_RESTART = 1012
+# How long a drain waits for the sockets it closed to finish their close handshake (s).
+CLOSE_WAIT_S = 2.0
 
 
 @implementer(IPushProducer)
@@ -147,8 +167,113 @@ class InboundQueue(asyncio.Queue):
 
 
 class ChatServer(Server):
-    """daphne's ``Server`` whose WebSocket connections have flow control (module
-    docstring). HTTP connections are daphne's own."""
+    """daphne's ``Server`` whose WebSocket connections have flow control, and that drains
+    before it stops (module docstring). HTTP connections are daphne's own.
+
+    ``shutdown_grace_s``: how long a drain lets running generations go on (s); None:
+    ``settings.CHAT_SHUTDOWN_GRACE_S``. ``drain_report``: what the last drain did, for
+    the log and the tests (``{"ended", "interrupted", "closed_sockets", "seconds"}``).
+    """
+
+    def __init__(self, *args, shutdown_grace_s: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shutdown_grace_s = shutdown_grace_s
+        self.ports: list = []
+        self.drain_report: dict | None = None
+        self._drain: asyncio.Future | None = None
+        self._now = asyncio.Event()
+        self._take_signals = False
+        self._stopping = False
+
+    # -- graceful shutdown -----------------------------------------------------------
+    def run(self):
+        """daphne's ``run``, with SIGTERM and SIGINT taken by :meth:`signalled` instead
+        of Twisted's handlers (when daphne would install signal handlers at all)."""
+        self._take_signals = self.signal_handlers
+        self.signal_handlers = False
+        reactor.callWhenRunning(self._install_signal_handlers)
+        super().run()
+
+    def _install_signal_handlers(self):
+        # Python delivers signals to the main thread only (runserver's autoreloader runs
+        # the server in another thread and passes signal_handlers=False anyway).
+        if not self._take_signals or threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_event_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.signalled, signum)
+
+    def signalled(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the first one drains and then stops the reactor; the next
+        one cuts the drain's wait short (what still runs is interrupted now)."""
+        if not self._stopping and reactor.running:
+            self._stopping = True
+            logger.warning("%s: draining (grace %s s); send it again to stop now",
+                           signal.Signals(signum).name, self._grace_s())
+            reactor.stop()
+        else:
+            logger.warning("%s again: interrupting what still runs", signal.Signals(signum).name)
+            self._now.set()
+
+    def listen_success(self, port):
+        """daphne's, keeping the listening port so that a drain can close it."""
+        self.ports.append(port)
+        super().listen_success(port)
+
+    def kill_all_applications(self):
+        """daphne's "before shutdown" trigger, after :meth:`drain`: the Deferred fires
+        once the drain is done and daphne has cancelled the application instances left
+        (HTTP requests; the WebSockets are closed by then)."""
+        self._drain = asyncio.ensure_future(self.drain())
+        drained = defer.Deferred.fromFuture(self._drain)
+        drained.addErrback(lambda failure: logger.error("drain failed: %s", failure.value))
+        drained.addCallback(lambda _: super(ChatServer, self).kill_all_applications())
+        return drained
+
+    def _grace_s(self) -> float:
+        if self.shutdown_grace_s is not None:
+            return self.shutdown_grace_s
+        from django.conf import settings  # configured by the application's import
+
+        return float(settings.CHAT_SHUTDOWN_GRACE_S)
+
+    async def drain(self) -> dict:
+        """Stop listening, refuse new generations, close every WebSocket with 1012, wait
+        for the running generations (chat.generation.drain.finish_runs: up to the
+        grace, or a second signal), then for the closed sockets to go (up to
+        ``CLOSE_WAIT_S``). Returns and logs :attr:`drain_report`."""
+        # chat.generation needs Django's apps, loaded when the application was imported
+        # (after this module, which daphne's command line imports first).
+        from chat.generation import drain
+
+        began = time.monotonic()
+        drain.begin()
+        for port in self.ports:
+            port.stopListening()
+        closed = self.close_websockets(SERVICE_RESTART)
+        result = await drain.finish_runs(self._grace_s(), self._now)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self._open_websockets() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.drain_report = {**result, "closed_sockets": closed,
+                             "seconds": round(time.monotonic() - began, 2)}
+        logger.warning("drained: %s", self.drain_report)
+        return self.drain_report
+
+    def _open_websockets(self) -> list:
+        return [protocol for protocol, details in list(self.connections.items())
+                if "flow" in details and not details.get("disconnected")]
+
+    def close_websockets(self, code: int) -> int:
+        """Send a close frame with ``code`` (RFC 6455 section 7.4.1) to every open
+        WebSocket; returns how many. daphne then hands each application its
+        ``websocket.disconnect`` as for any close."""
+        closed = 0
+        for protocol in self._open_websockets():
+            if protocol.state == protocol.STATE_OPEN:
+                protocol.sendCloseFrame(code=code, isReply=False)
+                closed += 1
+        return closed
 
     def create_application(self, protocol, scope):
         """daphne 4.2's ``Server.create_application`` for a WebSocket, with an

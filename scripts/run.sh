@@ -57,4 +57,6 @@ MSG
   done
 }
 announce &
-exec .venv/bin/python manage.py runserver "$host:$port"
+# No autoreloader: its parent process kills the server 0.25 s after Ctrl-C, and Ctrl-C
+# drains (answers streaming finish, or end interrupted with usage: docs/scale.md).
+exec .venv/bin/python manage.py runserver --noreload "$host:$port"

@@ -19,6 +19,11 @@ import {
 
 const RECONNECT_BASE_MS = 500;
 const RECONNECT_MAX_MS = 10000;
+// Close code 1012 "Service Restart" (RFC 6455 section 7.4.1, IANA): the worker is
+// stopping and its answers go on elsewhere; come back at once, spread over this window.
+const SERVICE_RESTART = 1012;
+const RESTART_JITTER_MS = 250;
+const TAB_KEY = "chat.tab";
 // A run's seq when the server could not say which deltas its saved text includes.
 const SEQ_UNKNOWN = -1;
 
@@ -32,13 +37,31 @@ const link = {
 };
 
 let incomingFilter = null;
-let refusedHandler = () => {};
+let refusedHandler = () => false;
 
 // --- the socket ----------------------------------------------------------------------------
 
+/** This tab's id: kept in sessionStorage (one per tab, across reloads and reconnects)
+ *  and sent with every socket, so the answer this tab started stays its own to stop by
+ *  closing it, whichever worker its socket reaches (chat/tabs.py). */
+function tabId() {
+  let id = null;
+  try { id = sessionStorage.getItem(TAB_KEY); } catch { /* storage disabled */ }
+  if (!id) {
+    // randomUUID needs a secure context; plain http on another host has only this.
+    id = crypto.randomUUID ? crypto.randomUUID()
+      : Array.from(crypto.getRandomValues(new Uint8Array(16)),
+        (b) => b.toString(16).padStart(2, "0")).join("");
+    try { sessionStorage.setItem(TAB_KEY, id); } catch { /* storage disabled */ }
+  }
+  return id;
+}
+
 function socketUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${location.host}${config.ws_path}`;
+  const path = config.ws_path;
+  const joiner = path.includes("?") ? "&" : "?";
+  return `${scheme}//${location.host}${path}${joiner}tab=${encodeURIComponent(tabId())}`;
 }
 
 function connect() {
@@ -75,6 +98,15 @@ function onSocketClosed(event) {
   if (event.code === 4403) {
     setConnection("offline", "No access");
     showNotice("This conversation belongs to someone else.");
+    return;
+  }
+  if (event.code === SERVICE_RESTART) {
+    // Not a lost connection: the server restarts and its answers stream on; the
+    // `state` frame of the next socket catches the transcript up.
+    link.attempts = 0;
+    setConnection("offline", "Reconnecting…");
+    clearTimeout(link.timer);
+    link.timer = setTimeout(connect, Math.random() * RESTART_JITTER_MS);
     return;
   }
   scheduleReconnect();
@@ -140,8 +172,10 @@ export function leavePage(url) {
   location.assign(url);
 }
 
-/** Call ``fn(content)`` when the server refuses what this tab sent (busy, quota, ...), so
- *  the text can go back to the input. */
+/** Call ``fn(pending, frame)`` when the server refuses what this tab sent (busy, quota,
+ *  ...): ``pending`` is {type, content, frame}, ``frame`` the `error` frame. It returns
+ *  true when it sends the request again by itself (the message stays shown), else it
+ *  gives the text back to the input. */
 export function onRefused(fn) {
   refusedHandler = fn;
 }
@@ -351,13 +385,14 @@ function onGenerationEnd(frame) {
 }
 
 function onError(frame) {
-  // A refused send is given back to the input so the text is never lost.
+  // A refused send is sent again by the composer (`overloaded`: it keeps showing), or
+  // given back to the input, so the text is never lost.
   const pending = state.pending;
   state.pending = null;
   if (pending && (pending.type === "message" || pending.type === "edit")) {
+    if (refusedHandler(pending, frame)) return;
     removeMessages((m) => m.pending && m.content === pending.content);
     refresh();
-    refusedHandler(pending.content);
   }
   showNotice(describeError(frame),
     frame.code === "busy" || frame.code === "overloaded" ? "warning" : "error");

@@ -14,6 +14,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from .excerpt import plain_excerpt
 from .money import format_usd
 
 
@@ -168,8 +169,8 @@ class Message(models.Model):
         indexes = [models.Index(fields=["conversation", "created_at"])]
 
     def __str__(self):
-        text = " ".join(self.content.split())[:50]
-        return f"{self.role} ({self.status}): {text}"
+        # Shown where the admin links a message: plain text, cut at a word.
+        return f"{self.role} ({self.status}): {plain_excerpt(self.content, 60)}"
 
     @property
     def is_final(self) -> bool:
@@ -237,7 +238,7 @@ class UsageRecord(models.Model):
     """Exactly one per generation, whatever its end (completed, cancelled, failed,
     interrupted): the audit trail of what was asked of the provider and what it cost.
 
-    ``source`` says where the token counts come from, best first (issue 12, section 3):
+    ``source`` says where the token counts come from, best first:
 
     - ``reported``: the provider's final usage chunk (``stream_options.include_usage``),
       or OpenRouter's generation lookup (``GET /api/v1/generation``), whatever the end;
@@ -290,18 +291,25 @@ class UsageRecord(models.Model):
     reasoning_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
     reasoning_hidden = models.BooleanField(
-        default=False, help_text="The provider hid its reasoning: an estimate undercounts it."
+        default=False,
+        help_text="Whether the provider billed reasoning it did not stream; if so, counts "
+        "it did not report undercount it.",
     )
-    input_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
-    output_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    input_price_per_mtok = models.DecimalField(
+        "input price (USD per 1M tokens)", max_digits=12, decimal_places=6, default=0
+    )
+    output_price_per_mtok = models.DecimalField(
+        "output price (USD per 1M tokens)", max_digits=12, decimal_places=6, default=0
+    )
     # USD per 1M cached prompt tokens; null: the input price (records older than it).
     cached_input_price_per_mtok = models.DecimalField(
-        max_digits=12, decimal_places=6, null=True, blank=True
+        "cached input price (USD per 1M tokens)", max_digits=12, decimal_places=6,
+        null=True, blank=True,
     )
-    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
+    cost_usd = models.DecimalField("cost (USD)", max_digits=14, decimal_places=8, default=0)
     # Milliseconds from the upstream request to the first content delta; null if none.
-    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
-    duration_ms = models.PositiveIntegerField(default=0)
+    ttft_ms = models.PositiveIntegerField("time to first token (ms)", null=True, blank=True)
+    duration_ms = models.PositiveIntegerField("duration (ms)", default=0)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     # How the generation ended (as Message.finish_reason, kept if the message is
     # deleted) and the max_tokens it asked for: the report counts automatic stops and
@@ -350,15 +358,16 @@ class ModelPrice(models.Model):
 
     model = models.CharField(max_length=100, help_text="Model name or prefix")
     input_per_mtok = models.DecimalField(
-        max_digits=12, decimal_places=6, default=Decimal("0"),
+        "input price (USD per 1M tokens)", max_digits=12, decimal_places=6, default=Decimal("0"),
         help_text="USD per 1M input (prompt) tokens",
     )
     output_per_mtok = models.DecimalField(
-        max_digits=12, decimal_places=6, default=Decimal("0"),
+        "output price (USD per 1M tokens)", max_digits=12, decimal_places=6, default=Decimal("0"),
         help_text="USD per 1M output (completion) tokens",
     )
     cached_input_per_mtok = models.DecimalField(
-        max_digits=12, decimal_places=6, null=True, blank=True,
+        "cached input price (USD per 1M tokens)", max_digits=12, decimal_places=6,
+        null=True, blank=True,
         help_text="USD per 1M cached input tokens; empty: the input price",
     )
     valid_from = models.DateTimeField(default=timezone.now)

@@ -1,6 +1,7 @@
 """USD amounts as people read them, and as machines read them.
 
-Two formats, each implemented once:
+Two formats, each implemented once (``format_usd_tick`` is ``format_usd`` for chart
+axes, trimmed):
 
 - ``format_usd`` is the one format for people (admin lists, totals, the usage report and
   its charts, budget pages and messages). It is the format the chat page already uses
@@ -52,6 +53,18 @@ def format_usd(value) -> str:
     if rounded.is_zero():
         return f"{sign}<${MICRO}"
     return f"{sign}${format(rounded, 'f').rstrip('0')}"
+
+
+def format_usd_tick(value) -> str:
+    """A chart axis tick in USD: ``format_usd``, with the zeros that only pad its 4
+    decimal places dropped down to whole cents, since ticks are round numbers:
+    ``0.1`` gives ``"$0.10"`` (``format_usd``: ``"$0.1000"``), ``1`` ``"$1.00"``,
+    ``0.0125`` ``"$0.0125"``, ``0.005`` ``"$0.005"``, ``0`` ``"$0"``."""
+    text = format_usd(value)
+    head, dot, decimals = text.partition(".")
+    if not dot or len(decimals) != 4 or text.startswith(("<", "-<")):
+        return text
+    return f"{head}.{decimals[:2]}{decimals[2:].rstrip('0')}"
 
 
 def plain_decimal(value) -> str:

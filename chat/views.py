@@ -6,23 +6,23 @@ import uuid
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
 from django.shortcuts import get_object_or_404, redirect, render
 from django.templatetags.static import static
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 from django.views.generic import RedirectView
 
+from .forms import SignupForm
 from .generation import uses_demo_model
 from .models import Conversation
 
 
 @require_http_methods(["GET", "POST"])
 def signup(request):
-    """Create an account with Django's UserCreationForm and log the new user in."""
+    """Create an account (chat.forms.SignupForm) and log the new user in."""
     if request.user.is_authenticated:
         return redirect("chat:index")
-    form = UserCreationForm(request.POST or None)
+    form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")

@@ -371,8 +371,13 @@ OPENAI_FIRST_BYTE_TIMEOUT_S = env_float("OPENAI_FIRST_BYTE_TIMEOUT_S", 20.0)
 CHAT_STREAM_IDLE_TIMEOUT_S = env_float("CHAT_STREAM_IDLE_TIMEOUT_S", 60.0)
 OPENAI_MAX_RETRIES = env_int("OPENAI_MAX_RETRIES", 1)
 # The API the provider is spoken to with, a key of chat.generation.providers.PROVIDERS:
-# chat (POST /chat/completions, streamed).
-OPENAI_API = env_str("OPENAI_API", "chat").strip().lower()
+# chat (POST /chat/completions, streamed) or responses (POST /v1/responses, streamed);
+# unset: by profile (responses for the openai profile, chat for every other).
+OPENAI_API = env_str("OPENAI_API").strip().lower()
+# Responses API only: create responses with background: true (and store: true, so the
+# provider keeps them for a while): a stop then cancels the response at the provider and
+# records its billed usage, and a cut stream is resumed (docs/providers.md).
+OPENAI_BACKGROUND = env_bool("OPENAI_BACKGROUND", False)
 # What the provider is sent and where its reasoning and usage are read
 # (chat.generation.providers.profiles, docs/providers.md): auto (from OPENAI_BASE_URL,
 # else asked of the server once), openai, vllm, ollama, llamacpp, openrouter or deepseek.

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite as CI does, in three configurations: the embedded defaults
-# (SQLite, in-memory channel layer), PostgreSQL + Redis (issue: scale out), and
+# (SQLite, in-memory channel layer), PostgreSQL + Redis, and
 # realmodel: the tests marked realmodel against llama.cpp's llama-server serving a real
-# model (issue 12 §4; the first run on a machine builds it, ~15 min on 2 cores, into a
-# cache outside the checkout: scripts/realmodel.sh).
+# model (the first run on a machine builds it into a cache outside the checkout, which
+# takes a while: README.md, "Tests", says how long; scripts/realmodel.sh).
 # TEST_CONFIGS="defaults", "postgres" or "realmodel" runs some; extra arguments go to
 # pytest.
 set -euo pipefail

@@ -80,3 +80,14 @@ def fuzz(operation, conversation_id, headers) -> None:
         )
 
     check()
+
+
+def test_every_enum_of_the_schema_has_a_name_that_says_what_it_holds(client):
+    schema = client.get("/api/schema/?format=json").json()
+    names = {name for name in schema["components"]["schemas"] if name.endswith("Enum")}
+    assert "BlankEnum" not in names
+    assert {"ChatModelEnum", "DefaultModelEnum"} <= names
+    model = schema["components"]["schemas"]["Conversation"]["properties"]["model"]
+    assert [ref["$ref"].rsplit("/", 1)[1] for ref in model["oneOf"]] == [
+        "ChatModelEnum", "DefaultModelEnum"
+    ]

@@ -6,6 +6,13 @@ Staff need the ``view`` permission of a model to see its pages (superusers have 
 the usage export and report need ``chat.view_usagerecord``.
 """
 
+from django.contrib import admin
+
 from . import limits, records
+
+# The names on every admin page (Django's defaults say "Django administration").
+admin.site.site_header = "Chat administration"
+admin.site.site_title = "Chat admin"
+admin.site.index_title = "Usage, conversations and limits"
 
 __all__ = ["limits", "records"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+from csp.constants import NONCE
+from csp.decorators import csp_update
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
@@ -24,8 +26,10 @@ from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
 from .. import charts, usage
+from ..excerpt import plain_excerpt
 from ..models import Conversation, Message, UsageRecord
 from ..money import format_usd
 
@@ -78,6 +82,18 @@ class UserWithRecordsFilter(admin.RelatedOnlyFieldListFilter):
         return getattr(self, "has_orphans", False)
 
 
+class FinishReasonFilter(admin.AllValuesFieldListFilter):
+    """"By finish reason": the values records have, the empty one named "(none)"
+    (records older than the field, or runs that ended before any answer) instead of a
+    link with no text."""
+
+    def choices(self, changelist):
+        for choice in super().choices(changelist):
+            if choice["display"] == "":
+                choice = {**choice, "display": "(none)"}
+            yield choice
+
+
 class ReadOnlyMixin:
     """No add, change or delete, for anyone: audit records and transcripts are kept
     as they were written (viewing needs the model's view permission)."""
@@ -100,12 +116,25 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
     filtered list, the action the selected rows; "Usage report" opens a 30-day chart.
     """
 
+    # What a review looks at first (who, which model, how it ended, what it cost), then
+    # the tokens and timings folded into one column each, so the list fits a 1366 px
+    # screen beside the admin's sidebar and filters without scrolling sideways.
     list_display = (
-        "created_at", "user", "conversation", "model", "prompt_tokens", "completion_tokens",
-        "total_tokens", "cost", "status", "source", "ttft_ms", "duration_ms",
+        "created", "user_and_conversation", "model", "status", "cost", "tokens", "timing",
     )
+    list_display_links = ("created",)
+    # The record's page, read-only: what was asked and how it ended, then the counts,
+    # then the unit prices and timings.
+    fields = (
+        "created_at", "user", "conversation", "message", "model", "status",
+        "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens",
+        "reasoning_tokens", "cached_tokens", "max_tokens", "source", "estimated",
+        "reasoning", "cost", "input_price_per_mtok", "cached_input_price_per_mtok",
+        "output_price_per_mtok", "ttft_ms", "duration_ms",
+    )
+    readonly_fields = ("cost", "reasoning")
     list_filter = (
-        "model", "status", "finish_reason", "source", "estimated",
+        "model", "status", ("finish_reason", FinishReasonFilter), "source", "estimated",
         ("user", UserWithRecordsFilter),
     )
     date_hierarchy = "created_at"
@@ -119,6 +148,48 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description="Cost (USD)", ordering="cost_usd")
     def cost(self, record):
         return format_usd(record.cost_usd)
+
+    @admin.display(description="Created at", ordering="created_at")
+    def created(self, record):
+        when = timezone.localtime(record.created_at)
+        return format_html(
+            '{}<br><span class="usage-detail">{}</span>', f"{when:%Y-%m-%d}", f"{when:%H:%M}"
+        )
+
+    @admin.display(description="User, conversation", ordering="user__username")
+    def user_and_conversation(self, record):
+        user = record.user.get_username() if record.user else DELETED_USER
+        title = plain_excerpt(str(record.conversation), 32) if record.conversation else "—"
+        return format_html('{}<br><span class="usage-detail">{}</span>', user, title)
+
+    @admin.display(description="Tokens", ordering="total_tokens")
+    def tokens(self, record):
+        """Total, then prompt + completion, then where the counts come from (Source)."""
+        return format_html(
+            '{}<br><span class="usage-detail">{} + {}<br>{}</span>',
+            f"{record.total_tokens:,}", f"{record.prompt_tokens:,}",
+            f"{record.completion_tokens:,}", record.get_source_display().lower(),
+        )
+
+    @admin.display(description="Time (ms)", ordering="duration_ms")
+    def timing(self, record):
+        """The whole run, then the time to its first token."""
+        first = "—" if record.ttft_ms is None else f"{record.ttft_ms:,}"
+        return format_html(
+            '{}<br><span class="usage-detail">first {}</span>', f"{record.duration_ms:,}", first,
+        )
+
+    @admin.display(description="Reasoning hidden")
+    def reasoning(self, record):
+        """Says what a hidden reasoning means only for records where it was hidden."""
+        if not record.reasoning_hidden:
+            return "No"
+        if record.source == UsageRecord.Source.REPORTED:
+            return "Yes: the provider did not stream its reasoning; it reported the tokens."
+        return (
+            "Yes: the provider did not stream its reasoning, so these counts, "
+            f"{record.get_source_display().lower()} from what it streamed, undercount it."
+        )
 
     # -- totals above the list ---------------------------------------------------------
     def changelist_view(self, request, extra_context=None):
@@ -166,6 +237,8 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
             for day in reversed(days)
         ]
         changelist_url = reverse("admin:chat_usagerecord_changelist")
+        # The charts' inline styles are allowed by this nonce (see get_urls).
+        nonce = str(request.csp_nonce)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
@@ -173,11 +246,11 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
             "days": days,
             "totals": usage.totals(records),
             "tokens_chart": charts.stacked_daily_svg(
-                "Tokens per day (UTC), by model", days, series, "tokens"
+                "Tokens per day (UTC), by model", days, series, "tokens", nonce=nonce
             ),
             "cost_chart": charts.stacked_daily_svg(
-                "Cost per day (USD, UTC), by model", days, series, "cost_usd",
-                value_formatter=format_usd,
+                "Cost per day (USD, UTC), by model", days, series, "cost_usd", money=True,
+                nonce=nonce,
             ),
             "daily": daily,
             "top_users": usage.top(records, "user_id", "user__username"),
@@ -191,7 +264,10 @@ class UsageRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):
         wrap = self.admin_site.admin_view
         return [
             path("export/", wrap(self.export_view), name="chat_usagerecord_export"),
-            path("report/", wrap(self.report_view), name="chat_usagerecord_report"),
+            # The report's charts carry their style inline: the page's policy allows
+            # styles with its nonce (django-csp adds it to the header when used).
+            path("report/", wrap(csp_update({"style-src": [NONCE]})(self.report_view)),
+                 name="chat_usagerecord_report"),
             *super().get_urls(),
         ]
 
@@ -344,5 +420,4 @@ class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description="content")
     def short(self, message):
-        text = " ".join(message.content.split())
-        return text[:80] + ("…" if len(text) > 80 else "") or "(empty)"
+        return plain_excerpt(message.content, 80)

@@ -123,3 +123,34 @@ export async function api(method, path, body) {
   }
   return response.status === 204 ? null : response.json();
 }
+
+// --- the demo model notice ----------------------------------------------------------------
+
+const DEMO_BANNER_KEY = "chat.demoBannerDismissed";
+
+/** Whether this browser dismissed the demo notice (localStorage; a browser that refuses
+ *  storage, e.g. with site data blocked, shows it on every page). */
+function demoBannerDismissed() {
+  try {
+    return localStorage.getItem(DEMO_BANNER_KEY) === "1";
+  } catch {
+    return false;
+  }
+}
+
+// Runs once, when main.js first imports this module (after the page is parsed: module
+// scripts are deferred). The notice is in the page only with the demo model.
+const demoBanner = $("demo-banner");
+if (demoBanner) {
+  if (demoBannerDismissed()) {
+    demoBanner.remove();
+  } else {
+    $("demo-banner-close").addEventListener("click", () => {
+      try {
+        localStorage.setItem(DEMO_BANNER_KEY, "1");
+      } catch { /* not remembered: it comes back on the next page */ }
+      demoBanner.remove();
+      $("input").focus();
+    });
+  }
+}

@@ -32,6 +32,11 @@ class Tuning:
     # per token. A stop still returns what was received before it closes the stream.
     read_tick_ms: int = 80
 
+    # The openai SDK's own timeout of each read and write (s): a backstop behind
+    # OPENAI_FIRST_BYTE_TIMEOUT_S and CHAT_STREAM_IDLE_TIMEOUT_S, which end a silent
+    # provider first.
+    sdk_timeout_s: float = 60.0
+
     # --- deltas (chat.generation.task) ---
     # Deltas are coalesced over this window (ms) on top of the read tick; 0: a delta
     # per read batch, as it is read.
@@ -137,6 +142,7 @@ def parse(text: str) -> Tuning:
 # Environment variables that were settings before these constants were gathered here:
 # a deployment that still sets one is told which constant it became (chat.checks).
 FORMER_VARIABLES = {
+    "OPENAI_TIMEOUT_S": "sdk_timeout_s",
     "CHAT_UPSTREAM_READ_TICK_MS": "read_tick_ms",
     "CHAT_DELTA_COALESCE_MS": "delta_coalesce_ms",
     "CHAT_DELTA_MAX_CHARS": "delta_max_chars",

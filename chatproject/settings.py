@@ -362,8 +362,6 @@ SPECTACULAR_SETTINGS = {
 # reached through the same `openai` SDK path as a real provider.
 OPENAI_API_KEY = env_str("OPENAI_API_KEY")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")
-# Backstop of the SDK (httpx) for each read and write of a request (s).
-OPENAI_TIMEOUT_S = env_float("OPENAI_TIMEOUT_S", 60.0)
 # The provider must connect and send its response headers within this (s), retries
 # included; a server that hangs before answering fails the run after this long.
 OPENAI_FIRST_BYTE_TIMEOUT_S = env_float("OPENAI_FIRST_BYTE_TIMEOUT_S", 20.0)

@@ -59,7 +59,7 @@ def faulty(upstream, settings):
     answering, 0.5 s of silence), so every fault ends in well under a second."""
     settings.OPENAI_FIRST_BYTE_TIMEOUT_S = 0.5
     settings.CHAT_STREAM_IDLE_TIMEOUT_S = 0.5
-    settings.OPENAI_TIMEOUT_S = 5
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(sdk_timeout_s=5)
     upstream.answer = ANSWER
     upstream.tokens_per_second = 200
     upstream.retry_after = 7

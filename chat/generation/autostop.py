@@ -4,13 +4,11 @@
 - it degenerates into a loop: ``finish_reason`` ``repetition`` (:class:`RepetitionGuard`);
 - its running cost reaches a ceiling: ``finish_reason`` ``cost_limit`` (:class:`CostCeiling`).
 
-Both are opt-in:
-
-- per deployment: ``CHAT_REPETITION_GUARD`` (and its tunables), ``CHAT_MAX_ANSWER_USD``,
-  ``CHAT_MAX_ANSWER_TOKENS``;
-- per user: ``UserBudget.max_answer_usd`` (set in the admin);
-- per conversation: ``Conversation.repetition_guard`` (null: the deployment's choice),
-  ``max_answer_usd``, ``max_answer_tokens`` (REST PATCH, or the first ``message`` frame).
+Both are opt-in: per deployment (``CHAT_REPETITION_GUARD`` and its tunables,
+``CHAT_MAX_ANSWER_USD``, ``CHAT_MAX_ANSWER_TOKENS``), per user
+(``UserBudget.max_answer_usd``, set in the admin) and per conversation
+(``Conversation.repetition_guard``, null: the deployment's choice; ``max_answer_usd``,
+``max_answer_tokens``: REST PATCH, or the first ``message`` frame).
 
 The tightest ceiling applies, so neither a user nor a conversation can loosen the
 deployment's or the budget's. :class:`AutoStop` is the policy of one run, built in

@@ -59,7 +59,7 @@ class ChatCompletions(Provider):
 
     @classmethod
     def key(cls, base_url: str | None, api_key: str) -> tuple:
-        return (*super().key(base_url, api_key), settings.OPENAI_TIMEOUT_S,
+        return (*super().key(base_url, api_key), settings.CHAT_TUNING.sdk_timeout_s,
                 settings.OPENAI_FIRST_BYTE_TIMEOUT_S, settings.OPENAI_MAX_RETRIES)
 
     def stream(self, request: StreamRequest, meta: StreamMeta) -> AsyncIterator[StreamEvent]:
@@ -88,7 +88,7 @@ def new_client(base_url: str | None, api_key: str) -> openai.AsyncOpenAI:
     # connected to fails as soon as one that never sends its headers (stream_answer
     # bounds the wait for the headers, retries included).
     timeout = openai.Timeout(
-        settings.OPENAI_TIMEOUT_S, connect=settings.OPENAI_FIRST_BYTE_TIMEOUT_S
+        settings.CHAT_TUNING.sdk_timeout_s, connect=settings.OPENAI_FIRST_BYTE_TIMEOUT_S
     )
     # The SDK's own HTTP client and connection limits, its sockets read on asyncio
     # directly (.netstream: anyio's per-read costs dominate a busy worker's loop); the

@@ -139,8 +139,8 @@ def check_provider(app_configs=None, **kwargs):
             hint=f"One of {', '.join(PROVIDER_CHOICES)} (docs/providers.md).",
             id="chat.E006",
         ))
-    value = getattr(settings, "OPENAI_API", "chat")
-    if value not in PROVIDERS:
+    value = getattr(settings, "OPENAI_API", "")
+    if value and value not in PROVIDERS:
         errors.append(checks.Error(
             f"OPENAI_API={value!r} is not a provider API.",
             hint=f"One of {', '.join(PROVIDERS)} (docs/architecture.md).",

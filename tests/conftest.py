@@ -166,6 +166,10 @@ def upstream(settings):
     settings.OPENAI_BASE_URL = server.base_url
     settings.OPENAI_API_KEY = "test-key-not-secret"
     settings.OPENAI_MAX_RETRIES = 0
+    # It speaks Chat Completions unless a test switches it (and OPENAI_API) to
+    # "responses", whatever profile a test picks (the openai profile's default API is
+    # responses).
+    settings.OPENAI_API = "chat"
     settings.CHAT_MODEL = "test-model"
     settings.CHAT_TUNING = settings.CHAT_TUNING.replace(checkpoint_ms=200)
     yield server

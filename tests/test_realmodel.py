@@ -85,8 +85,16 @@ async def beyond_saved(engine, before: int, message: Message) -> dict:
 
 
 # --- WebSocket --------------------------------------------------------------------------
+@pytest.fixture(params=["chat", "responses"])
+def api(request, engine, settings):
+    """Each WebSocket test through both provider APIs: Chat Completions and the
+    Responses API (llama-server serves POST /v1/responses too)."""
+    settings.OPENAI_API = request.param
+    return request.param
+
+
 async def test_a_completed_runs_usage_is_the_engines_own_count(
-    alice, engine, connect, request, record_property
+    alice, engine, api, connect, request, record_property
 ):
     before = await engine_count(engine)
     _, _, ws = await connect(alice)
@@ -118,7 +126,7 @@ async def test_a_completed_runs_usage_is_the_engines_own_count(
 
 
 async def test_a_stop_leaves_the_engine_at_most_2_tokens_beyond_the_saved_answer(
-    alice, engine, connect, request, record_property
+    alice, engine, api, connect, request, record_property
 ):
     before = await engine_count(engine)
     _, _, ws = await connect(alice)
@@ -141,7 +149,7 @@ async def test_a_stop_leaves_the_engine_at_most_2_tokens_beyond_the_saved_answer
 
 
 async def test_a_closed_socket_leaves_the_engine_at_most_2_tokens_beyond_the_saved_answer(
-    alice, engine, connect, request, record_property
+    alice, engine, api, connect, request, record_property
 ):
     before = await engine_count(engine)
     _, _, ws = await connect(alice)
@@ -159,7 +167,7 @@ async def test_a_closed_socket_leaves_the_engine_at_most_2_tokens_beyond_the_sav
 
 
 async def test_a_stopped_runs_usage_is_tokenized_within_2_tokens_of_the_engines_count(
-    alice, engine, connect, request, record_property
+    alice, engine, api, connect, request, record_property
 ):
     before = await engine_count(engine)
     _, _, ws = await connect(alice)

@@ -14,7 +14,7 @@ import inspect
 import logging
 import time
 from contextvars import Context
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -327,30 +327,18 @@ class Generation:
         outcome = outcome_of(ended_by, finish_reason=finish_reason, failure=self._failure,
                              message_id=self.message_id,
                              cancel_reason=self.cancel_reason).with_timing(
-            usage=usage, ttft_ms=ttft_ms,
-            duration_ms=int((time.monotonic() - self.started_at) * 1000))
+            usage=usage or await counting.cancelled_usage(provider, meta, self, ended_by),
+            ttft_ms=ttft_ms, duration_ms=int((time.monotonic() - self.started_at) * 1000))
         # The upstream stream is closed by now (aclosing): counting cannot delay a stop.
         # The text is final: what is pending goes out, and a stop now changes nothing.
         self._finishing = True
         self._flush()
-        late_cancel = None
-        if (usage is None and ended_by is not None and not finish_reason
-                and provider is not None and provider.can_cancel and meta.generation_id
-                and self.cancel_reason != counting.HANDOVER):
-            # The provider generates on without the connection: cancel it there, and
-            # bill what it reports it generated (counting.confirm_cancel).
-            usage, late_cancel = await counting.confirm_cancel(
-                provider, meta, self.message_id, self.runtime.spawn)
-            outcome = replace(outcome, usage=usage)
         tokenized = None
-        if usage is None and running_usage is None and provider is not None:
+        if outcome.usage is None and running_usage is None and provider is not None:
             tokenized = await self._tokenize(provider, meta)
         outcome = outcome.with_counts(running_usage=running_usage, tokenized=tokenized,
                                       reasoning_hidden=meta.hidden_reasoning)
         await self._finish(outcome)
-        if late_cancel is not None:
-            self.runtime.spawn(counting.apply_late_cancel(late_cancel, self.message_id),
-                               name=f"cancel-usage-{self.message_id}")
         if provider is not None and provider.wants_usage_after(meta):
             self.runtime.spawn(counting.lookup_usage(provider, meta, self.message_id),
                                name=f"lookup-{self.message_id}")

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import time
 import uuid
@@ -34,6 +35,7 @@ import websockets
 from bench.common import (
     ARTIFACTS,
     app_env,
+    cpu_seconds,
     drop_database,
     fmt_ms,
     free_port,
@@ -45,6 +47,9 @@ from bench.common import (
     stop_process,
     wait_port,
 )
+
+# Tabs per user in the storm (the per-user socket cap is 20 per worker by default).
+TABS_PER_USER = 4
 
 
 async def follow(port_a: int, port_b: int, cookie: str, out: dict) -> dict:
@@ -89,13 +94,18 @@ async def follow(port_a: int, port_b: int, cookie: str, out: dict) -> dict:
     return out
 
 
-async def storm(port: int, cookies: list[str], sockets: int, window_s: float) -> dict:
+async def storm(port: int, cookies: list[str], sockets: int, window_s: float,
+                pid: int | None = None) -> dict:
     """``sockets`` sockets to ``port`` started evenly over ``window_s`` s; ms from each
-    connect to its ``state`` frame."""
+    connect to its ``state`` frame, and the CPU time (s) the worker ``pid`` and this
+    client used meanwhile (on a shared machine the two compete for the cores)."""
     waits: list[float] = []
+    opens: list[float] = []
     failures: Counter = Counter()
     opened: list = []
     began = time.monotonic()
+    cpu = cpu_seconds(pid) if pid else 0.0
+    client_cpu = time.process_time()
 
     async def one(i: int):
         await asyncio.sleep(window_s * i / sockets)
@@ -107,25 +117,35 @@ async def storm(port: int, cookies: list[str], sockets: int, window_s: float) ->
                                     "Origin": f"http://127.0.0.1:{port}"},
                 max_queue=None, ping_interval=None, open_timeout=30)
             opened.append(ws)
+            opens.append((time.monotonic() - start) * 1000)
             async with asyncio.timeout(30):
                 while json.loads(await ws.recv())["type"] != "state":
                     pass
             waits.append((time.monotonic() - start) * 1000)
+        except websockets.InvalidStatus as exc:
+            # An HTTP answer instead of 101: daphne's 403 for a handshake the
+            # application did not accept in time, 503, ...
+            failures[f"InvalidStatus {exc.response.status_code}"] += 1
         except Exception as exc:  # noqa: BLE001 - counted by kind
             failures[type(exc).__name__] += 1
 
     await asyncio.gather(*(one(i) for i in range(sockets)))
     elapsed = time.monotonic() - began
+    cpu = cpu_seconds(pid) - cpu if pid else None
+    client_cpu = time.process_time() - client_cpu
     await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
     return {"sockets": sockets, "window_s": window_s, "all_done_s": round(elapsed, 2),
             "state_p50_ms": percentile(waits, 50), "state_p99_ms": percentile(waits, 99),
             "state_max_ms": max(waits, default=None),
-            "over_10s": sum(w > 10_000 for w in waits), "failed": dict(failures)}
+            "open_p50_ms": percentile(opens, 50), "open_p99_ms": percentile(opens, 99),
+            "over_10s": sum(w > 10_000 for w in waits), "failed": dict(failures),
+            "worker_cpu_s": cpu and round(cpu, 2), "client_cpu_s": round(client_cpu, 2)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--answers", type=int, default=20)
+    parser.add_argument("--answers", type=int, default=20,
+                        help="answers streaming on A when it is stopped (0: storm only)")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--tokens-per-second", type=float, default=20)
     parser.add_argument("--grace", type=float, default=60)
@@ -136,12 +156,15 @@ def main(argv=None) -> int:
     redis = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/13")
     name = f"bench_deploy_{os.getpid()}"
     up_port, port_a, port_b = free_port(), free_port(), free_port()
-    env = {**os.environ, **app_env(up_port, args.tokens),
+    # Production settings (DEBUG off: no query log), as the workers of a deploy run.
+    env = {**os.environ, **app_env(up_port, args.tokens, secret_key=secrets.token_urlsafe(50)),
            "DATABASE_URL": recreate_database(postgres, name), "REDIS_URL": redis,
-           "CHANNEL_PREFIX": f"bd{os.getpid()}", "CHAT_MAX_SOCKETS_PER_USER": "0"}
+           "CHANNEL_PREFIX": f"bd{os.getpid()}"}
     processes = []
     try:
-        users = max(args.answers, 100)
+        # Many users with a few tabs each, as after a real deploy: within the per-user
+        # socket cap (CHAT_MAX_SOCKETS_PER_USER) and frame rates, all left at defaults.
+        users = max(args.answers, -(-args.storm // TABS_PER_USER))
         cookies = prepare_database(env, users, "deploy")
         processes.append(start_upstream(up_port, env, ARTIFACTS / "deploy-upstream.log",
                                         tokens_per_second=args.tokens_per_second,
@@ -152,7 +175,7 @@ def main(argv=None) -> int:
         processes += [a, b]
         wait_port(port_a, a, "A")
         wait_port(port_b, b, "B")
-        report = asyncio.run(run(args, a, port_a, port_b, cookies))
+        report = asyncio.run(run(args, a, b, port_a, port_b, cookies))
         print(json.dumps(report, indent=2, default=str))
         print_summary(report)
     finally:
@@ -162,7 +185,14 @@ def main(argv=None) -> int:
     return 0
 
 
-async def run(args, a, port_a: int, port_b: int, cookies: list[str]) -> dict:
+async def run(args, a, b, port_a: int, port_b: int, cookies: list[str]) -> dict:
+    deploy = await rolling_restart(args, a, port_a, port_b, cookies) if args.answers else None
+    return {"deploy": deploy,
+            "storm": await storm(port_b, cookies, args.storm, args.storm_window, b.pid)}
+
+
+async def rolling_restart(args, a, port_a: int, port_b: int, cookies: list[str]) -> dict:
+    """The deploy of the module docstring (1.); its figures."""
     outs = [{"close_code": None, "status": None, "streaming": asyncio.Event()}
             for _ in range(args.answers)]
     tabs = [asyncio.create_task(follow(port_a, port_b, cookies[i], outs[i]))
@@ -185,21 +215,23 @@ async def run(args, a, port_a: int, port_b: int, cookies: list[str]) -> dict:
         "a_exit_after_last_end_s": round(exited - last_end, 2),
         "a_returncode": a.returncode,
     }
-    return {"deploy": deploy,
-            "storm": await storm(port_b, cookies, args.storm, args.storm_window)}
+    return deploy
 
 
 def print_summary(report: dict) -> None:
     d, s = report["deploy"], report["storm"]
-    print(f"\ndeploy: {d['answers']} answers: completed {d['status'].get('completed', 0)}, "
-          f"interrupted {d['status'].get('interrupted', 0)}, "
-          f"cancelled {d['status'].get('cancelled', 0)}; close codes {d['close_codes']}; "
-          f"A exited {d['a_exit_after_signal_s']} s after SIGTERM, "
-          f"{d['a_exit_after_last_end_s']} s after its last answer ended")
-    print(f"storm: {s['sockets']} sockets over {s['window_s']} s: state p50 "
+    if d is not None:
+        print(f"\ndeploy: {d['answers']} answers: completed {d['status'].get('completed', 0)}, "
+              f"interrupted {d['status'].get('interrupted', 0)}, "
+              f"cancelled {d['status'].get('cancelled', 0)}; close codes {d['close_codes']}; "
+              f"A exited {d['a_exit_after_signal_s']} s after SIGTERM, "
+              f"{d['a_exit_after_last_end_s']} s after its last answer ended")
+    print(f"storm: {s['sockets']} sockets over {s['window_s']} s: open (101) p50 "
+          f"{fmt_ms(s['open_p50_ms'])}, p99 {fmt_ms(s['open_p99_ms'])}; state p50 "
           f"{fmt_ms(s['state_p50_ms'])}, p99 {fmt_ms(s['state_p99_ms'])}, max "
           f"{fmt_ms(s['state_max_ms'])}; over 10 s {s['over_10s']}; failed {s['failed']}; "
-          f"all done in {s['all_done_s']} s")
+          f"all done in {s['all_done_s']} s; CPU: worker {s['worker_cpu_s']} s, "
+          f"client {s['client_cpu_s']} s")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ shutdown" trigger :meth:`ChatServer.kill_all_applications`, so whatever stops th
 reactor drains first (Twisted: a trigger that returns a Deferred delays the shutdown
 until it fires).
 
+**Reconnect storms**: when a worker stops, its tabs all reconnect to the others within
+a second. Each worker listens with a backlog of ``LISTEN_BACKLOG`` (Twisted's default,
+50, made Linux drop the SYNs of a burst: the clients retried 1, 3, 7 s later) and works
+on at most ``MAX_OPENING`` WebSocket handshakes at once: past it the listening ports
+stop being read (:meth:`ChatServer._pace_accepting`), so the rest wait in the kernel's
+queue instead of timing out in daphne's (its handshake timeout runs from the request).
+
 It is daphne's ``Server`` through daphne's own switches: the command-line interface's
 ``server_class`` (``python -m chatproject.server``, daphne's arguments) and the
 ``runserver`` command's ``server_cls`` (chat/management/commands/runserver.py).
@@ -43,6 +50,7 @@ daphne's version, if the methods overridden here change shape.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -51,6 +59,7 @@ from functools import partial
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
+from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -66,6 +75,28 @@ PROTOCOL_CLOSE_CODES = frozenset({1008, 1012, 1013})
 SERVICE_RESTART = 1012
 # How long a drain waits for the sockets it closed to finish their close handshake (s).
 CLOSE_WAIT_S = 2.0
+# Connections the kernel holds for a worker until it accepts them. Twisted's default (50)
+# overflows when the tabs of a stopped worker all reconnect within a second: Linux then
+# drops their SYNs and the clients retry after 1, 3, 7, 15 s. Linux caps it at
+# net.core.somaxconn (4096 since Linux 5.4).
+LISTEN_BACKLOG = 4096
+# WebSocket handshakes a worker works on at once (request read, not yet accepted or
+# refused by the application). Past it the worker stops accepting connections until
+# some are answered: the others wait in the kernel's backlog, where daphne's handshake
+# timeout (--websocket_connect_timeout, from the request) has not started for them.
+MAX_OPENING = 128
+
+
+def with_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """A Twisted server endpoint description (``tcp:port=8000:interface=127.0.0.1``,
+    ``unix:/run/chat.sock``, ``ssl:...``: what daphne's ``-b``/``-p``/``-u`` build, or ``-e``) with
+    ``backlog`` connections waiting to be accepted, when it names none; other endpoint
+    types unchanged. Twisted's option (``backlog``, its default 50: Twisted's
+    "endpoints" docs, serverFromString); Linux caps it at ``net.core.somaxconn``."""
+    kind = str(endpoint).split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or ":backlog=" in str(endpoint):
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
 
 
 @implementer(IPushProducer)
@@ -177,6 +208,7 @@ class ChatServer(Server):
 
     def __init__(self, *args, shutdown_grace_s: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.endpoints = [with_backlog(endpoint) for endpoint in self.endpoints]
         self.shutdown_grace_s = shutdown_grace_s
         self.ports: list = []
         self.drain_report: dict | None = None
@@ -184,15 +216,27 @@ class ChatServer(Server):
         self._now = asyncio.Event()
         self._take_signals = False
         self._stopping = False
+        # WebSocket protocols whose handshake the application has not answered yet.
+        self._opening: set = set()
+        self._accepting = True
 
     # -- graceful shutdown -----------------------------------------------------------
     def run(self):
         """daphne's ``run``, with SIGTERM and SIGINT taken by :meth:`signalled` instead
-        of Twisted's handlers (when daphne would install signal handlers at all)."""
+        of Twisted's handlers (when daphne would install signal handlers at all); once
+        the reactor stopped, the objects left are frozen out of the garbage collector
+        so that the process exits at once."""
         self._take_signals = self.signal_handlers
         self.signal_handlers = False
         reactor.callWhenRunning(self._install_signal_handlers)
         super().run()
+        # The reactor has stopped: the process exits next. The interpreter's
+        # finalization garbage-collects every object the imports made, over and over as
+        # it clears the modules (seconds of CPU for Django and its libraries), which
+        # would keep a drained worker alive past its grace. Frozen objects are left out
+        # of every later collection (gc.freeze, Python's gc docs); atexit handlers still
+        # run, and the kernel frees the memory at once.
+        gc.freeze()
 
     def _install_signal_handlers(self):
         # Python delivers signals to the main thread only (runserver's autoreloader runs
@@ -219,6 +263,39 @@ class ChatServer(Server):
         """daphne's, keeping the listening port so that a drain can close it."""
         self.ports.append(port)
         super().listen_success(port)
+
+    # -- pacing the handshakes of a reconnect storm ---------------------------------------
+    def protocol_connected(self, protocol):
+        """daphne's (a request was read: an HTTP request, or a WebSocket handshake), and
+        a WebSocket handshake counted as opening until the application answers it."""
+        super().protocol_connected(protocol)
+        if isinstance(protocol, WebSocketProtocol):
+            self._opening.add(protocol)
+            self._pace_accepting()
+
+    def protocol_disconnected(self, protocol):
+        """daphne's, and the handshake (if any) no longer counted as opening."""
+        super().protocol_disconnected(protocol)
+        self._answered(protocol)
+
+    def _answered(self, protocol) -> None:
+        if protocol in self._opening:
+            self._opening.discard(protocol)
+            self._pace_accepting()
+
+    def _pace_accepting(self) -> None:
+        """Stop accepting connections (Twisted's ``stopReading`` of the listening ports,
+        ``IReadDescriptor``) while ``MAX_OPENING`` handshakes are opening; accept again
+        below it. A worker that drains has stopped listening for good."""
+        accepting = len(self._opening) < MAX_OPENING
+        if accepting == self._accepting or self._stopping:
+            return
+        self._accepting = accepting
+        for port in self.ports:
+            if accepting:
+                port.startReading()
+            else:
+                port.stopReading()
 
     def kill_all_applications(self):
         """daphne's "before shutdown" trigger, after :meth:`drain`: the Deferred fires
@@ -248,6 +325,7 @@ class ChatServer(Server):
 
         began = time.monotonic()
         drain.begin()
+        self._stopping = True  # also when the reactor was stopped by other means
         for port in self.ports:
             port.stopListening()
         closed = self.close_websockets(SERVICE_RESTART)
@@ -308,6 +386,8 @@ class ChatServer(Server):
         and 1012 (service restart, IANA's registry), goes out through autobahn's
         ``sendCloseFrame``, as daphne sends its own 1011."""
         kind = message.get("type")
+        if kind in ("websocket.accept", "websocket.close"):
+            self._answered(protocol)
         if kind == "websocket.close" and message.get("code") in PROTOCOL_CLOSE_CODES:
             details = self.connections.get(protocol)
             if details and not details.get("disconnected") and \

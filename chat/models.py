@@ -161,6 +161,14 @@ class Message(models.Model):
     # had no quota then). Set when the run is prepared; counted while it streams.
     reserved_tokens = models.PositiveIntegerField(default=0)
     reserved_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    # Where the provider's answer can be streamed again (the Responses API in background
+    # mode, Provider.resume): its response id and the sequence number of the last event
+    # in ``content``, saved with each checkpoint (chat.generation.handover).
+    response_id = models.CharField(max_length=100, blank=True, default="")
+    response_sequence = models.IntegerField(null=True, blank=True)
+    # Set by a worker that went away mid-answer for another to continue it at once:
+    # ``{"seq": last seq published, "tab": the starting tab or null, "worker": its id}``.
+    handover = models.JSONField(null=True, blank=True)
 
     objects = MessageQuerySet.as_manager()
 

@@ -19,7 +19,7 @@ FRAMES_MODULE = CHAT / "generation" / "frames.py"
 FRAME_TYPES = {
     "state", "message", "generation.start", "delta", "reasoning", "generation.end", "conversation",
     "conversation.deleted", "error", "chat.frame", "generation.stop", "generation.sync",
-    "generation.snapshot", "worker.stats.reply",
+    "generation.snapshot", "worker.stats.reply", "generation.handover",
 }
 # Imports inside functions that are allowed, (file, imported module): why.
 LOCAL_IMPORTS = {

@@ -30,12 +30,16 @@ class Checkpoint(NamedTuple):
 
 def checkpoint_many(contents: dict[str, str],
                     reasonings: dict[str, str] | None = None,
-                    heartbeats: Iterable[str] = ()) -> Checkpoint:
+                    heartbeats: Iterable[str] = (),
+                    resume_points: dict[str, tuple[str, int]] | None = None) -> Checkpoint:
     """Save the text so far of streaming messages and refresh their lease, in ONE
     UPDATE statement: ``{message_id: content}``, and ``{message_id: reasoning}`` for
     runs that streamed reasoning (others keep theirs); ``heartbeats``: ids of runs
     whose text has not changed since their last checkpoint, whose lease alone is
-    refreshed (their text is not sent again). Rows already final are left alone.
+    refreshed (their text is not sent again); ``resume_points``: ``{message_id:
+    (response id, sequence number)}``, where the provider's answer continues after the
+    text saved (chat.generation.handover), for runs in ``contents`` whose provider can
+    resume. Rows already final, or handed over to another worker, are left alone.
 
     One statement per process and interval instead of one per run: with a run per
     UPDATE (each with its connection and commit), checkpoints took a quarter of a
@@ -51,31 +55,36 @@ def checkpoint_many(contents: dict[str, str],
     that fails (the database itself is unavailable; the next interval tries again).
     """
     reasonings = {mid: text for mid, text in (reasonings or {}).items() if mid in contents}
+    points = {mid: point for mid, point in (resume_points or {}).items() if mid in contents}
     ids = list(contents) + [mid for mid in heartbeats if mid not in contents]
     if not ids:
         return Checkpoint(set(), set())
     try:
         with transaction.atomic():
-            updated = _update_contents(ids, contents, reasonings)
+            updated = _update_contents(ids, contents, reasonings, points)
             if updated == len(ids):
                 alive = set(ids)
             else:
                 # Rows this transaction updated are locked by it, and a final row never
                 # becomes streaming again: the streaming ones are the updated ones.
                 alive = {str(mid) for mid in Message.objects.filter(
-                    id__in=ids, status=Message.Status.STREAMING).values_list("id", flat=True)}
+                    id__in=ids, status=Message.Status.STREAMING, handover__isnull=True,
+                ).values_list("id", flat=True)}
         return Checkpoint(set(ids) - alive, set())
     except Exception:  # noqa: BLE001 - any row may be the cause; find it row by row
         logger.warning("batched checkpoint of %d runs failed; saving them one by one",
                        len(ids), exc_info=True)
     lost, unsaved = set(), set()
     for mid in ids:
-        streaming = Message.objects.filter(id=mid, status=Message.Status.STREAMING)
+        streaming = Message.objects.filter(id=mid, status=Message.Status.STREAMING,
+                                           handover__isnull=True)
         try:
             with transaction.atomic():
                 extra = {"reasoning": reasonings[mid]} if mid in reasonings else {}
                 if mid in contents:
                     extra["content"] = contents[mid]
+                if mid in points:
+                    extra["response_id"], extra["response_sequence"] = points[mid]
                 updated = streaming.update(heartbeat_at=timezone.now(), **extra)
         except Exception:  # noqa: BLE001
             # If the heartbeat alone cannot be written either, the database is the
@@ -90,9 +99,11 @@ def checkpoint_many(contents: dict[str, str],
 
 
 def _update_contents(ids: list[str], contents: dict[str, str],
-                     reasonings: dict[str, str]) -> int:
-    """One UPDATE of the streaming rows of ``ids``: heartbeat, and the text of those in
-    ``contents`` / ``reasonings`` (the others keep theirs). Returns the rows updated.
+                     reasonings: dict[str, str],
+                     points: dict[str, tuple[str, int]] | None = None) -> int:
+    """One UPDATE of the streaming rows of ``ids`` not handed over: heartbeat, the text
+    of those in ``contents`` / ``reasonings`` and the resume point of those in
+    ``points`` (the others keep theirs). Returns the rows updated.
 
     Written as SQL, not as the ORM's ``Case(When(...))``: compiling 200 ``When`` lookups
     cost 37 ms of CPU per checkpoint of 200 runs, every CHAT_TUNING.checkpoint_ms, on a worker
@@ -109,7 +120,11 @@ def _update_contents(ids: list[str], contents: dict[str, str],
 
     params: list = [meta.get_field("heartbeat_at").get_db_prep_value(timezone.now(), connection)]
     assignments = [f"{quote(meta.get_field('heartbeat_at').column)} = %s"]
-    for column, texts in (("content", contents), ("reasoning", reasonings)):
+    points = points or {}
+    columns = (("content", contents), ("reasoning", reasonings),
+               ("response_id", {mid: point[0] for mid, point in points.items()}),
+               ("response_sequence", {mid: point[1] for mid, point in points.items()}))
+    for column, texts in columns:
         if texts:
             # A row without a branch keeps its own text (ELSE), not NULL.
             branches = " ".join("WHEN %s THEN %s" for _ in texts)
@@ -121,7 +136,7 @@ def _update_contents(ids: list[str], contents: dict[str, str],
     params.append(Message.Status.STREAMING.value)
     sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
            f"WHERE {quote(pk.column)} IN ({', '.join(['%s'] * len(ids))}) "
-           f"AND {quote('status')} = %s")
+           f"AND {quote('status')} = %s AND {quote('handover')} IS NULL")
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount

@@ -235,3 +235,9 @@ def snapshot_reply(generation: dict) -> dict:
 def stats_reply(stats: dict) -> dict:
     """A worker's answer to ``worker.stats`` (bench.load)."""
     return {"type": "worker.stats.reply", **stats}
+
+
+def handover_notice(worker: str) -> dict:
+    """To every worker (group WORKERS_GROUP): runs of ``worker`` wait to be taken over
+    (chat.generation.handover)."""
+    return {"type": "generation.handover", "worker": worker}

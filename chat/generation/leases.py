@@ -19,6 +19,11 @@ sweeper is started lazily, once per event loop (a service of the loop's Runtime)
 
 The same per-loop task also answers ``worker.stats`` requests on the channel-layer
 group ``chat.workers`` (used by ``bench.load`` to count tasks left in each worker).
+
+Runs another worker handed over, or left behind with a resume point when it died, are
+continued here (chat.generation.handover, chat.generation.takeover): by every sweep,
+before it interrupts what expired, when the sweeper starts, and at once when a
+``generation.handover`` notice comes on ``chat.workers``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from . import admission, frames, store
+from . import admission, frames, handover, store, takeover
 from .frames import WORKERS_GROUP
 from .runtime import Runtime
 from .store import Checkpoint, checkpoint_many, finish_expired
@@ -40,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "WORKERS_GROUP", "Checkpoint", "checkpoint_many", "checkpoint_running", "ensure_checkpointer",
-    "ensure_sweeper", "finish_expired", "running_here", "sweep_once", "worker_stats",
+    "ensure_sweeper", "finish_expired", "pick_up", "running_here", "sweep_once", "worker_stats",
 ]
 
 
@@ -71,9 +76,13 @@ async def checkpoint_running() -> set[str]:
     changed = [g for g in running if g.checkpoint_mark != marks[g.message_id]]
     contents = {g.message_id: "".join(g.text) for g in changed}
     reasonings = {g.message_id: "".join(g.reasoning) for g in changed if g.reasoning}
+    # Where each answer goes on after the text saved, read in the same step as the text.
+    points = {g.message_id: point for g in changed if (point := handover.resume_point(g))}
+    if points and not (await Runtime.current().provider()).can_resume:
+        points = {}
     try:
         result = await database_sync_to_async(checkpoint_many, thread_sensitive=False)(
-            contents, reasonings, heartbeats=list(marks))
+            contents, reasonings, heartbeats=list(marks), resume_points=points)
     except BaseException:
         # What was saved is unknown: write every text again next time.
         for generation in running:
@@ -114,8 +123,10 @@ def ensure_checkpointer() -> asyncio.Task:
 
 # --- the sweeper -------------------------------------------------------------------------
 async def sweep_once(layer=None) -> list[dict]:
-    """Run store.finish_expired in a thread and publish its frames to the groups of
-    the conversations concerned. Returns the ``generation.end`` frames published."""
+    """Continue here the runs waiting for a worker (:func:`pick_up`), then run
+    store.finish_expired in a thread and publish its frames to the groups of the
+    conversations concerned. Returns the ``generation.end`` frames published."""
+    await pick_up(layer)
     finished = await database_sync_to_async(finish_expired, thread_sensitive=False)()
     for conversation_id, frame in finished:
         try:
@@ -125,6 +136,20 @@ async def sweep_once(layer=None) -> list[dict]:
         except Exception:  # noqa: BLE001 - the row is final; a lost frame is repaired by sync
             logger.exception("could not publish the end of %s", frame["message_id"])
     return [frame for _, frame in finished]
+
+
+async def pick_up(layer=None) -> list:
+    """Claim and continue on this loop the runs handed over by a worker that went away
+    and those of a dead worker with a resume point (takeover.pick_up); returns the
+    Generations started. Never raises (a failure is logged; the next sweep retries)."""
+    try:
+        started = await takeover.pick_up(layer or get_channel_layer())
+    except Exception:  # noqa: BLE001
+        logger.exception("picking up runs handed over failed")
+        return []
+    if started:
+        ensure_checkpointer()
+    return started
 
 
 def worker_stats(stacks: bool = False) -> dict:
@@ -153,6 +178,7 @@ def worker_stats(stacks: bool = False) -> dict:
 
 async def _sweep_forever(layer) -> None:
     interval = float(settings.CHAT_TUNING.sweep_s)
+    await pick_up(layer)  # a worker that starts takes over what waits at once
     while True:
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))
         try:
@@ -173,6 +199,9 @@ async def _answer_stats(layer) -> None:
             if message.get("type") == "worker.stats" and message.get("reply_channel"):
                 stats = worker_stats(bool(message.get("stacks")))
                 await layer.send(message["reply_channel"], frames.stats_reply(stats))
+            elif message.get("type") == "generation.handover":
+                # Its own task: this listener must not wait on the database.
+                Runtime.current().spawn(pick_up(layer), name="handover-pick-up")
     finally:
         try:
             await layer.group_discard(WORKERS_GROUP, channel)

@@ -2,8 +2,8 @@
 publishing of its frames, in order, to the conversation's group and local subscribers.
 
 The task reads the StreamEvents of the configured provider (chat.generation.providers),
-produces one Outcome and hands it to ``store.finalize``; every run, whatever its end,
-publishes exactly one ``generation.end`` and writes one UsageRecord.
+produces one Outcome and hands it to ``store.finalize``: one ``generation.end`` and one
+UsageRecord per run, whatever its end (a run handed over ends on the worker that takes it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from django.conf import settings
 from .. import metrics
 from ..layers import release_channel
 from ..models import Message
-from . import counting, frames, store
+from . import counting, frames, handover, store
 from .autostop import describe_end
 from .outcome import Outcome, outcome_of
 from .providers import Provider, StreamMeta, StreamRequest
@@ -64,6 +64,7 @@ class Generation:
     tab: str | None = None
     # (len(text), len(reasoning)) at the last saved checkpoint (chat.generation.leases).
     checkpoint_mark: tuple[int, int] | None = None
+    resume_at: tuple[str, int] | None = None  # (response id, seq no.): Provider.resume it
     _pending: list[tuple[str, str]] = field(default_factory=list)
     _pending_chars: int = 0
     _flush_handle: asyncio.TimerHandle | None = None
@@ -209,9 +210,8 @@ class Generation:
         window = settings.CHAT_TUNING.delta_coalesce_ms
         if window <= 0 or self._pending_chars >= settings.CHAT_TUNING.delta_max_chars:
             # With no window the delta is queued now: text appended until the publisher
-            # takes it (the rest of this read's events) joins it (_delta_queued), so a
-            # read still makes one frame, without a timer per read or the loop pass
-            # it cost before the frame went out.
+            # takes it (the rest of this read's events) joins it (_delta_queued): a read
+            # still makes one frame, without a timer per read or the loop pass it cost.
             self._flush()
         elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(window / 1000, self._flush)
@@ -288,8 +288,10 @@ class Generation:
         running_usage, provider, meta = None, None, self._meta
         try:
             provider = await self.runtime.provider()
-            events = provider.stream(StreamRequest(self.run.model, self.run.prompt,
-                                                   self.run.max_tokens, self.message_id), meta)
+            request = StreamRequest(self.run.model, self.run.prompt, self.run.max_tokens,
+                                    self.message_id)
+            events = provider.stream(request, meta) if self.resume_at is None else \
+                provider.resume(request, meta, *self.resume_at)
             # aclosing: the HTTP response is closed on every exit, including a
             # CancelledError raised at any await of this task.
             async with contextlib.aclosing(events):
@@ -361,6 +363,10 @@ class Generation:
                 helper.cancel()
             await asyncio.gather(*self._helpers, return_exceptions=True)
             self._flush()
+            if self.cancel_reason == counting.HANDOVER:  # another worker goes on with it?
+                outcome = await handover.leave(self, outcome)
+                if outcome.status == Message.Status.STREAMING:
+                    return  # still streaming, there: no usage record, no end here
             self.status = outcome.status
             record, outcome = await self._save(outcome, "".join(self.text),
                                                "".join(self.reasoning))
@@ -372,9 +378,8 @@ class Generation:
                     outcome = Outcome(record.status, "error", "The generation lost its lease.")
                     finish_reason, error = outcome.finish_reason, outcome.error
             self.status = outcome.status
-            self.end_frame = frames.generation_end(
-                self.message_id, outcome.status, finish_reason, usage, error
-            )
+            self.end_frame = frames.generation_end(self.message_id, outcome.status,
+                                                   finish_reason, usage, error)
             self.publish(self.end_frame)
             self.publish(None)
             await self._publisher_task
@@ -382,17 +387,14 @@ class Generation:
             self.runtime.discard(self)
             if self._control_channel:
                 try:
-                    await self.layer.group_discard(
-                        frames.control_group_name(self.conversation_id), self._control_channel
-                    )
+                    await self.layer.group_discard(frames.control_group_name(self.conversation_id),
+                                                   self._control_channel)
                 except Exception:  # noqa: BLE001
                     logger.exception("group_discard failed")
             self._done.set()
-            logger.info(
-                "generation %s %s after %d ms (%s)",
-                self.message_id, self.status, int((time.monotonic() - self.started_at) * 1000),
-                describe_end(outcome.finish_reason, self.cancel_reason),
-            )
+            logger.info("generation %s %s after %d ms (%s)", self.message_id, self.status,
+                        int((time.monotonic() - self.started_at) * 1000),
+                        describe_end(outcome.finish_reason, self.cancel_reason))
 
     async def _save(self, outcome: Outcome, content: str, reasoning: str):
         """``store.finalize`` in a thread: ``(record or None, the outcome saved)``.
@@ -427,17 +429,15 @@ class Generation:
             # The default prefix on purpose: channels-redis polls one Redis list per
             # prefix and process, so a second prefix would starve the consumers' channels.
             self._control_channel = await self.layer.new_channel()
-            await self.layer.group_add(
-                frames.control_group_name(self.conversation_id), self._control_channel
-            )
+            await self.layer.group_add(frames.control_group_name(self.conversation_id),
+                                       self._control_channel)
         except BaseException:
             self._publisher_task.cancel()
             await release_channel(self.layer, self._control_channel)
             raise
         self._helpers = [asyncio.create_task(self._control(), context=Context())]
-        self.task = asyncio.create_task(
-            self._run(), name=f"generation-{self.message_id}", context=Context()
-        )
+        self.task = asyncio.create_task(self._run(), name=f"generation-{self.message_id}",
+                                        context=Context())
         self.task.add_done_callback(_log_task_end)
         metrics.ACTIVE_GENERATIONS.inc()
         self.task.add_done_callback(metrics.generation_task_done)

@@ -1,15 +1,26 @@
-"""Micro-benchmark of the start path: ``N`` store.prepare_message calls (new
-conversations, one user each, as bench.throughput's streams) through
-``database_sync_to_async(thread_sensitive=False)``, ``C`` at a time, then
-store.checkpoint_many of 200 of those runs; prints the statements of one start, and ms
-of CPU (this process, all threads) and of wall time per start and per checkpoint.
+"""Micro-benchmark of the start path, on the database configured as the app's.
+
+1. The statements of one start (store.prepare_message), on a new conversation and on an
+   existing one.
+2. ``N`` store.prepare_message calls (new conversations, one user each, as
+   bench.throughput's streams) through ``database_sync_to_async(thread_sensitive=False)``,
+   ``C`` at a time, each in its own transaction; then store.checkpoint_many of 200 of
+   those runs.
+3. Bursts: ``N`` whole starts submitted in the same instant (service.start_generation:
+   admission, the user message saved, the budget checked, the assistant row created,
+   the run launched), until the upstream (the demo model server, in this process, at 1
+   token/s) has received every request; the runs are then stopped. Done twice (the
+   first also warms up). Prints starts per second (wall) and ms of CPU per start (this
+   process, all threads: the demo server's share of it is small), and the refusals.
 
     SQLITE_PATH=/tmp/starts.sqlite3 python -m bench.starts      # SQLite (migrated here)
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/db python -m bench.starts
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/db REDIS_URL=redis://127.0.0.1:6379/9 \
+        python -m bench.starts                                 # PostgreSQL + Redis
     N=300 C=20 DATABASE_CONN_MAX_AGE=0 python -m bench.starts    # other settings
 
-It creates N + 1 users and their conversations in that database: use a scratch one.
-Figures: docs/performance.md, "The cost of a start".
+It creates 3 N + 1 users and their conversations in that database: use a scratch one.
+Figures: docs/performance.md, "Bursts of starts" (before: docs/history/performance-2026.md,
+"The cost of a start").
 """
 
 from __future__ import annotations
@@ -75,8 +86,58 @@ async def measure(store, users, concurrency: int) -> None:
               f"CPU, {wall / CHECKPOINT_ROUNDS * 1000:.1f} ms wall")
 
 
+async def bursts(users_per_burst: list[list]) -> None:
+    """Each list of users starts one run each, all in the same instant (see the module)."""
+    from django.conf import settings
+
+    from chat.generation import service
+    from chat.generation.errors import GenerationError
+    from chat.generation.runtime import Runtime
+
+    settings.DEMO_TOKENS_PER_SECOND = 1.0
+    # Starts per second, not admission: a loop late because the machine is busy would
+    # refuse the second burst for lag (the starts signal stays on).
+    settings.CHAT_TUNING = settings.CHAT_TUNING.replace(max_loop_lag_ms=0)
+    runtime = Runtime.current()
+    server = await runtime.demo_server(settings.DEMO_TOKENS_PER_SECOND)
+    # First-use costs (the provider client, its profile, the connection) before timing.
+    warm = await service.start_generation(users_per_burst[0][0], uuid.uuid4(), "warm-up",
+                                          create={})
+    warm.cancel("stop")
+    await warm.wait()
+    for n, users in enumerate(users_per_burst, 1):
+        users = users[1:] if n == 1 else users
+        estimate = runtime.start_service_ms
+        seen = len(server.requests)
+        wall, cpu = time.perf_counter(), time.process_time()
+        outcomes = await asyncio.gather(
+            *(service.start_generation(user, uuid.uuid4(), "hello there, a question",
+                                       create={}) for user in users),
+            return_exceptions=True)
+        started = [o for o in outcomes if not isinstance(o, BaseException)]
+        while len(server.requests) - seen < len(started):
+            await asyncio.sleep(0.002)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        refused: dict[str, int] = {}
+        for outcome in outcomes:
+            if isinstance(outcome, GenerationError):
+                key = f"{outcome.code} {getattr(outcome, 'extra', {}).get('reason', '')}"
+                refused[key.strip()] = refused.get(key.strip(), 0) + 1
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        print(f"burst {n}: {len(users)} starts at once, {len(started)} started: "
+              f"{len(started) / wall:.0f} starts/s (wall {wall * 1000:.0f} ms), "
+              f"{cpu / max(1, len(started)) * 1000:.2f} ms CPU per start; "
+              f"refused: {refused or 'none'} (the queue's estimate before: "
+              f"{estimate:.1f} ms per start, after: {runtime.start_service_ms:.1f})")
+        for generation in started:
+            generation.cancel("stop")
+        await asyncio.gather(*(generation.wait() for generation in started))
+
+
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+    os.environ.setdefault("DEBUG", "0")  # as the servers of bench.throughput
     import django
 
     django.setup()
@@ -92,9 +153,11 @@ def main() -> None:
     new, existing = statements_per_start(store, user_model)
     print(f"statements per start, new / existing conversation: {new} / {existing}")
     users = [user_model.objects.create(username=f"starts-{uuid.uuid4().hex[:10]}")
-             for _ in range(count)]
+             for _ in range(3 * count)]
     connections.close_all()
-    asyncio.run(measure(store, users, concurrency))
+    asyncio.run(measure(store, users[:count], concurrency))
+    connections.close_all()
+    asyncio.run(bursts([users[count:2 * count], users[2 * count:]]))
 
 
 if __name__ == "__main__":

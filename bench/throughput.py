@@ -4,6 +4,7 @@ concurrent streams, next to two floors that only read the same streams.
     python -m bench.throughput                       # everything, about 12 minutes
     python -m bench.throughput --ks 50,200 --configs defaults,sdk --duration 10
     python -m bench.throughput --ks 200 --configs defaults --profile --json out.json
+    python -m bench.throughput --burst --ks 200 --configs defaults,postgres
 
 What it starts (loopback only; everything is stopped at the end):
 
@@ -21,7 +22,7 @@ Configurations (``--configs``, comma-separated): ``defaults`` (the embedded defa
 SQLite in a temporary file, in-memory channel layer), ``postgres`` (PostgreSQL database
 ``--database``, recreated, and the Redis pub/sub layer on ``--redis`` with channel
 prefix ``--channel-prefix``), ``sdk`` and ``httpx`` (the floors), ``sdk-asyncio`` (the
-SDK floor with its HTTP client on the app's socket backend, chat.generation.netstream:
+SDK floor with its HTTP client on the app's socket backend, chat.generation.providers.netstream:
 that backend's own cost, next to ``sdk``).
 
 Timeline of one row: streams start evenly over the ramp (K/100 s, 1 to 5 s), then
@@ -68,6 +69,13 @@ Columns (one row per configuration and K):
 - unfinished / errors: streams still running when they were closed, 5 s after the
   window (their lag was longer than 4 s) / streams that failed otherwise (an error
   frame or a closed socket, or no token at all without being stopped or refused).
+
+``--burst``: K tabs already connected (their sockets opened over the first K/50 s, at
+least 2) send their message in the same instant, and a refused one does not come back
+(no retry); the window (``--duration``, 5 s) starts ``--settle`` (3 s) after the burst.
+It prints, per row: refusals (by reason), the tokens delivered in the window as a share
+of those offered (every stream, refused ones included), TTFT p50 / p99 of the admitted
+streams, lag p50 / p99, CPU per 1000 tokens and cores used (waiting).
 
 ``--json FILE`` writes every figure, and more: per-row CPU of the upstream and the
 clients, load averages, lost/duplicated tokens, and the CPU per 1000 tokens over the
@@ -147,17 +155,24 @@ class Timeline:
     duration: float
     tail: float = 1.0  # streams last this long past the window
     grace: float = 4.0  # then this long for their ends, before they are closed
+    # Burst: the sockets open over the first ``lead`` s, then every message is sent at
+    # ``lead`` (the ramp is 0).
+    lead: float = 0.0
 
     @classmethod
     def for_k(cls, k: int, duration: float, settle: float = 2.0,
-              grace: float = 4.0) -> Timeline:
-        """The bench's timeline for K streams: a ramp of K/100 s, at least 1, at most 5."""
+              grace: float = 4.0, burst: bool = False) -> Timeline:
+        """The bench's timeline for K streams: a ramp of K/100 s, at least 1, at most 5;
+        with ``burst``, no ramp but a lead of K/50 s (at least 2) to open the sockets."""
+        if burst:
+            return cls(ramp=0.0, settle=settle, duration=duration, grace=grace,
+                       lead=max(2.0, k / 50))
         return cls(ramp=min(5.0, max(1.0, k / 100)), settle=settle, duration=duration,
                    grace=grace)
 
     @property
     def window(self) -> tuple[float, float]:
-        start = self.ramp + self.settle
+        start = self.lead + self.ramp + self.settle
         return start, start + self.duration
 
     @property
@@ -178,6 +193,7 @@ class StreamSpec:
     port: int = 0  # app: the worker's port
     cookie: str = ""  # app: the user's session
     stop_port: int = 0  # app, --stop-via other-worker: the port the stop is sent to
+    open_at: float | None = None  # burst: when its socket opens (s after t0)
 
 
 def make_specs(k: int, run_tag: str, timeline: Timeline, rate: float, *, stop_share: float,
@@ -197,13 +213,14 @@ def make_specs(k: int, run_tag: str, timeline: Timeline, rate: float, *, stop_sh
         stopped = {int(i * step + step / 2) for i in range(n_stop)}
     specs = []
     for i in range(k):
-        start = timeline.ramp * i / k
+        start = timeline.lead + timeline.ramp * i / k
         tokens = math.ceil((end_w + timeline.tail - start) * rate)
         stop = start_w + timeline.duration * rng.uniform(0.1, 0.9) if i in stopped else None
         specs.append(StreamSpec(
             index=i, tag=f"{run_tag}-{i} tokens={tokens}", tokens=tokens, start=start,
             stop=stop, port=ports[i % len(ports)] if ports else 0,
             cookie=cookies[i] if cookies else "",
+            open_at=timeline.lead * 0.8 * i / k if timeline.lead else None,
             stop_port=(ports[(i + 1) % len(ports)]
                        if stop is not None and stop_via == "other-worker" and ports
                        and len(ports) > 1 else 0),
@@ -256,19 +273,21 @@ def _child_main(conn, runner, *args) -> None:
 
 
 # --- app clients (websockets) ----------------------------------------------------------
-async def admitted_tag(client: Client, spec: StreamSpec, t0: float, end_at: float) -> str:
+async def admitted_tag(client: Client, spec: StreamSpec, t0: float, end_at: float,
+                       retry: bool = True) -> str:
     """Wait for the answer to the message just sent; while it is refused
     (``overloaded``), send it again after the frame's ``retry_after_ms``, as the page
     tells its user to, asking only for the tokens still due before ``end_at``
     (monotonic s: the stream's planned last token), under a new tag (the upstream
-    reports requests by tag). Returns the tag of the last message sent; the socket's
-    events then describe that one (refused for good when the end came first)."""
+    reports requests by tag); not with ``retry`` False (a refusal is then final).
+    Returns the tag of the last message sent; the socket's events then describe that
+    one (refused for good when the end came first)."""
     tag = spec.tag
     first_at = t0 + spec.start
     while True:
         await client.started.wait()
         refusal = client.refusal
-        if refusal is None or client.record.message_id is not None:
+        if refusal is None or client.record.message_id is not None or not retry:
             return tag
         retry_at = time.monotonic() + max(0.1, refusal.get("retry_after_ms", 2000) / 1000)
         left = math.ceil(spec.tokens * (end_at - retry_at) / max(1e-3, end_at - first_at))
@@ -280,12 +299,14 @@ async def admitted_tag(client: Client, spec: StreamSpec, t0: float, end_at: floa
         await client.send({"type": "message", "content": tag})
 
 
-async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float) -> dict:
+async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float,
+                     retry: bool = True) -> dict:
     """One owner socket: connect, send the tag as a message (again after each
-    ``overloaded`` refusal: :func:`admitted_tag`), maybe stop, wait for the end; closed
-    at ``deadline`` (monotonic s) whatever happens. ``end_at``: when its last token is
-    due (monotonic s)."""
-    await sleep_until(t0 + spec.start)
+    ``overloaded`` refusal unless ``retry`` is False: :func:`admitted_tag`), maybe
+    stop, wait for the end; closed at ``deadline`` (monotonic s) whatever happens.
+    ``end_at``: when its last token is due (monotonic s). A burst's socket
+    (``spec.open_at``) opens first and sends its message at ``spec.start``."""
+    await sleep_until(t0 + (spec.open_at if spec.open_at is not None else spec.start))
     client = Client("owner")
     record = client.record
     timed_out = False
@@ -308,10 +329,14 @@ async def app_stream(spec: StreamSpec, t0: float, deadline: float, end_at: float
         async with asyncio.timeout(deadline - time.monotonic()):
             await client.open(spec.port, conversation, spec.cookie,
                               timeout=deadline - time.monotonic(), close_timeout=2)
+            if spec.open_at is not None:
+                opened_late_ms = (time.monotonic() - t0 - spec.open_at) * 1000
+                await sleep_until(t0 + spec.start)
             record.sent_at = time.monotonic()
-            opened_late_ms = (record.sent_at - t0 - spec.start) * 1000
+            if spec.open_at is None:
+                opened_late_ms = (record.sent_at - t0 - spec.start) * 1000
             await client.send({"type": "message", "content": spec.tag})
-            tag = await admitted_tag(client, spec, t0, end_at)
+            tag = await admitted_tag(client, spec, t0, end_at, retry)
             opening = asyncio.create_task(open_stopper()) if stopper else None
             if spec.stop is not None:
                 with contextlib.suppress(TimeoutError):
@@ -367,14 +392,16 @@ async def warm_up(port: int, cookie: str, tag: str, timeout: float = 60) -> None
                            f"{client.record.error}")
 
 
-def app_clients(specs: list[StreamSpec], timeline: Timeline):
-    """Runner of a client process (see :func:`_child_main`)."""
+def app_clients(specs: list[StreamSpec], timeline: Timeline, retry: bool = True):
+    """Runner of a client process (see :func:`_child_main`); ``retry``: send a refused
+    message again after its ``retry_after_ms``."""
     import websockets  # noqa: F401 - imported before t0, not during the ramp
 
     async def run(t0: float) -> list[dict]:
         deadline = t0 + timeline.deadline
         end_at = t0 + timeline.window[1] + timeline.tail
-        return await asyncio.gather(*(app_stream(s, t0, deadline, end_at) for s in specs))
+        return await asyncio.gather(*(app_stream(s, t0, deadline, end_at, retry)
+                                      for s in specs))
 
     return run
 
@@ -428,7 +455,7 @@ def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str,
               on_asyncio: bool = False):
     """Runner of the SDK floor: AsyncOpenAI streams read as the app reads them, and
     nothing else (the content of each chunk kept with its receive time). ``on_asyncio``:
-    the SDK's HTTP client on the app's transport (chat.generation.netstream) instead of
+    the SDK's HTTP client on the app's transport (chat.generation.providers.transport) instead of
     httpcore2's anyio backend (the ``sdk-asyncio`` floor: that transport's own cost)."""
     import openai
 
@@ -437,7 +464,7 @@ def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str,
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
         import django
         django.setup()
-        from chat.generation import netstream
+        from chat.generation.providers import transport
 
     async def read(spec, chunks, state):
         client = clients[0]
@@ -455,7 +482,7 @@ def sdk_floor(specs: list[StreamSpec], timeline: Timeline, base_url: str,
     clients: list = []
 
     async def run(t0: float) -> list[dict]:
-        http_client = openai.DefaultAsyncHttpxClient(transport=netstream.AsyncioTransport(
+        http_client = openai.DefaultAsyncHttpxClient(transport=transport.AsyncioTransport(
             limits=httpx2_limits())) if on_asyncio else None
         clients.append(openai.AsyncOpenAI(base_url=base_url, api_key="bench-key-not-secret",
                                           max_retries=0, timeout=600,
@@ -596,6 +623,7 @@ def summarize(config: str, k: int, specs: list[StreamSpec], results: list[dict],
         "delivered_tokens": delivered,
         "delivered_tps": round(delivered / window_s, 1),
         "offered_tps": round(offered / window_s, 1),
+        "delivered_pct": round(100 * delivered / offered, 1) if offered else None,
         "lag_ms": {"p50": percentile(lags, 50), "p99": percentile(lags, 99),
                    "max": max(lags) if lags else None},
         "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "n": len(ttft)},
@@ -629,7 +657,7 @@ def _fmt_s(value: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as the markdown table of issue 11 (plus refused and failed)."""
+    """The rows as the markdown table of docs/performance.md (plus refused and failed)."""
     head = ("| system | K | CPU s / 1000 tok | cores used (waiting) "
             "| delivered / offered tok/s "
             "| lag p50 / p99 "
@@ -660,6 +688,25 @@ def table(rows: list[dict]) -> str:
 
 
 # --- profiles ---------------------------------------------------------------------------
+def burst_table(rows: list[dict]) -> str:
+    """The rows of a ``--burst`` run: what the K messages sent in one instant got."""
+    lines = ["| system | K | refused (reasons) | tokens delivered | TTFT p50 / p99 "
+             "| lag p50 / p99 | CPU s / 1000 tok | cores used (waiting) | unfinished / errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["refused_reasons"].items()))
+        wait = r.get("cpu_wait_share")
+        lines.append(
+            f"| {r['label']} | {r['k']} | {r['refused_overloaded']}"
+            f"{f' ({reasons})' if reasons else ''} | {r['delivered_pct']} % "
+            f"| {fmt_ms(r['ttft_ms']['p50'])} / {fmt_ms(r['ttft_ms']['p99'])} "
+            f"| {fmt_ms(r['lag_ms']['p50'])} / {fmt_ms(r['lag_ms']['p99'])} "
+            f"| {_fmt_s(r['cpu_per_1000_tokens_s'])} "
+            f"| {r['cores_used']:.2f}{'' if wait is None else f' ({wait:.2f})'} "
+            f"| {r['unfinished']} / {r['errors']} |")
+    return "\n".join(lines)
+
+
 def _frame_key(frame: str) -> tuple[str, str]:
     """``"construct_type (/x/site-packages/openai/_models.py:412)"`` ->
     ``("construct_type", "/x/site-packages/openai/_models.py")``."""
@@ -783,8 +830,10 @@ class Harness:
                  redis: str = "redis://127.0.0.1:6379/7", channel_prefix: str = "tp",
                  conn_max_age: int = 60, worker_env: dict[str, str] | None = None,
                  stop_share: float = 0.1, seed: int = 1, quiet: bool = False,
-                 stop_via: str = "owner"):
+                 stop_via: str = "owner", burst: bool = False):
         self.rate = rate
+        # Every message in the same instant, over sockets opened before; no retry.
+        self.burst = burst
         self.workers = workers
         self.client_procs = client_procs
         self.postgres = postgres
@@ -906,7 +955,7 @@ class Harness:
         the configuration whose (first) worker or floor process py-spy records;
         ``grace``: seconds streams may run late (after their last token was due) before
         being closed."""
-        timeline = Timeline.for_k(k, duration, settle, grace)
+        timeline = Timeline.for_k(k, duration, settle, grace, burst=self.burst)
         load_before = os.getloadavg()
         started = time.monotonic()
         parts = []
@@ -978,6 +1027,7 @@ class Harness:
             row["upstream_left_open"] = part["left_open"]
             row["workers"] = self.workers if config in APP_CONFIGS else 0
             row["stop_via"] = self.stop_via if config in APP_CONFIGS else "owner"
+            row["burst"] = self.burst
             row["together_with"] = [c for c in configs if c != config]
             row["load_average"] = {"before": [round(x, 2) for x in load_before],
                                    "after": load_after}
@@ -1027,6 +1077,7 @@ class Harness:
         for shard in range(n_clients):
             part["children"].append(Child(_child_main, app_clients,
                                           part["specs"][shard::n_clients], timeline,
+                                          not self.burst,
                                           log_path=self.logs / "clients.log"))
         for port, worker, cookie in zip(ports, part["processes"], cookies, strict=False):
             wait_port(port, worker, f"{config} worker on {port}")
@@ -1044,10 +1095,16 @@ def parse_args(argv=None):
                         help="comma-separated numbers of concurrent streams")
     parser.add_argument("--configs", default=",".join(ALL_CONFIGS),
                         help=f"comma-separated, among {', '.join(ALL_CONFIGS)}")
-    parser.add_argument("--duration", type=float, default=20,
-                        help="seconds of the measurement window of each row")
-    parser.add_argument("--settle", type=float, default=2,
-                        help="seconds between the last stream's start and the window")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of the measurement window of each row "
+                        "(20; 5 with --burst)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="seconds between the last stream's start and the window "
+                        "(2; 3 with --burst)")
+    parser.add_argument("--burst", action="store_true",
+                        help="every stream's message in the same instant, over sockets "
+                        "opened before (K/50 s, at least 2), with no retry after a "
+                        "refusal; prints refusals, tokens delivered, TTFT p50/p99, lag")
     parser.add_argument("--rate", type=float, default=20, help="tokens/s of every stream")
     parser.add_argument("--workers", type=int, default=1, help="daphne workers (app rows)")
     parser.add_argument("--client-procs", type=int, default=0,
@@ -1075,6 +1132,10 @@ def parse_args(argv=None):
     parser.add_argument("--show", metavar="FILE",
                         help="print the table of a --json file and exit (runs nothing)")
     args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 5.0 if args.burst else 20.0
+    if args.settle is None:
+        args.settle = 3.0 if args.burst else 2.0
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(args.configs) - set(ALL_CONFIGS)
@@ -1109,7 +1170,10 @@ def header(data: dict) -> str:
 def report(data: dict) -> str:
     """Header, table and notes of a run (what :func:`main` prints)."""
     rows = data["rows"]
-    out = [header(data), table(rows)]
+    burst = data["args"].get("burst")
+    out = [header(data) + ("; --burst: every message in the same instant, no retry"
+                           if burst else ""),
+           burst_table(rows) if burst else table(rows)]
     if any(r.get("profiled") for r in rows):
         out.append("* profiled with py-spy during this row (--nonblocking, 100 Hz)")
     for row in rows:
@@ -1139,7 +1203,7 @@ def main(argv=None) -> int:
                  postgres=args.postgres, database=args.database, redis=args.redis,
                  channel_prefix=args.channel_prefix, conn_max_age=args.conn_max_age,
                  worker_env=args.worker_env, stop_share=args.stop_share,
-                 stop_via=args.stop_via,
+                 stop_via=args.stop_via, burst=args.burst,
                  seed=args.seed) as harness:
         for config in args.configs:
             if config in APP_CONFIGS:

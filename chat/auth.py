@@ -72,10 +72,10 @@ class TokenAuthMiddleware:
 # In the executor's threads, not the one thread Channels gives sync code by default
 # (``thread_sensitive=True``): every new socket's session and user were loaded there,
 # one socket after another, and under load (a busy event loop, a database round trip
-# per query) the handshakes queued behind each other: at K = 300 on PostgreSQL the
-# last sockets of a 3 s ramp connected 9 s late (docs/performance.md). Both loads
-# are self-contained queries; ``database_sync_to_async`` closes old connections around
-# each call in whichever thread runs it.
+# per query) the handshakes queued behind each other, and the last sockets of a burst
+# connected seconds late. Both loads are self-contained queries;
+# ``database_sync_to_async`` closes old connections around each call in whichever
+# thread runs it.
 _authenticate_token = database_sync_to_async(ApiToken.authenticate, thread_sensitive=False)
 _get_user = database_sync_to_async(channels_auth.get_user.func, thread_sensitive=False)
 

@@ -516,18 +516,25 @@ def test_quota_exceeded_says_what_is_left_and_when_it_resets_and_keeps_the_text(
     assert page.locator("#input").input_value() == "Over budget question"
 
 
-def test_an_overloaded_server_says_when_to_try_again_and_keeps_the_text(alice_context, upstream):
+def test_an_overloaded_refusal_is_sent_again_by_itself_after_the_hint_and_answered(
+    alice_context, upstream
+):
+    """A message refused as ``overloaded`` is not put back in the box: the page says it
+    waits for a free slot and sends it again after retry_after_ms (plus jitter); the
+    server, free again, answers it."""
+    upstream.answer = "Answered after the retry."
     page = open_chat(alice_context)
     page.evaluate(
         "() => { chatDebug.setPending('A question for a busy server');"
-        " chatDebug.inject({type: 'error', code: 'overloaded', reason: 'lag',"
-        " detail: 'The server is busy.', retry_after_ms: 2400}); }"
+        " chatDebug.inject({type: 'error', code: 'overloaded', reason: 'starts',"
+        " detail: 'The server is busy.', retry_after_ms: 600}); }"
     )
-    notice = page.locator("#notice")
-    expect(notice).to_contain_text("busy with other answers")
-    expect(notice).to_contain_text("Try again in 3 s")
-    assert page.locator("#input").input_value() == "A question for a busy server"
-    assert page.evaluate("() => chatDebug.messages().filter(m => m.role === 'user').length") == 0
+    expect(page.locator("#notice")).to_contain_text("waiting for a free slot")
+    assert page.locator("#input").input_value() == ""
+    expect(answer(page)).to_have_attribute("data-status", "completed", timeout=20_000)
+    expect(answer(page)).to_contain_text("Answered after the retry.")
+    assert Message.objects.filter(role="user", content="A question for a busy server").count() == 1
+    assert alice_context.page_errors == []
 
 
 def test_the_model_and_system_prompt_chosen_before_the_first_message_are_used(

@@ -90,3 +90,24 @@ def test_a_start_takes_a_fixed_small_number_of_statements(alice):
             if m["role"] == "user"] == ["hello", "and again"]
     assert again.prompt[-1] == {"role": "user", "content": "and again"}
     assert again.assistant_message["usage"] is None
+
+
+def test_a_batch_of_starts_takes_six_statements_per_start_and_three_for_the_batch(
+    django_user_model,
+):
+    """startqueue.prepare_batch: starts committed together share their users' lock, the count
+    of their running answers and the insert of their messages (three statements for the
+    batch); each start on a new conversation keeps its savepoint, the conversation's
+    lock and its insert (in a savepoint): six, where a start alone takes nine."""
+    from chat.generation import store
+    from chat.generation.startqueue import StartRequest, prepare_batch
+
+    users = [django_user_model.objects.create_user(f"user{n}") for n in range(10)]
+    starts = [StartRequest(user, uuid.uuid4(), f"question {n}")
+              for n, user in enumerate(users)]
+    with CaptureQueriesContext(connection) as captured:
+        runs = prepare_batch(starts)
+    assert all(isinstance(run, store.PreparedRun) for run in runs), runs
+    # The batch's own savepoint and release (nested in the test's transaction) too.
+    assert len(captured) == 2 + 3 + 6 * len(starts), [q["sql"][:60] for q in captured]
+    assert Message.objects.filter(role="assistant", status="streaming").count() == 10

@@ -9,13 +9,15 @@ constants, ``settings.CHAT_TUNING``, chat.tuning):
 - **streams**: generations registered on this event loop (starting, streaming or
   ending) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit, the default). The
   operator's capacity plan: deterministic, cheap, but it cannot follow the machine.
-- **start wait**: how long the oldest start admitted and not yet through its
-  transaction (``store.prepare_*``, in the executor's threads) has waited, against
-  ``max_start_wait_ms`` (2000; 0 = off). A queue of starts is invisible to the
-  loop's signals (the loop idles in ``select()`` while the threads work); its wait,
-  unlike its length, says whether it really piles up: 100 starts that each take 5 ms
-  are no queue, 20 that wait 3 s are. The default equals the retry hint: a start
-  waits in that queue no longer than a refused client would wait to come back.
+- **start wait**: how long a start admitted now would wait for its transaction (the
+  start queue, chat.generation.startqueue, commits the starts waiting together a batch
+  at a time): the longer of the oldest waiting start's wait so far and the starts
+  waiting times the time each adds to a batch (``Runtime.expected_start_wait_ms``),
+  against ``max_start_wait_ms`` (3000; 0 = off), the time to first token a start may
+  be kept waiting. A queue of starts is invisible to the loop's signals (the loop
+  idles in ``select()`` while a thread commits); its drain time, unlike its length,
+  says whether it really piles up: 300 starts that take 3 ms each are a burst to
+  absorb, not an overload, and wait instead of being refused; 20 that wait 4 s are.
   ``max_pending_starts`` (0 = off, the default) still caps their number.
 - **standing event-loop lag**: a timer due every ``PROBE_S`` (100 ms) measures how
   late it fires; the lowest lateness over the last ``WINDOW_S`` (1 s) is the loop's
@@ -57,6 +59,8 @@ logger = logging.getLogger(__name__)
 PROBE_S = 0.1
 WINDOW_S = 1.0
 SMOOTHING_S = 2.0
+# The retry hint of a start refused by a draining worker (ms, times 1 to 1.5).
+SHUTDOWN_RETRY_MS = 500
 
 
 async def _probe_lag(runtime: Runtime) -> None:
@@ -99,7 +103,10 @@ def retry_after_ms() -> int:
 def refusal_reason(runtime: Runtime) -> str | None:
     """Why this loop refuses new generations now (``"streams"``, ``"starts"`` (too many
     waiting, or waiting too long), or ``"lag"``), or None when it admits
-    them. Updates the hysteresis state."""
+    them. Updates the hysteresis state. ``"shutting_down"`` while the worker drains
+    (chat.generation.drain): its clients start again on another worker."""
+    if runtime.draining:
+        return "shutting_down"
     limit = settings.CHAT_MAX_STREAMS_PER_WORKER
     if limit and runtime.count() + runtime.starting >= limit:
         return "streams"
@@ -132,6 +139,11 @@ def admit() -> None:
     if reason is None:
         return
     metrics.admission_refused(reason)
+    if reason == "shutting_down":
+        # Short: the load balancer sends the retry to a worker that is not stopping.
+        wait = int(SHUTDOWN_RETRY_MS * random.uniform(1.0, 1.5))
+        detail = "The server is restarting; please try again in a moment."
+        raise Overloaded(detail, retry_after_ms=wait, reason=reason)
     wait = retry_after_ms()
     detail = ("The server is busy with other answers; please try again in "
               f"{math.ceil(wait / 1000)} s.")

@@ -15,6 +15,7 @@ asks ``Runtime.current()`` through the public methods below.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import uuid
 import weakref
@@ -32,8 +33,11 @@ from .startqueue import StartQueue
 if TYPE_CHECKING:
     from .task import Generation
 
-# Weight of each finished start in Runtime.start_service_ms (about the last 10).
-START_SMOOTHING = 0.1
+# Runtime.start_service_ms is the time of the last batches over their starts, as many
+# batches as cover this many starts: a drain rate over a few batches, so that a small
+# batch slowed by what the loop did meanwhile (launching the previous batch's runs)
+# does not stand for a whole crowd.
+START_WINDOW = 128
 # Batches of fewer starts do not update it: a lone start's time is the fixed cost of a
 # trip to a thread and a commit (and, the first time, of opening the connection), not
 # what each start of a crowd adds.
@@ -67,11 +71,12 @@ class Runtime:
         # Starts admitted whose transaction has not finished (service.start_generation),
         # by a token, with the loop time (s) each was admitted at: insertion order is
         # admission order, so the first is the one waiting longest. The queue their
-        # transactions wait in (committed a batch at a time), and the time one start
-        # adds to the wait of those behind it (ms: a batch's time over its starts,
-        # averaged over the last ones).
+        # transactions wait in (committed a batch at a time), the last batches
+        # (starts, ms) and the time one start adds to the wait of those behind it (ms:
+        # their time over their starts; see starts_served).
         self._starts: dict[object, float] = {}
         self.start_queue = StartQueue(loop, self.starts_served)
+        self._start_batches: collections.deque[tuple[int, float]] = collections.deque()
         self.start_service_ms = 0.0
 
     @classmethod
@@ -127,14 +132,17 @@ class Runtime:
 
     def starts_served(self, count: int, elapsed_s: float) -> None:
         """A batch of ``count`` starts took ``elapsed_s`` (s, its trip to a thread and
-        its transaction): each of them adds ``elapsed_s / count`` to the wait of the
-        starts behind it; :attr:`start_service_ms` follows it, each start weighing
-        ``START_SMOOTHING``, from batches of ``START_SAMPLE_MIN`` starts or more."""
+        its transaction). :attr:`start_service_ms`, what each start adds to the wait
+        of those behind it, becomes the time of the last batches over their starts
+        (batches of ``START_SAMPLE_MIN`` starts or more, covering ``START_WINDOW``
+        starts)."""
         if count < START_SAMPLE_MIN:
             return
-        sample_ms = elapsed_s * 1000.0 / count
-        weight = 1.0 - (1.0 - START_SMOOTHING) ** count
-        self.start_service_ms += (sample_ms - self.start_service_ms) * weight
+        batches = self._start_batches
+        batches.append((count, elapsed_s * 1000.0))
+        while sum(n for n, _ in batches) - batches[0][0] >= START_WINDOW:
+            batches.popleft()
+        self.start_service_ms = sum(ms for _, ms in batches) / sum(n for n, _ in batches)
 
     @property
     def starting(self) -> int:

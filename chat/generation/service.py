@@ -14,23 +14,19 @@ import contextvars
 import logging
 
 from asgiref.sync import ThreadSensitiveContext
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from .. import metrics, validation
-from . import admission, frames, leases, store
+from . import admission, frames, leases
 from .errors import InvalidRequest
 from .runtime import Runtime
+from .startqueue import StartRequest
 from .task import Generation
 
 logger = logging.getLogger(__name__)
 
-_PREPARE = {
-    "message": lambda user, cid, content, create: store.prepare_message(user, cid, content, create),
-    "regenerate": lambda user, cid, content, create: store.prepare_regenerate(user, cid),
-    "edit": lambda user, cid, content, create: store.prepare_edit(user, cid, content),
-}
+MODES = ("message", "regenerate", "edit")
 
 
 def running_generation(conversation_id) -> Generation | None:
@@ -85,11 +81,13 @@ async def start_generation(
     mode: str = "message",
     create: dict | None = None,
     layer=None,
+    tab: str | None = None,
 ) -> Generation:
     """Save the user's message, create the assistant row and start streaming.
 
     ``mode``: ``message``, ``regenerate`` or ``edit`` (store.prepare_*). ``create``:
-    ``{"model", "system_prompt"}`` for a conversation this message creates.
+    ``{"model", "system_prompt"}`` for a conversation this message creates. ``tab``:
+    the id of the browser tab starting it (request_stop with ``tab``).
     Returns the running :class:`Generation` (its frames already queued: ``message``
     unless regenerating, then ``generation.start``). Raises GenerationError subclasses
     (Forbidden, Busy, InvalidRequest, QuotaExceeded, Overloaded: this worker is past
@@ -97,8 +95,7 @@ async def start_generation(
     nothing is saved then. Text follows chat.validation (lone surrogates
     refused, NUL dropped), whichever door it came through.
     """
-    prepare = _PREPARE.get(mode)
-    if prepare is None:
+    if mode not in MODES:
         raise InvalidRequest(f"Unknown mode {mode!r}.")
     content, create = _clean_input(mode, content, create)
     # Before the database: a refused message leaves no row (no orphan user message).
@@ -107,17 +104,18 @@ async def start_generation(
     runtime = Runtime.current()
     # Counted from admission to the end of its transaction (admission's "starts").
     start = runtime.start_began()
-    # Not thread-sensitive: self-contained transactions may run in the executor's
-    # threads, beside the one thread Channels gives session and user loading (under
-    # load that thread was the queue new sockets waited in; docs/scale.md).
+    # The start waits for the transaction of its batch (chat.generation.startqueue): the
+    # starts waiting together are committed together, in one of the executor's threads,
+    # not the one thread Channels gives session and user loading (under load that
+    # thread was the queue new sockets waited in; docs/scale.md).
     try:
-        run = await database_sync_to_async(prepare, thread_sensitive=False)(
-            user, conversation_id, content, create
-        )
+        run = await runtime.start_queue.submit(StartRequest(
+            user, conversation_id, content, mode=mode, create=create))
     finally:
         runtime.start_ended(start)
     metrics.run_started(run.model)
-    generation = Generation(run=run, layer=layer or get_channel_layer(), runtime=runtime)
+    generation = Generation(run=run, layer=layer or get_channel_layer(), runtime=runtime,
+                            tab=tab)
     runtime.add(generation)
     # Straight to the group, not through the run's outbox: its subscribers (an SSE
     # client) wait for *their* generation.end.
@@ -155,7 +153,7 @@ def _after_launch(generation: Generation, launch: asyncio.Future, cancel: str | 
 
 
 async def request_stop(
-    conversation_id, *, user_id: int, reason: str = "stop", layer=None
+    conversation_id, *, user_id: int, reason: str = "stop", layer=None, tab: str | None = None
 ) -> bool:
     """Stop the running generation of a conversation, in whichever process it runs, if
     ``user_id`` (the requesting user's id) owns it.
@@ -164,10 +162,13 @@ async def request_stop(
     here of another user is left alone (returns False). Otherwise sends
     ``generation.stop`` with ``user_id`` to the conversation's control group, whose run
     checks the owner itself (returns False: whether a generation was running elsewhere
-    is not known here).
+    is not known here). With ``tab``, only a run that browser tab started is stopped
+    (a tab's disconnect, on any worker).
     """
     generation = running_generation(conversation_id)
     if generation is not None:
+        if tab is not None and generation.tab != tab:
+            return False
         if generation.run.user_id != user_id:
             logger.warning(
                 "user %s may not stop generation %s", user_id, generation.message_id
@@ -177,7 +178,7 @@ async def request_stop(
         return True
     layer = layer or get_channel_layer()
     await layer.group_send(
-        frames.control_group_name(conversation_id), frames.stop_request(user_id, reason)
+        frames.control_group_name(conversation_id), frames.stop_request(user_id, reason, tab)
     )
     return False
 

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -27,6 +28,9 @@ from .autostop import AutoStop, conversation_fields
 from .errors import Busy, Forbidden, InvalidRequest
 from .outcome import Outcome
 from .prompt import build_prompt, prompt_for_estimate
+
+if TYPE_CHECKING:
+    from .startqueue import StartBatch
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +140,6 @@ def _refuse_other_settings(conversation: Conversation, create: dict | None) -> N
             "conversation's settings, not with a message.")
 
 
-def check_budget(user, conversation: Conversation, prompt_tokens: int, max_tokens: int,
-                 *, budget=budgets.READ, prices=None) -> budgets.Reservation:
-    """Per-user budgets (see chat.generation.budgets): the run's reservation, or raises
-    QuotaExceeded or ConcurrencyLimit. ``budget``: the user's UserBudget (or None) when
-    the caller already locked the user and read it (budgets.lock_user); ``prices``: the
-    model's unit prices when already looked up."""
-    return budgets.check(
-        user, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-        model=conversation.model or settings.CHAT_MODEL, budget=budget, prices=prices,
-    )
-
-
 def _supersede_answers_of_last_user_message(conversation: Conversation, *,
                                             itself: bool = False) -> Message:
     """Mark what follows the last visible user message as superseded (and the message
@@ -187,28 +179,36 @@ def _no_usage_yet(message: Message) -> Message:
     return message
 
 
-def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
-    """The transaction every mode shares: lock (or create) the conversation, finish its
-    stale runs, refuse a busy one, let ``ask(conversation, now)`` do what the user
-    asked (returns ``(user_message or None, text the title comes from)``: the user
-    message *unsaved*, inserted here with the assistant row in one statement), check
-    the budget and create the streaming assistant row. Nothing is saved if it raises.
+def _prepare(user, conversation_id, *, create: dict | None, ask,
+             batch: StartBatch | None = None) -> PreparedRun:
+    """The transaction every mode shares: lock the user and read their budget, lock (or
+    create) the conversation, finish its stale runs, refuse a busy one, let
+    ``ask(conversation, now)`` do what the user asked (returns ``(user_message or
+    None, text the title comes from)``: the user message *unsaved*), check the budget
+    and insert it with the streaming assistant row. Nothing is saved if it raises. In a
+    ``batch`` (a savepoint of startqueue.prepare_batch) the user's lock, budget and
+    running answers come from the batch, which inserts the rows of all its starts.
+    The user is locked before the conversation in every start: one order, so
+    PostgreSQL cannot deadlock two starts.
 
-    Statements on a new conversation (the common start): lock, savepoint + insert +
-    release, lock the user and read their budget, count their running answers, insert
-    both messages; on an existing one the streaming check, the history and the
-    conversation's update come in addition. Why so few: SQLite runs one writing
-    transaction at a time, so every statement in here lengthens the queue new starts
-    wait in (docs/performance.md, "The cost of a start").
+    Statements on a new conversation: lock the user with their budget, count their
+    running answers, lock the conversation, savepoint + insert + release, insert both
+    messages; on an existing one, the streaming check, the history and the
+    conversation's update too. Each lengthens the queue of starts (SQLite runs one
+    writing transaction at a time; docs/performance.md, "Bursts of starts").
     """
     now = timezone.now()
     with transaction.atomic():
+        # One query locks the user (budgets.check's serialisation) and reads the budget.
+        budget = batch.budget_of(user) if batch else budgets.lock_user(user)
         conversation, created = _lock_conversation(user, conversation_id, create=create,
                                                    now=now)
         if conversation is None:
             raise InvalidRequest("This conversation has no messages yet.")
         if not created:
             _refuse_other_settings(conversation, create)
+        if batch is not None and str(conversation.id) in batch.conversations:
+            raise Busy("A generation is already running in this conversation.")
         # Created by this transaction: no messages, no runs, title and updated_at set.
         stale_ends = [] if created else _finish_stale_or_refuse(conversation)
         user_message, title_text = ask(conversation, now)
@@ -222,24 +222,27 @@ def _prepare(user, conversation_id, *, create: dict | None, ask) -> PreparedRun:
                               history=[] if created else None)
         model = conversation.model or settings.CHAT_MODEL
         prompt_tokens = accounting.count_prompt_tokens(prompt)
-        # One query locks the user (budgets.check's serialisation) and reads the budget
-        # both the automatic stops and the budget check need.
-        budget = budgets.lock_user(user)
         # autostop hook: the run's automatic stops; with a ceiling the budget reserves
         # only what the answer may cost before it is stopped.
         stops = AutoStop.for_run(user, conversation, model=model, prompt_tokens=prompt_tokens,
                                  budget=budget)
         # The run's own reservation is stored on its row: later starts count it.
-        reservation = check_budget(
-            user, conversation, prompt_tokens, stops.reserve(settings.CHAT_MAX_TOKENS),
-            budget=budget, prices=stops.ceiling.prices if stops.ceiling else None)
+        reservation = budgets.check(
+            user, prompt_tokens=prompt_tokens, max_tokens=stops.reserve(settings.CHAT_MAX_TOKENS),
+            model=model, budget=budget, now=now,
+            prices=stops.ceiling.prices if stops.ceiling else None,
+            in_flight=batch.held_of(user) if batch else None)
         assistant = Message(
             conversation=conversation, role=Message.Role.ASSISTANT, content="",
             status=Message.Status.STREAMING, model=model, created_at=timezone.now(),
             heartbeat_at=now, worker=WORKER_ID, reserved_tokens=reservation.tokens,
             reserved_usd=reservation.usd,
         )
-        Message.objects.bulk_create([m for m in (user_message, assistant) if m is not None])
+        rows = [m for m in (user_message, assistant) if m is not None]
+        if batch is not None:
+            batch.add(user, conversation, reservation, rows)  # inserted with the batch's
+        else:
+            Message.objects.bulk_create(rows)
     return PreparedRun(
         user_id=user.id,
         conversation=conversation.to_dict(),
@@ -261,47 +264,50 @@ def _new_user_message(conversation: Conversation, content: str, now) -> Message:
     )
 
 
-def prepare_message(user, conversation_id, content: str, create: dict | None) -> PreparedRun:
+def prepare_message(user, conversation_id, content: str, create: dict | None, *,
+                    batch: StartBatch | None = None) -> PreparedRun:
     """Append ``content`` as a user message (creating the conversation for ``user``
     with ``create`` = ``{"model", "system_prompt"}``, both optional, if it does not
     exist) and start its answer. Raises Forbidden, Busy, InvalidRequest, QuotaExceeded
-    or ConcurrencyLimit; then nothing is saved."""
+    or ConcurrencyLimit; then nothing is saved. ``batch``: startqueue.prepare_batch."""
     def ask(conversation, now):
         return _new_user_message(conversation, content, now), content
 
     return _prepare(user, conversation_id, create={**(create or {}), "title_text": content},
-                    ask=ask)
+                    ask=ask, batch=batch)
 
 
-def prepare_regenerate(user, conversation_id) -> PreparedRun:
+def prepare_regenerate(user, conversation_id, *, batch: StartBatch | None = None) -> PreparedRun:
     """Answer the last user message again; the old answer is kept but superseded.
     Raises as prepare_message."""
     def ask(conversation, now):
         return None, _supersede_answers_of_last_user_message(conversation).content
 
-    return _prepare(user, conversation_id, create=None, ask=ask)
+    return _prepare(user, conversation_id, create=None, ask=ask, batch=batch)
 
 
-def prepare_edit(user, conversation_id, content: str) -> PreparedRun:
+def prepare_edit(user, conversation_id, content: str, *, batch: StartBatch | None = None
+                 ) -> PreparedRun:
     """Replace the last user message by ``content`` (it and its answer are superseded)
     and answer it. Raises as prepare_message."""
     def ask(conversation, now):
         _supersede_answers_of_last_user_message(conversation, itself=True)
         return _new_user_message(conversation, content, now), content
 
-    return _prepare(user, conversation_id, create=None, ask=ask)
+    return _prepare(user, conversation_id, create=None, ask=ask, batch=batch)
 
 
 def prepare_run(
-    user, conversation_id, content: str | None, mode: str = "message", create: dict | None = None
+    user, conversation_id, content: str | None, mode: str = "message", create: dict | None = None,
+    *, batch: StartBatch | None = None,
 ) -> PreparedRun:
     """One of prepare_message / prepare_regenerate / prepare_edit by ``mode``."""
     if mode == "message":
-        return prepare_message(user, conversation_id, content, create)
+        return prepare_message(user, conversation_id, content, create, batch=batch)
     if mode == "regenerate":
-        return prepare_regenerate(user, conversation_id)
+        return prepare_regenerate(user, conversation_id, batch=batch)
     if mode == "edit":
-        return prepare_edit(user, conversation_id, content)
+        return prepare_edit(user, conversation_id, content, batch=batch)
     raise InvalidRequest(f"Unknown mode {mode!r}.")
 
 

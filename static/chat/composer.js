@@ -5,12 +5,19 @@
 import { $, api, config, element, hideNotice, showNotice } from "./page.js";
 import { onRefused, sendFrame, sendRequest } from "./protocol.js";
 import { PENDING_NOTES, onConversation, onRefresh, setConversation, state } from "./state.js";
-import { appendMessage, messageElement, onMessageAction } from "./transcript.js";
+import { appendMessage, messageElement, onMessageAction, renderMessage } from "./transcript.js";
 
 const MAX_INPUT_HEIGHT_PX = 240;
 // Stop is disabled this long after a click, so a double click sends one stop.
 const STOP_COOLDOWN_MS = 1000;
 const draftKey = `chat-draft:${config.conversation_id}`;
+// A message refused as `overloaded` (the server is past its capacity, or restarting) is
+// sent again by itself after the frame's retry_after_ms, times 1 to 1.5 at random (tabs
+// refused together do not all come back together), this many times before its text
+// goes back to the box.
+const OVERLOAD_RETRIES = 4;
+const WAITING_FOR_SLOT = "Waiting for a free slot…";
+const overload = { retries: 0, timer: null };
 
 // --- the message box -------------------------------------------------------------------
 
@@ -48,6 +55,44 @@ function giveBack(content) {
   autosize();
 }
 
+/** The note under this tab's unsent message ``content`` (state.PENDING_NOTES or ours). */
+function notePending(content, note) {
+  for (const m of state.messages) {
+    if (m.pending && m.content === content) {
+      m.pending = note;
+      renderMessage(m.id);
+    }
+  }
+}
+
+/** A refused request (protocol.js onRefused): an `overloaded` message or edit is sent
+ *  again by itself, a few times (true: it stays shown, "waiting for a free slot…");
+ *  any other refusal, or the last one, gives the text back to the input (false). */
+function onRefusedRequest(pending, frame) {
+  if (frame.code === "overloaded" && overload.retries < OVERLOAD_RETRIES && pending.frame) {
+    overload.retries += 1;
+    const hint = Number(frame.retry_after_ms) > 0 ? Number(frame.retry_after_ms) : 2000;
+    notePending(pending.content, WAITING_FOR_SLOT);
+    showNotice(`The server is busy: ${WAITING_FOR_SLOT.toLowerCase()}`, "warning");
+    overload.timer = setTimeout(() => resend(pending), hint * (1 + Math.random() / 2));
+    return true;
+  }
+  overload.retries = 0;
+  giveBack(pending.content);
+  return false;
+}
+
+function resend(pending) {
+  overload.timer = null;
+  hideNotice();
+  if (sendRequest(pending.frame)) {
+    notePending(pending.content, PENDING_NOTES.sending);
+  } else {
+    state.outbox.push(pending.frame);
+    notePending(pending.content, PENDING_NOTES.offline);
+  }
+}
+
 // --- sending ----------------------------------------------------------------------------
 
 function messageFrame(content) {
@@ -79,6 +124,10 @@ function submitMessage() {
     showNotice("Wait for the answer to finish, or press Stop.", "warning");
     return;
   }
+  if (overload.timer !== null) {
+    showNotice(`Your last message is still ${WAITING_FOR_SLOT.toLowerCase()}`, "warning");
+    return;
+  }
   if (content.length > config.max_message_chars) {
     showNotice(`A message is at most ${config.max_message_chars} characters.`);
     return;
@@ -88,6 +137,7 @@ function submitMessage() {
   saveDraft();
   autosize();
   state.follow = true;
+  overload.retries = 0;
   const frame = messageFrame(content);
   if (sendRequest(frame)) {
     appendMessage(localUserMessage(content, PENDING_NOTES.sending));
@@ -238,7 +288,7 @@ export function initComposer() {
   onConversation(() => fillSettings());
   onMessageAction("regenerate", () => regenerate());
   onMessageAction("edit", (message) => startEdit(message));
-  onRefused(giveBack);
+  onRefused(onRefusedRequest);
   fillSettings();
   restoreDraft();
 }

@@ -63,7 +63,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     ``state`` frame is sent, deltas already in it dropped, a seq gap repaired by a
     fresh state), so a tab that joins mid-stream sees every character exactly once.
 
-    Authorization (issue 9, item 1): frames are acted on only once ``connect`` found
+    Authorization: frames are acted on only once ``connect`` found
     the user may use the conversation (its owner, or any user on an id not created yet,
     whose first message creates it for them). A refused socket (4401/4403) may still
     have frames queued behind its close; they are ignored, as are group frames. A

@@ -1,4 +1,4 @@
-"""Admission control (issue 11, "past capacity, degrade, never collapse"): a worker that
+"""Admission control ("past capacity, degrade, never collapse"): a worker that
 cannot keep up refuses NEW generations with ``overloaded`` (HTTP 503) so that the runs
 it already streams keep their lag bounded, and admits a burst it can carry.
 

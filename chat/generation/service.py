@@ -4,7 +4,7 @@ store (the transactions), the task (chat.generation.task) and the leases togethe
 
 Who may act: only a run's owner may stop it or read its snapshot, checked here where
 the run is (and by the run's control listener for requests from other processes), not
-only by the caller (issue 9, item 1).
+only by the caller.
 """
 
 from __future__ import annotations

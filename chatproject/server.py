@@ -66,6 +66,9 @@ from zope.interface import implementer
 
 logger = logging.getLogger(__name__)
 
+# The daphne release the overrides below were written against (requirements.txt pins it;
+# tests/test_flow_control.py checks both and the shapes of what is overridden).
+CHECKED_DAPHNE = "4.2.3"
 SCOPE_EXTENSION = "chat.flow"
 INBOUND_HIGH = 64
 INBOUND_LOW = 16

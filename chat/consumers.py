@@ -113,7 +113,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
             self.base_send = send
             try:
-                await dispatch_one_pass(receive, self.channel_receive, self.inbox, self.dispatch)
+                await dispatch_one_pass(receive, self.channel_receive, self.inbox,
+                                        self.dispatch, expect_server_queue=self.flow is not None)
             except StopConsumer:
                 pass
         finally:

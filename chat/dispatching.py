@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 from channels.utils import await_many_dispatch
@@ -26,6 +27,8 @@ from channels.utils import await_many_dispatch
 from chatproject.server import InboundQueue
 
 from .generation.fanout import Inbox
+
+logger = logging.getLogger(__name__)
 
 
 def queue_of(receive) -> InboundQueue | None:
@@ -36,15 +39,24 @@ def queue_of(receive) -> InboundQueue | None:
 
 
 async def dispatch_one_pass(receive, channel_receive: Callable[[], Awaitable[dict]],
-                            inbox: Inbox, dispatch: Callable[[object], Awaitable[None]]) -> None:
+                            inbox: Inbox, dispatch: Callable[[object], Awaitable[None]], *,
+                            expect_server_queue: bool = False) -> None:
     """Call ``dispatch`` with every ASGI message of ``receive``, every message of the
     layer channel (``channel_receive``) and every :class:`Inbox` batch, in arrival order
     per source, the client's first, until ``dispatch`` raises (StopConsumer ends a
     consumer). The server's queue and the inbox wake it through ``inbox.ready``; the
     layer channel (snapshot replies from other processes: rare) keeps a task whose end
-    does the same."""
+    does the same. ``expect_server_queue``: the connection is ChatServer's (its scope
+    has the flow-control extension), so anything but an InboundQueue is logged as an
+    error."""
     client = queue_of(receive)
     if client is None:
+        if expect_server_queue:
+            # Under ChatServer the queue is always an InboundQueue: a class from another
+            # copy of chatproject.server would silently cost the one-pass dispatch.
+            logger.error("ChatServer's connection queue is a %s, not chatproject.server's "
+                         "InboundQueue: dispatching through Channels' loop",
+                         type(getattr(receive, "__self__", receive)).__qualname__)
         return await await_many_dispatch([receive, channel_receive, inbox.get], dispatch)
     bell = inbox.ready
     client.listener = bell

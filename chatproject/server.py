@@ -415,4 +415,9 @@ class ChatCommandLineInterface(CommandLineInterface):
 
 
 if __name__ == "__main__":
-    ChatCommandLineInterface.entrypoint()
+    # Run as ``python -m chatproject.server`` this file is ``__main__``; the classes the
+    # application imports (chat.dispatching checks for InboundQueue) are those of
+    # ``chatproject.server``, so the server must be built from that module too.
+    from chatproject import server
+
+    server.ChatCommandLineInterface.entrypoint()

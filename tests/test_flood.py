@@ -96,6 +96,8 @@ async def test_a_flood_by_bob_neither_locks_alice_out_nor_grows_the_worker(
     assert report["limited_before_close"], report
     assert report["close_codes"].get("1008", 0) >= 1, report
     assert peak_rss - rss_before < 150 * MB, (rss_before, peak_rss)
+    # Every socket was dispatched through the server's own queue (chat.dispatching).
+    assert "not chatproject.server's InboundQueue" not in server.log()
 
 
 def _raw_websocket(server, path: str, cookie: str) -> socket.socket:

@@ -55,9 +55,9 @@ class Sse:
         return self.data.get("type") if self.data else None
 
 
-async def read_events(response, until=None) -> list[Sse]:
-    """The events of a streamed response, up to the first one ``until`` accepts."""
-    events: list[Sse] = []
+async def iter_events(response):
+    """Yield the events of a streamed response one by one, as they come (``data`` None
+    for one that is not JSON); a stream cut before its end just stops."""
     name = None
     async for line in response.aiter_lines():
         if line.startswith("event:"):
@@ -68,11 +68,18 @@ async def read_events(response, until=None) -> list[Sse]:
                 data = json.loads(raw)
             except ValueError:
                 data = None
-            events.append(Sse(name, raw, data))
-            if until is not None and until(events[-1]):
-                break
+            yield Sse(name, raw, data)
         elif not line:
             name = None
+
+
+async def read_events(response, until=None) -> list[Sse]:
+    """The events of a streamed response, up to the first one ``until`` accepts."""
+    events: list[Sse] = []
+    async for event in iter_events(response):
+        events.append(event)
+        if until is not None and until(event):
+            break
     return events
 
 
@@ -327,7 +334,7 @@ async def test_a_cut_background_stream_resumes_with_every_delta_once_and_one_pos
     with pytest.raises(httpx2.HTTPError):
         async with client.stream("POST", "/responses",
                                  json=body(background=True, store=True)) as response:
-            async for event in _events(response):
+            async for event in iter_events(response):
                 received.append(event)
     run = server.responses.last
     assert run.follows[0].dropped and text_of(received) == "".join(TOKENS[:3])
@@ -342,19 +349,6 @@ async def test_a_cut_background_stream_resumes_with_every_delta_once_and_one_pos
     assert text_of(received + resumed) == ANSWER
     assert resumed[-1].type == "response.completed"
     assert (server.responses.posts, server.responses.gets) == (1, 1)
-
-
-async def _events(response):
-    """Yield events one by one (for a stream that is cut before it ends)."""
-    buffer: list[Sse] = []
-    name = None
-    async for line in response.aiter_lines():
-        if line.startswith("event:"):
-            name = line[len("event:"):].strip()
-        elif line.startswith("data:"):
-            raw = line[len("data:"):].strip()
-            buffer.append(Sse(name, raw, json.loads(raw)))
-            yield buffer[-1]
 
 
 async def test_a_foreground_response_cannot_be_streamed_again(upstream):
@@ -585,7 +579,7 @@ async def test_the_parser_reads_the_loopbacks_resumed_stream_into_the_answer_and
         async with client.stream("POST", "/responses", json=body(
                 model="o4-mini", reasoning={"summary": "auto"}, background=True,
                 store=True)) as response:
-            async for event in _events(response):
+            async for event in iter_events(response):
                 parsed.append(cursor.feed(event.data))
     # Resume from one event earlier than needed: the cursor drops the duplicate.
     async with client.stream("GET", f"/responses/{cursor.response_id}", params={

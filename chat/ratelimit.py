@@ -171,9 +171,11 @@ def open_socket(user_id: int) -> SocketLimits:
     now = time.monotonic()
     user = _users.get(user_id)
     if user is None:
+        if len(_users) >= _PRUNE_AT[0]:
+            _forget_idle(now)
+        # With the limit off (rate 0) the bucket is empty and never asked (SocketLimits).
         rate = _rate() * USER_RATE_FACTOR
-        user = _users[user_id] = _User(TokenBucket(rate, rate * BURST_S) if rate else
-                                       TokenBucket(1.0, 1.0))
+        user = _users[user_id] = _User(TokenBucket(rate, rate * BURST_S))
     if now < user.cooling_until:
         wait_ms = round((user.cooling_until - now) * 1000)
         raise SocketRefused("rate_limited", "Too many frames from your sockets; "
@@ -184,6 +186,19 @@ def open_socket(user_id: int) -> SocketLimits:
                             f"(the limit is {cap}); close one and reload.")
     user.sockets += 1
     return SocketLimits(user_id, user)
+
+
+# Past this many users remembered, the idle ones are forgotten (then twice as many).
+_PRUNE_AT = [1024]
+
+
+def _forget_idle(now: float) -> None:
+    """Forget the users with no socket here, not cooling down and with a full bucket
+    (a user whose last socket closed before the bucket refilled is kept by close())."""
+    for user_id, user in list(_users.items()):
+        if user.sockets <= 0 and now >= user.cooling_until and user.bucket.full:
+            del _users[user_id]
+    _PRUNE_AT[0] = max(1024, 2 * len(_users))
 
 
 def forget_users() -> None:

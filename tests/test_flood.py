@@ -209,3 +209,19 @@ async def test_a_stop_is_never_refused_even_past_the_frame_rate(alice, upstream,
     assert end["message_id"] == start["message"]["id"] and end["status"] == "cancelled"
     request = upstream.requests[-1]
     assert await upstream.until(lambda: request.client_closed_at is not None, timeout=2.0)
+
+
+def test_users_who_left_are_forgotten_once_their_buckets_refill(settings):
+    from chat import ratelimit
+
+    settings.CHAT_FRAME_RATE = 1000  # a bucket refills within a few ms
+    largest = 0
+    for user_id in range(1, 5001):
+        limits = ratelimit.open_socket(user_id)
+        limits.check("message")  # the bucket is not full when the socket closes
+        limits.close()
+        largest = max(largest, len(ratelimit._users))
+        if user_id % 500 == 0:
+            time.sleep(0.02)  # the buckets of the users who left refill
+    # 5,000 users came and went; those idle with a full bucket are forgotten.
+    assert largest <= 1100, largest

@@ -66,6 +66,8 @@ async def test_a_worker_at_its_stream_limit_refuses_with_overloaded_while_runnin
     running = [await open_socket(connect, user) for user in (alice, bob)]
     starts = [await first_answer(ws, "Count slowly") for ws in running]
     assert [s["type"] for s in starts] == ["generation.start"] * 2
+    # generation.start goes out before the provider request is on the wire.
+    assert await upstream.until(lambda: len(upstream.requests) == 2, 5)
 
     conversation_id = uuid.uuid4()
     refused_ws = await open_socket(connect, carol, conversation_id)
@@ -76,7 +78,7 @@ async def test_a_worker_at_its_stream_limit_refuses_with_overloaded_while_runnin
     # Nothing saved for the refused message: no conversation, no user row.
     assert not await Message.objects.filter(conversation_id=conversation_id).aexists()
     assert not await Conversation.objects.filter(id=conversation_id).aexists()
-    assert len(upstream.requests) == 2
+    assert len(upstream.requests) == 2, "the refused message reached the provider"
 
     for ws, start in zip(running, starts, strict=True):
         end = await ws.receive_type("generation.end", timeout=20)

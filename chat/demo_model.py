@@ -176,6 +176,7 @@ class UpstreamServer:
         self.generations: dict[str, tuple] = {}  # OpenRouter id -> (record, speaker, model)
         self.split = split_tokens
         self.requests: list[UpstreamRequest] = []
+        self.model_lists = 0  # GET /models requests served
         self.responses = ResponsesState()  # the "responses" dialect's (demo_responses)
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -316,6 +317,8 @@ class UpstreamServer:
             return await serve_responses(
                 self, method, path, query, body, reader, writer,
                 lambda b: UpstreamRequest(id=next(_ids), body=b, started_at=time.monotonic()))
+        if method == "GET" and path.endswith("/models"):
+            self.model_lists += 1
         extra = extra_route(self, method, path, query, body, json.loads)
         if extra is not None:
             await self._send_json(writer, *extra)

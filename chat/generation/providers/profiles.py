@@ -95,6 +95,8 @@ PROFILES = {
 # Owners in GET /v1/models that name the server (vLLM, llama.cpp's llama-server).
 _MODEL_OWNERS = {"vllm": "vllm", "llamacpp": "llamacpp"}
 _detected: dict[str, str] = {}
+# base URL -> the GET /models probe in flight for it.
+_probing: dict[str, asyncio.Task] = {}
 # (base URL, model) -> body keys the server refused (a 400 naming them).
 _refused: dict[tuple[str, str], set[str]] = {}
 
@@ -131,9 +133,24 @@ async def resolve(client: openai.AsyncOpenAI) -> Profile:
     base_url = base_url_of(client)
     name = _detected.get(base_url)
     if name is None:
-        name = profile_from_url(base_url) or await _probe(client)
+        name = profile_from_url(base_url) or await _shared_probe(client, base_url)
         _detected[base_url] = name
     return PROFILES[name]
+
+
+async def _shared_probe(client: openai.AsyncOpenAI, base_url: str) -> str:
+    """``_probe``, asked once for all the first runs that want it at the same time (a
+    burst of starts on a fresh worker would otherwise send one GET /models each). The
+    probe is shielded: a caller that is cancelled does not cancel it for the others."""
+    loop = asyncio.get_running_loop()
+    probe = _probing.get(base_url)
+    if probe is None or probe.get_loop() is not loop:
+        probe = loop.create_task(_probe(client), name="provider-probe")
+        _probing[base_url] = probe
+        probe.add_done_callback(
+            lambda done: _probing.pop(base_url, None) if _probing.get(base_url) is done
+            else None)
+    return await asyncio.shield(probe)
 
 
 async def _probe(client: openai.AsyncOpenAI) -> str:

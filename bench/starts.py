@@ -8,15 +8,19 @@
    those runs.
 3. Bursts: ``N`` whole starts submitted in the same instant (service.start_generation:
    admission, the user message saved, the budget checked, the assistant row created,
-   the run launched), until the upstream (the demo model server, in this process, at 1
-   token/s) has received every request; the runs are then stopped. Done twice (the
-   first also warms up). Prints starts per second (wall) and ms of CPU per start (this
-   process, all threads: the demo server's share of it is small), and the refusals.
+   the run launched), until the upstream (at 1 token/s) has received every request;
+   the runs are then stopped. Done twice (the first also warms up). Prints starts per
+   second (wall) and ms of CPU per start (this process, all threads), and the refusals.
+   The upstream is ``bench.upstream`` in a process of its own, as a provider is (and as
+   in bench.throughput); ``UPSTREAM=inprocess`` uses the demo model server on this
+   process's event loop instead, whose CPU (accepting, parsing, answering each
+   request) then counts as the worker's.
 
     SQLITE_PATH=/tmp/starts.sqlite3 python -m bench.starts      # SQLite (migrated here)
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/db REDIS_URL=redis://127.0.0.1:6379/9 \
         python -m bench.starts                                 # PostgreSQL + Redis
     N=300 C=20 DATABASE_CONN_MAX_AGE=0 python -m bench.starts    # other settings
+    UPSTREAM=inprocess python -m bench.starts                      # the demo server
 
 It creates 3 N + 1 users and their conversations in that database: use a scratch one.
 Figures: docs/performance.md, "Bursts of starts" (before: docs/history/performance-2026.md,
@@ -33,6 +37,23 @@ import uuid
 
 CHECKPOINT_RUNS = 200
 CHECKPOINT_ROUNDS = 20
+
+
+def statements_per_batch(user_model, size: int = 20) -> int:
+    """Statements of one batch of ``size`` starts (startqueue.prepare_batch), each of a
+    user of its own on a new conversation."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chat.generation.startqueue import StartRequest, prepare_batch
+
+    users = [user_model.objects.create(username=f"starts-{uuid.uuid4().hex[:10]}")
+             for _ in range(size)]
+    with CaptureQueriesContext(connection) as captured:
+        results = prepare_batch([StartRequest(user, uuid.uuid4(), "hello there", create={})
+                                 for user in users])
+    assert not any(isinstance(r, Exception) for r in results), results
+    return len(captured)
 
 
 def statements_per_start(store, user_model) -> tuple[int, int]:
@@ -86,8 +107,10 @@ async def measure(store, users, concurrency: int) -> None:
               f"CPU, {wall / CHECKPOINT_ROUNDS * 1000:.1f} ms wall")
 
 
-async def bursts(users_per_burst: list[list]) -> None:
-    """Each list of users starts one run each, all in the same instant (see the module)."""
+async def bursts(users_per_burst: list[list], upstream_port: int | None) -> None:
+    """Each list of users starts one run each, all in the same instant (see the module).
+    ``upstream_port``: the bench.upstream the app streams from, None for the demo
+    model server on this loop."""
     from django.conf import settings
 
     from chat.generation import service
@@ -99,7 +122,19 @@ async def bursts(users_per_burst: list[list]) -> None:
     # refuse the second burst for lag (the starts signal stays on).
     settings.CHAT_TUNING = settings.CHAT_TUNING.replace(max_loop_lag_ms=0)
     runtime = Runtime.current()
-    server = await runtime.demo_server(settings.DEMO_TOKENS_PER_SECOND)
+    if upstream_port is None:
+        from bench.upstream import tag_of
+
+        server = await runtime.demo_server(settings.DEMO_TOKENS_PER_SECOND)
+
+        async def received(tag: str) -> int:
+            return sum(1 for r in server.requests if tag_of(r.body.get("messages")) == tag)
+    else:
+        from bench.common import upstream_stats
+
+        async def received(tag: str) -> int:
+            stats = await asyncio.to_thread(upstream_stats, upstream_port, tag)
+            return len(stats["requests"])
     # First-use costs (the provider client, its profile, the connection) before timing.
     warm = await service.start_generation(users_per_burst[0][0], uuid.uuid4(), "warm-up",
                                           create={})
@@ -108,15 +143,14 @@ async def bursts(users_per_burst: list[list]) -> None:
     for n, users in enumerate(users_per_burst, 1):
         users = users[1:] if n == 1 else users
         estimate = runtime.start_service_ms
-        seen = len(server.requests)
+        tag = f"burst-{n}-{uuid.uuid4().hex[:8]} hello there, a question"
         wall, cpu = time.perf_counter(), time.process_time()
         outcomes = await asyncio.gather(
-            *(service.start_generation(user, uuid.uuid4(), "hello there, a question",
-                                       create={}) for user in users),
+            *(service.start_generation(user, uuid.uuid4(), tag, create={}) for user in users),
             return_exceptions=True)
         started = [o for o in outcomes if not isinstance(o, BaseException)]
-        while len(server.requests) - seen < len(started):
-            await asyncio.sleep(0.002)
+        while await received(tag) < len(started):
+            await asyncio.sleep(0.002 if upstream_port is None else 0.05)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         refused: dict[str, int] = {}
         for outcome in outcomes:
@@ -136,8 +170,33 @@ async def bursts(users_per_burst: list[list]) -> None:
 
 
 def main() -> None:
+    upstream = None
+    if os.environ.get("UPSTREAM", "process") != "inprocess":
+        from pathlib import Path
+
+        from bench.common import app_env, free_port, start_upstream
+
+        port = free_port()
+        upstream = start_upstream(port, dict(os.environ),
+                                  Path("/tmp/bench-starts-upstream.log"),
+                                  tokens_per_second=1.0, tokens=200)
+        # The provider settings of bench.throughput's workers; this process's database
+        # and channel layer stay as configured.
+        for key in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MAX_RETRIES", "CHAT_MODEL",
+                    "CHAT_MODELS"):
+            os.environ[key] = app_env(port, 200)[key]
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
     os.environ.setdefault("DEBUG", "0")  # as the servers of bench.throughput
+    try:
+        _main(None if upstream is None else port)
+    finally:
+        if upstream is not None:
+            from bench.common import stop_process
+
+            stop_process(upstream)
+
+
+def _main(upstream_port: int | None) -> None:
     import django
 
     django.setup()
@@ -151,13 +210,15 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     user_model = get_user_model()
     new, existing = statements_per_start(store, user_model)
-    print(f"statements per start, new / existing conversation: {new} / {existing}")
+    print(f"statements per start, new / existing conversation: {new} / {existing}; "
+          f"per batch of 20 starts on new conversations: {statements_per_batch(user_model)}")
     users = [user_model.objects.create(username=f"starts-{uuid.uuid4().hex[:10]}")
              for _ in range(3 * count)]
     connections.close_all()
     asyncio.run(measure(store, users[:count], concurrency))
     connections.close_all()
-    asyncio.run(bursts([users[count:2 * count], users[2 * count:]]))
+    print(f"bursts: the upstream {'in a process of its own' if upstream_port else 'on this loop'}")
+    asyncio.run(bursts([users[count:2 * count], users[2 * count:]], upstream_port))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import uuid
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 
 from chat import accounting
 from chat.generation import Busy, Forbidden, QuotaExceeded, admission, store
@@ -103,6 +103,56 @@ async def test_a_batch_of_starts_saves_the_admitted_ones_and_nothing_of_the_refu
 
     assert await sync_to_async(contents)() == ["alice asks", "bob asks"]
     assert outcomes[0].assistant_message["id"] != outcomes[3].assistant_message["id"]
+
+
+def test_a_conversation_another_process_creates_while_a_batch_runs_refuses_only_its_start(
+    alice, bob, caplog
+):
+    """Bob's tab on another worker creates conversation X (its transaction still open)
+    while a batch holds alice's first message to X and another of hers: the batch
+    cannot see X, and its insert of X collides once bob commits. Alice is refused for
+    X (bob's), her other start is saved, bob's row is untouched."""
+    UserBudget.objects.create(user=alice, max_concurrent=5)
+    taken, contested = uuid.uuid4(), uuid.uuid4()
+    inserted, release = threading.Event(), threading.Event()
+
+    def bob_creates():
+        try:
+            with transaction.atomic():
+                Conversation.objects.create(id=contested, owner=bob, title="bob's")
+                inserted.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    bob_thread = threading.Thread(target=bob_creates)
+    bob_thread.start()
+    assert inserted.wait(10)
+    # Bob commits while the batch waits for its insert (PostgreSQL) or for the write
+    # lock (SQLite, which then sees bob's row at once).
+    threading.Timer(0.5, release.set).start()
+
+    async def batch():
+        queue = Runtime.current().start_queue
+        return await asyncio.gather(
+            queue.submit(StartRequest(alice, contested, "alice asks", create={})),
+            queue.submit(StartRequest(alice, taken, "alice asks elsewhere", create={})),
+            return_exceptions=True)
+
+    try:
+        with caplog.at_level("WARNING", logger="chat.generation.startqueue"):
+            outcomes = asyncio.run(batch())
+    finally:
+        release.set()
+        bob_thread.join(10)
+        connection.close()
+    assert isinstance(outcomes[0], Forbidden), outcomes[0]
+    assert outcomes[1].conversation["id"] == str(taken)
+    assert Conversation.objects.get(id=contested).owner == bob
+    assert not Message.objects.filter(conversation_id=contested).exists()
+    assert Message.objects.filter(conversation_id=taken).count() == 2
+    if connection.vendor == "postgresql":
+        assert "trying each alone" in caplog.text
 
 
 def test_a_burst_of_one_users_starts_in_one_batch_and_in_other_threads_never_exceeds_the_quota(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import uuid
 
 from asgiref.sync import ThreadSensitiveContext
 from channels.layers import get_channel_layer
@@ -97,6 +98,11 @@ async def start_generation(
     """
     if mode not in MODES:
         raise InvalidRequest(f"Unknown mode {mode!r}.")
+    try:
+        # One spelling of the id: a batch of starts looks conversations up by it.
+        conversation_id = uuid.UUID(str(conversation_id))
+    except ValueError:
+        raise InvalidRequest("The conversation id is not a UUID.") from None
     content, create = _clean_input(mode, content, create)
     # Before the database: a refused message leaves no row (no orphan user message).
     admission.admit()

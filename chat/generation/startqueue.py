@@ -102,16 +102,22 @@ class StartQueue:
 class StartBatch:
     """What the starts of one batch (:func:`prepare_batch`) share: their users locked
     and their budgets read in one query, their users' running generations counted in
-    another, and their messages inserted together at the end.
+    another, their existing conversations locked in a third, and their new
+    conversations and messages inserted together at the end.
 
     ``held`` grows with each start of the batch, so a later start of the same user
     counts the earlier ones as running, as it would if their rows were saved already;
     ``conversations`` are those a start of the batch runs in (a second start there is
     refused as busy, as its saved row would make it)."""
 
-    def __init__(self, user_ids, now):
+    def __init__(self, user_ids, conversation_ids, now):
         self.budgets = budgets.lock_users(user_ids)
         self.held = budgets.held_by_user(user_ids, now)
+        # After the users, in the order of their ids: the order every start locks in.
+        self.existing: dict[str, Conversation] = {
+            str(c.id): c for c in Conversation.objects.select_for_update()
+            .filter(id__in=conversation_ids).order_by("id")}
+        self.created: dict[str, Conversation] = {}
         self.conversations: set[str] = set()
         self.rows: list[Message] = []
 
@@ -122,8 +128,9 @@ class StartBatch:
         return self.held.get(user.pk, budgets.Held())
 
     def add(self, user, conversation: Conversation, reservation: budgets.Reservation,
-            rows: list[Message]) -> None:
-        """A start of the batch passed its checks: count its run, queue its rows."""
+            rows: list[Message], *, created: bool = False) -> None:
+        """A start of the batch passed its checks: count its run, queue its rows (and
+        its conversation when ``created``: not saved yet)."""
         was = self.held_of(user)
         priced = reservation.usd is not None
         self.held[user.pk] = budgets.Held(
@@ -131,10 +138,16 @@ class StartBatch:
             usd=was.usd + (reservation.usd if priced else 0),
             unpriced_tokens=was.unpriced_tokens + (0 if priced else reservation.tokens))
         self.conversations.add(str(conversation.id))
+        if created:
+            self.created[str(conversation.id)] = conversation
         self.rows.extend(rows)
 
     def insert(self) -> None:
-        """Insert the rows of every start that passed (one statement)."""
+        """Insert the conversations and messages of every start that passed (a statement
+        each). A conversation another process created meanwhile fails the insert (an
+        IntegrityError): prepare_batch then runs each start alone."""
+        if self.created:
+            Conversation.objects.bulk_create(self.created.values())
         if self.rows:
             Message.objects.bulk_create(self.rows)
 
@@ -175,7 +188,8 @@ def prepare_batch(starts: list[StartRequest]) -> list[store.PreparedRun | Except
     results: list[store.PreparedRun | Exception | None] = [None] * len(starts)
     try:
         with transaction.atomic():
-            batch = StartBatch({start.user.pk for start in starts}, timezone.now())
+            batch = StartBatch({start.user.pk for start in starts},
+                               {start.conversation_id for start in starts}, timezone.now())
             for i in order:
                 results[i] = _outcome_of(starts[i], batch)
             batch.insert()

@@ -9,6 +9,7 @@ deadlock two of them, and a run is finished exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -88,37 +89,54 @@ def validate_model(model: str | None) -> str:
     return model
 
 
-def _lock_conversation(user, conversation_id, *, create: dict | None,
-                       now=None) -> tuple[Conversation | None, bool]:
+def _lock_conversation(user, conversation_id, *, create: dict | None, now=None,
+                       batch: StartBatch | None = None) -> tuple[Conversation | None, bool]:
     """``(conversation, created)``: the conversation row, locked for this transaction,
     and whether this call created it. When it does not exist and ``create`` is given
     (``{"model", "system_prompt"}``, and ``title_text``: the text its title comes from),
     it is created for ``user`` with its title and ``updated_at`` (``now``) already set,
-    so the start needs no UPDATE of it. Raises Forbidden for another user's
-    conversation."""
-    conversation = Conversation.objects.lock(conversation_id)
+    so the start needs no UPDATE of it. In a ``batch`` the row was locked with the
+    batch's, and a new one is returned unsaved (the batch inserts it with its messages).
+    Raises Forbidden for another user's conversation, Busy for one a start of the same
+    batch creates."""
+    if batch is not None:
+        conversation = batch.existing.get(str(conversation_id))
+        creating = batch.created.get(str(conversation_id))
+        if creating is not None:
+            if creating.owner_id != user.id:
+                raise Forbidden("This conversation belongs to someone else.")
+            raise Busy("A generation is already running in this conversation.")
+    else:
+        conversation = Conversation.objects.lock(conversation_id)
     created = False
     if conversation is None and create is not None:
-        now = now or timezone.now()
-        try:
-            with transaction.atomic():  # a savepoint: the insert may lose a race
-                conversation = Conversation.objects.create(
-                    id=conversation_id,
-                    owner=user,
-                    model=validate_model(create.get("model")),
-                    system_prompt=(create.get("system_prompt") or "").strip(),
-                    title=Conversation.title_from(create.get("title_text") or ""),
-                    created_at=now,
-                    updated_at=now,
-                    **conversation_fields(create),  # autostop hook
-                )
-            created = True
-        except IntegrityError:
-            # Another tab created it first; wait for its transaction and use its row.
-            conversation = Conversation.objects.select_for_update().get(id=conversation_id)
+        conversation = _new_conversation(user, conversation_id, create, now or timezone.now())
+        created = True
+        if batch is None:
+            try:
+                with transaction.atomic():  # a savepoint: the insert may lose a race
+                    conversation.save(force_insert=True)
+            except IntegrityError:
+                # Another tab created it first; wait for its transaction and use its row.
+                conversation = Conversation.objects.select_for_update().get(id=conversation_id)
+                created = False
     if conversation is not None and conversation.owner_id != user.id:
         raise Forbidden("This conversation belongs to someone else.")
     return conversation, created
+
+
+def _new_conversation(user, conversation_id, create: dict, now) -> Conversation:
+    """The conversation a first message creates (unsaved); see _lock_conversation."""
+    return Conversation(
+        id=conversation_id,
+        owner=user,
+        model=validate_model(create.get("model")),
+        system_prompt=(create.get("system_prompt") or "").strip(),
+        title=Conversation.title_from(create.get("title_text") or ""),
+        created_at=now,
+        updated_at=now,
+        **conversation_fields(create),  # autostop hook
+    )
 
 
 def _refuse_other_settings(conversation: Conversation, create: dict | None) -> None:
@@ -194,15 +212,21 @@ def _prepare(user, conversation_id, *, create: dict | None, ask,
     Statements on a new conversation: lock the user with their budget, count their
     running answers, lock the conversation, savepoint + insert + release, insert both
     messages; on an existing one, the streaming check, the history and the
-    conversation's update too. Each lengthens the queue of starts (SQLite runs one
-    writing transaction at a time; docs/performance.md, "Bursts of starts").
+    conversation's update too. In a batch, the batch locks users and conversations and
+    inserts rows for all its starts, so a start on a new conversation sends no
+    statement of its own, and one on an existing conversation only its savepoint and
+    what follows the lock. Each statement lengthens the queue of starts (SQLite runs
+    one writing transaction at a time; docs/performance.md, "Bursts of starts").
     """
     now = timezone.now()
-    with transaction.atomic():
+    # In a batch, a start on a new conversation writes nothing before batch.add (the
+    # batch inserts its rows): it needs no savepoint of its own to be refused.
+    writes = batch is None or str(conversation_id) in batch.existing
+    with transaction.atomic() if writes else contextlib.nullcontext():
         # One query locks the user (budgets.check's serialisation) and reads the budget.
         budget = batch.budget_of(user) if batch else budgets.lock_user(user)
         conversation, created = _lock_conversation(user, conversation_id, create=create,
-                                                   now=now)
+                                                   now=now, batch=batch)
         if conversation is None:
             raise InvalidRequest("This conversation has no messages yet.")
         if not created:
@@ -240,7 +264,8 @@ def _prepare(user, conversation_id, *, create: dict | None, ask,
         )
         rows = [m for m in (user_message, assistant) if m is not None]
         if batch is not None:
-            batch.add(user, conversation, reservation, rows)  # inserted with the batch's
+            # Inserted with the batch's rows (the conversation too, when it is new).
+            batch.add(user, conversation, reservation, rows, created=created)
         else:
             Message.objects.bulk_create(rows)
     return PreparedRun(

@@ -92,13 +92,15 @@ def test_a_start_takes_a_fixed_small_number_of_statements(alice):
     assert again.assistant_message["usage"] is None
 
 
-def test_a_batch_of_starts_takes_six_statements_per_start_and_three_for_the_batch(
+def test_a_batch_of_starts_on_new_conversations_takes_five_statements_in_all(
     django_user_model,
 ):
-    """startqueue.prepare_batch: starts committed together share their users' lock, the count
-    of their running answers and the insert of their messages (three statements for the
-    batch); each start on a new conversation keeps its savepoint, the conversation's
-    lock and its insert (in a savepoint): six, where a start alone takes nine."""
+    """startqueue.prepare_batch: starts committed together share their users' lock, the
+    count of their running answers, their conversations' lock and the inserts of their
+    conversations and messages: five statements for the batch, none per start on a new
+    conversation (a start alone takes nine). On existing conversations each start adds
+    its savepoint, its conversation's running-answer check, its history, the
+    conversation's update and the release."""
     from chat.generation import store
     from chat.generation.startqueue import StartRequest, prepare_batch
 
@@ -109,5 +111,12 @@ def test_a_batch_of_starts_takes_six_statements_per_start_and_three_for_the_batc
         runs = prepare_batch(starts)
     assert all(isinstance(run, store.PreparedRun) for run in runs), runs
     # The batch's own savepoint and release (nested in the test's transaction) too.
-    assert len(captured) == 2 + 3 + 6 * len(starts), [q["sql"][:60] for q in captured]
+    assert len(captured) == 2 + 5, [q["sql"][:60] for q in captured]
     assert Message.objects.filter(role="assistant", status="streaming").count() == 10
+
+    Message.objects.filter(role="assistant").update(status="completed")
+    again = [StartRequest(start.user, start.conversation_id, "and again") for start in starts]
+    with CaptureQueriesContext(connection) as captured:
+        runs = prepare_batch(again)
+    assert all(isinstance(run, store.PreparedRun) for run in runs), runs
+    assert len(captured) == 2 + 4 + 5 * len(again), [q["sql"][:60] for q in captured]

@@ -9,6 +9,7 @@ background stream resumed with no lost or repeated text and no second POST.
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 
 from chat import generation as gen
 from chat.demo_responses import ERROR_EVENT, FAILED_ERROR
@@ -273,3 +274,28 @@ async def test_another_worker_continues_a_background_answer_from_its_resume_poin
     assert "".join(received) == ANSWER
     assert responses.responses.posts == 1 and responses.responses.gets == 1
     assert responses.responses.last.status == "completed"
+
+
+async def test_a_hang_up_for_a_handover_is_not_counted_as_a_provider_error(
+        responses, settings):
+    settings.OPENAI_BACKGROUND = True
+    cls, base_url, key = providers.configured()
+    provider = cls(base_url, key)
+    request = providers.StreamRequest("gpt-4.1-mini", [{"role": "user", "content": QUESTION}],
+                                      100, "hang-up")
+    labels = {"model": "gpt-4.1-mini", "kind": "dropped"}
+    before = REGISTRY.get_sample_value("chat_provider_errors_total", labels) or 0
+    meta, received = providers.StreamMeta(), []
+    stream = provider.stream(request, meta)
+    # What a deploy's handover does (chat.generation.handover.hand_over): hang up the
+    # connection and let the reader see its end; the response goes on at the provider.
+    with pytest.raises(gen.UpstreamFailure):
+        async for event in stream:
+            received.append(event.content)
+            if len([t for t in received if t]) == 4:
+                meta.hang_up()
+    await provider.client.close()
+
+    assert ANSWER.startswith("".join(received)) and len(received) >= 4
+    assert responses.responses.posts == 1 and responses.responses.gets == 0
+    assert (REGISTRY.get_sample_value("chat_provider_errors_total", labels) or 0) == before

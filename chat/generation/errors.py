@@ -94,6 +94,12 @@ class UpstreamFailure(Exception):
     (provider text sanitized and the API key masked by chat.generation.providers)."""
 
 
+class HungUp(UpstreamFailure):
+    """The stream ended because this process closed its connection (a stop, a
+    handover to another worker: ``StreamMeta.hang_up``), not by a provider fault: it
+    is not counted as a provider error."""
+
+
 class UpstreamTimeout(UpstreamFailure):
     """The provider did not start answering, or went silent, for too long (the
     message says which; settings OPENAI_FIRST_BYTE_TIMEOUT_S, CHAT_STREAM_IDLE_TIMEOUT_S)."""

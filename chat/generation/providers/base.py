@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from django.conf import settings
 
 from ... import metrics
-from ..errors import UpstreamFailure, UpstreamTimeout
+from ..errors import HungUp, UpstreamFailure, UpstreamTimeout
 from .text import MIN_KEY_CHARS, KeyMask
 
 
@@ -208,7 +208,8 @@ async def guarded(
     ``kind`` one of ``4xx``, ``5xx``, ``timeout``, ``dropped``, ``malformed``,
     ``error_event``; ``(None, None)`` for an exception that is not the provider's (a
     bug: it passes through). An UpstreamFailure raised by the reader passes through as
-    is. The text received before a failure is yielded whole first."""
+    is; a HungUp (this process closed the connection) is not counted. The text
+    received before a failure is yielded whole first."""
     masks = StreamMasks.for_key(key)
     try:
         async for event in events:
@@ -219,7 +220,8 @@ async def guarded(
             failure = exc
         else:
             kind, failure = classify(exc)
-        metrics.provider_error(model, kind)
+        if not isinstance(exc, HungUp):  # our own hang-up is no provider fault
+            metrics.provider_error(model, kind)
         if failure is None:
             raise
         if masks is not None and (tail := masks.flush()) is not None:

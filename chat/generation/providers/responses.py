@@ -35,7 +35,7 @@ import openai
 from django.conf import settings
 
 from .. import responses_events as rev
-from ..errors import UpstreamFailure, UpstreamTimeout
+from ..errors import HungUp, UpstreamFailure, UpstreamTimeout
 from . import profiles, sse_reader, transport
 from .base import Provider, StreamEvent, StreamMeta, StreamRequest, guarded
 from .chat_completions import _classify, new_client
@@ -164,7 +164,9 @@ class Responses(Provider):
                 return
             except _Cut as cut:
                 attempt += 1
-                if stopped or not self.background or not cursor.response_id \
+                if stopped:  # this process hung up (a stop, a handover): never resumed
+                    raise HungUp("The stream was closed by this server.") from cut.cause
+                if not self.background or not cursor.response_id \
                         or attempt > RESUME_ATTEMPTS:
                     raise cut.cause from None
                 logger.info("generation %s: stream of %s cut after event %s (%s); "

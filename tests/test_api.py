@@ -461,6 +461,9 @@ def test_schema_and_offline_docs_are_served(db):
     assert "cdn.jsdelivr.net" not in docs and "unpkg.com" not in docs
     redoc = client.get("/api/redoc/").content.decode()
     assert "/static/drf_spectacular_sidecar/redoc/" in redoc
+    assert "fonts.googleapis.com" not in redoc
+    for page in (docs, redoc):
+        assert 'id="back-to-chat"' in page  # a way back to the chat from the API's docs
 
 
 def test_date_filters_accept_any_iso_offset_and_refuse_out_of_range(alice):

@@ -151,6 +151,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.humanize",  # intcomma: thousands separators in the usage totals
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",

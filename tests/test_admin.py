@@ -174,8 +174,8 @@ def test_totals_above_the_list_match_the_filtered_records(admin_client, records,
         assert totals[key] == value, key
     html = response.content.decode()
     shown = dict(re.findall(r'data-total="(\w+)">([^<]*)<', html))
-    assert shown["runs"] == str(expected["runs"])
-    assert shown["total_tokens"] == str(expected["total_tokens"])
+    assert shown["runs"] == f"{expected['runs']:,}"
+    assert shown["total_tokens"] == f"{expected['total_tokens']:,}"  # 12,345
     assert shown["cost_usd"] == format_usd(expected["cost_usd"])
     share = round(100 * expected["stopped"] / expected["runs"]) if rows else 0
     assert shown["stopped_share"] == f"{expected['stopped']} ({share}%)"

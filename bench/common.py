@@ -233,16 +233,18 @@ class Child:
     imported what it needs, receives the start time (``time.monotonic()`` seconds),
     sends its result, and may wait for the channel to close (:meth:`stop`) to exit.
     :attr:`pid` is known as soon as it starts; its standard error goes to ``log_path``.
+    ``python``: the interpreter to run it (another virtualenv's: bench.chainlit_client).
     """
 
-    def __init__(self, fn: Callable, *args, log_path: Path | None = None):
+    def __init__(self, fn: Callable, *args, log_path: Path | None = None,
+                 python: str | Path = sys.executable):
         if fn.__module__ == "__main__":
             raise ValueError(f"{fn.__name__} must come from an importable module")
         log_path = log_path or ARTIFACTS / "child.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.common", "child"], cwd=ROOT,
+                [str(python), "-m", "bench.common", "child"], cwd=ROOT,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
             )
         self.channel = Channel(self.process.stdout, self.process.stdin)

@@ -1,10 +1,11 @@
 """Throughput bench: CPU per delivered token, lag and stop latency of one worker at K
 concurrent streams, next to two floors that only read the same streams.
 
-    python -m bench.throughput                       # everything, about 12 minutes
+    python -m bench.throughput                       # all but chainlit, about 12 minutes
     python -m bench.throughput --ks 50,200 --configs defaults,sdk --duration 10
     python -m bench.throughput --ks 200 --configs defaults --profile --json out.json
     python -m bench.throughput --burst --ks 200 --configs defaults,postgres
+    python -m bench.throughput --ks 200 --configs defaults,chainlit --duration 10
 
 What it starts (loopback only; everything is stopped at the end):
 
@@ -23,7 +24,13 @@ SQLite in a temporary file, in-memory channel layer), ``postgres`` (PostgreSQL d
 ``--database``, recreated, and the Redis pub/sub layer on ``--redis`` with channel
 prefix ``--channel-prefix``), ``sdk`` and ``httpx`` (the floors), ``sdk-asyncio`` (the
 SDK floor with its HTTP client on the app's socket backend, chat.generation.providers.netstream:
-that backend's own cost, next to ``sdk``).
+that backend's own cost, next to ``sdk``), and ``chainlit`` (not in the default set):
+Chainlit's OpenAI streaming example from its docs (``bench/chainlit_app.py``) in one
+uvicorn process, driven over socket.io as Chainlit's page does (``bench.chainlit_client``;
+its virtualenv is made by ``bash bench/chainlit_env.sh``, found through
+``CHAINLIT_PYTHON`` or ``~/.cache/chat-bench/chainlit-venv``; without it the row is
+skipped with a message). Its stop is Chainlit's ``stop`` event (the Stop button), which
+cancels the handler's task.
 
 Timeline of one row: streams start evenly over the ramp (K/100 s, 1 to 5 s), then
 ``--settle`` s for the last ones to reach their first token, then the measurement
@@ -107,6 +114,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import chainlit_client
 from bench.common import (
     MODEL,
     ROOT,
@@ -132,7 +140,10 @@ from bench.common import (
 ARTIFACTS = ROOT / "artifacts"
 APP_CONFIGS = ("defaults", "postgres")
 FLOORS = ("sdk", "httpx", "sdk-asyncio")
-ALL_CONFIGS = (*APP_CONFIGS, *FLOORS)
+# Other servers under the same load; not run by default (they need their own virtualenv).
+OTHERS = ("chainlit",)
+DEFAULT_CONFIGS = (*APP_CONFIGS, *FLOORS)
+ALL_CONFIGS = (*DEFAULT_CONFIGS, *OTHERS)
 # The tokens a tag asks the bench upstream for (bench.upstream.TOKENS_RE).
 TOKENS_RE = re.compile(r"\btokens=(\d+)")
 
@@ -142,6 +153,7 @@ LABELS = {
     "sdk": "floor: openai SDK alone",
     "httpx": "floor: httpx + stdlib json",
     "sdk-asyncio": "floor: openai SDK, sockets on asyncio",
+    "chainlit": "Chainlit 2.12 docs example (OpenAI streaming)",
 }
 
 
@@ -973,7 +985,7 @@ class Harness:
             for part in parts:
                 config = part["config"]
                 groups[f"{config}:{part['measured']}"] = part["pids"]
-                if config in APP_CONFIGS:
+                if config not in FLOORS:
                     groups[f"{config}:clients"] = [c.pid for c in part["children"]]
             groups["upstream"] = [self.upstream.pid]
             t0 = time.monotonic() + 0.3
@@ -1061,6 +1073,9 @@ class Harness:
                                           log_path=self.logs / f"{config}-floor.log"))
             part["measured"], part["pids"] = "floor", [part["children"][0].pid]
             return
+        if config == "chainlit":
+            self._set_up_chainlit(part, k, timeline)
+            return
         max_tokens = math.ceil(timeline.deadline * self.rate) + 10
         env = self.env_of(config, max_tokens)
         ports = []
@@ -1084,6 +1099,31 @@ class Harness:
             asyncio.run(warm_up(port, cookie, f"{run_tag}-warm-up tokens=2"))
         part["measured"], part["pids"] = "workers", [p.pid for p in part["processes"]]
 
+    def _set_up_chainlit(self, part: dict, k: int, timeline: Timeline) -> None:
+        """The ``chainlit`` row: a fresh Chainlit server (its own virtualenv,
+        ``bench.chainlit_client``) with the app's model and max tokens, and its client
+        processes; the first client warms the server up before it reports ready."""
+        python = chainlit_client.chainlit_python()
+        if python is None:
+            raise RuntimeError(chainlit_client.missing_message())
+        run_tag = part["run_tag"]
+        port = free_port()
+        part["processes"].append(chainlit_client.start_server(
+            python, port, upstream_port=self.upstream_port, model=MODEL,
+            max_tokens=math.ceil(timeline.deadline * self.rate) + 10,
+            app_root=self.tmp / f"chainlit-{run_tag}", log_path=self.logs / "chainlit.log",
+        ))
+        part["specs"] = make_specs(k, run_tag, timeline, self.rate,
+                                   stop_share=self.stop_share, seed=self.seed)
+        n_clients = self.client_procs or max(1, math.ceil(k / 200))
+        for shard in range(n_clients):
+            part["children"].append(Child(
+                _child_main, chainlit_client.chainlit_clients,
+                part["specs"][shard::n_clients], timeline, port,
+                f"{run_tag}-warm-up tokens=2" if shard == 0 else None,
+                log_path=self.logs / "chainlit-clients.log", python=python))
+        part["measured"], part["pids"] = "server", [part["processes"][0].pid]
+
 
 # --- command line -------------------------------------------------------------------------
 def parse_args(argv=None):
@@ -1093,7 +1133,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--ks", default="50,100,200,300,400",
                         help="comma-separated numbers of concurrent streams")
-    parser.add_argument("--configs", default=",".join(ALL_CONFIGS),
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated, among {', '.join(ALL_CONFIGS)}")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds of the measurement window of each row "
@@ -1199,6 +1239,9 @@ def main(argv=None) -> int:
         return 0
     started = time.monotonic()
     rows = []
+    if "chainlit" in args.configs and chainlit_client.chainlit_python() is None:
+        print(chainlit_client.missing_message(), file=sys.stderr)
+        args.configs = [c for c in args.configs if c != "chainlit"]
     with Harness(rate=args.rate, workers=args.workers, client_procs=args.client_procs,
                  postgres=args.postgres, database=args.database, redis=args.redis,
                  channel_prefix=args.channel_prefix, conn_max_age=args.conn_max_age,

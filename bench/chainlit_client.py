@@ -127,7 +127,12 @@ class Session:
     def __init__(self):
         import socketio
 
-        self.sio = socketio.AsyncClient(reconnection=False)
+        # Compression offered as a browser offers it (Chromium asks every websocket
+        # server for permessage-deflate; Chainlit's uvicorn accepts, daphne does not).
+        compress = int(os.environ.get("CHAINLIT_BENCH_COMPRESS", "15"))
+        self.sio = socketio.AsyncClient(
+            reconnection=False,
+            websocket_extra_options={"compress": compress} if compress else {})
         self.chat_started = asyncio.Event()
         self.ended = asyncio.Event()
         self.sent_at: float | None = None

@@ -12,6 +12,7 @@ network and the page's Content-Security-Policy stays in force.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from decimal import Decimal
 from pathlib import Path
@@ -80,8 +81,11 @@ def carol(django_user_model):
     return carol
 
 
-def open_context(browser, server, user=None, *, width=WIDE, dark=False):
-    """A fresh browser profile at ``width`` px, logged in as ``user`` if given."""
+@contextlib.contextmanager
+def open_page(browser, server, user=None, path: str = "/", *, width=WIDE, dark=False):
+    """A page of a fresh browser profile at ``width`` px, logged in as ``user`` if
+    given, opened at ``path`` (the chat page: once it is online); the profile is closed
+    on exit."""
     context = browser.new_context(
         base_url=server.url, viewport={"width": width, "height": 860},
         color_scheme="dark" if dark else "light",
@@ -90,7 +94,22 @@ def open_context(browser, server, user=None, *, width=WIDE, dark=False):
     if user is not None:
         name, value = session_cookie(user).split("=", 1)
         context.add_cookies([{"name": name, "value": value, "url": server.url}])
-    return context
+    try:
+        page = context.new_page()
+        page.goto(path)
+        if path == "/" and user is not None:
+            wait_chat_ready(page)
+        yield page
+    finally:
+        context.close()
+
+
+def ask(page: Page, question: str) -> None:
+    """Send ``question`` from the chat page and wait until its answer completed."""
+    page.locator("#input").fill(question)
+    page.locator("#input").press("Enter")
+    expect(page.locator(".msg-assistant").last).to_have_attribute(
+        "data-status", "completed", timeout=30_000)
 
 
 def axe_violations(page: Page) -> list[dict]:
@@ -124,44 +143,30 @@ def test_no_page_has_a_serious_or_critical_axe_violation_at_1366_or_390_px(
     failures: dict[str, list] = {}
     record = UsageRecord.objects.filter(reasoning_hidden=True).get()
     pages = {
-        "login": (None, "/accounts/login/", None),
-        "signup": (None, "/accounts/signup/", None),
-        "chat": (carol, "/", wait_chat_ready),
-        "admin-index": (carol, "/admin/", None),
-        "admin-usage-list": (carol, "/admin/chat/usagerecord/", None),
-        "admin-usage-record": (carol, f"/admin/chat/usagerecord/{record.pk}/change/", None),
-        "admin-usage-report": (carol, "/admin/chat/usagerecord/report/", None),
+        "login": (None, "/accounts/login/"),
+        "signup": (None, "/accounts/signup/"),
+        "chat": (carol, "/"),
+        "admin-index": (carol, "/admin/"),
+        "admin-usage-list": (carol, "/admin/chat/usagerecord/"),
+        "admin-usage-record": (carol, f"/admin/chat/usagerecord/{record.pk}/change/"),
+        "admin-usage-report": (carol, "/admin/chat/usagerecord/report/"),
     }
     for width in (WIDE, NARROW):
         for dark in (False, True):
-            for name, (user, path, ready) in pages.items():
+            for name, (user, path) in pages.items():
                 if dark and name not in ("chat", "admin-usage-list", "admin-usage-report"):
                     continue
-                context = open_context(browser, demo_server, user, width=width, dark=dark)
-                try:
-                    page = context.new_page()
-                    page.goto(path)
-                    if ready:
-                        ready(page)
-                    label = f"{name}-{width}{'-dark' if dark else ''}"
-                    check_and_shoot(page, label, failures)
-                finally:
-                    context.close()
+                with open_page(browser, demo_server, user, path, width=width,
+                               dark=dark) as page:
+                    check_and_shoot(page, f"{name}-{width}{'-dark' if dark else ''}", failures)
     assert not failures, failures
 
 
 def test_a_chat_with_answers_and_an_open_edit_form_has_no_serious_violation(
     browser, demo_server, carol
 ):
-    context = open_context(browser, demo_server, carol)
-    try:
-        page = context.new_page()
-        page.goto("/")
-        wait_chat_ready(page)
-        page.locator("#input").fill("Tell me about lighthouses")
-        page.locator("#input").press("Enter")
-        answer = page.locator(".msg-assistant").last
-        expect(answer).to_have_attribute("data-status", "completed", timeout=30_000)
+    with open_page(browser, demo_server, carol) as page:
+        ask(page, "Tell me about lighthouses")
         # The README's picture of the page (docs/screenshot-chat.png is copied from it).
         page.screenshot(path=str(ARTIFACTS / "screenshot-chat.png"))
         page.locator("#settings-toggle").click()
@@ -169,16 +174,11 @@ def test_a_chat_with_answers_and_an_open_edit_form_has_no_serious_violation(
         failures: dict[str, list] = {}
         check_and_shoot(page, "chat-answer-editing-1366", failures)
         assert not failures, failures
-    finally:
-        context.close()
 
 
 # --- the details ------------------------------------------------------------------------------
 def test_the_usage_list_fits_1366_px_without_scrolling_sideways(browser, demo_server, carol):
-    context = open_context(browser, demo_server, carol, width=WIDE)
-    try:
-        page = context.new_page()
-        page.goto("/admin/chat/usagerecord/")
+    with open_page(browser, demo_server, carol, "/admin/chat/usagerecord/") as page:
         widths = page.evaluate(
             "() => { const r = document.querySelector('#changelist .results');"
             " return {page: [document.documentElement.scrollWidth, innerWidth],"
@@ -194,17 +194,13 @@ def test_the_usage_list_fits_1366_px_without_scrolling_sideways(browser, demo_se
             "created at", "user, conversation", "model", "status", "cost (usd)", "tokens",
             "time (ms)",
         ], headers
-    finally:
-        context.close()
 
 
 def test_the_report_charts_take_the_admin_fonts_and_follow_its_dark_theme(
     browser, demo_server, carol
 ):
-    context = open_context(browser, demo_server, carol, dark=True)
-    try:
-        page = context.new_page()
-        page.goto("/admin/chat/usagerecord/report/")
+    with open_page(browser, demo_server, carol, "/admin/chat/usagerecord/report/",
+                   dark=True) as page:
         look = page.evaluate(
             "() => { const svg = document.querySelector('#cost-chart svg');"
             " const title = svg.querySelector('.title');"
@@ -230,18 +226,12 @@ def test_the_report_charts_take_the_admin_fonts_and_follow_its_dark_theme(
         )
         assert light[0] == light[1] and light[0] != look["title"], light
         page.screenshot(path=str(ARTIFACTS / "a11y-admin-usage-report-toggle-light.png"))
-    finally:
-        context.close()
 
 
 def test_the_demo_notice_scrolls_with_the_transcript_and_stays_dismissed(
     browser, demo_server, carol
 ):
-    context = open_context(browser, demo_server, carol, width=NARROW)
-    try:
-        page = context.new_page()
-        page.goto("/")
-        wait_chat_ready(page)
+    with open_page(browser, demo_server, carol, "/", width=NARROW) as page:
         banner = page.locator("#demo-banner")
         expect(banner).to_contain_text("Demo model")
         # Not pinned: it is part of what the transcript scrolls.
@@ -254,31 +244,16 @@ def test_the_demo_notice_scrolls_with_the_transcript_and_stays_dismissed(
         page.reload()
         wait_chat_ready(page)
         expect(page.locator("#demo-banner")).to_have_count(0)
-    finally:
-        context.close()
     # Another browser profile has not dismissed it.
-    other = open_context(browser, demo_server, carol)
-    try:
-        page = other.new_page()
-        page.goto("/")
+    with open_page(browser, demo_server, carol, "/") as page:
         expect(page.locator("#demo-banner")).to_be_visible()
-    finally:
-        other.close()
 
 
 def test_the_edit_link_hides_while_its_form_is_open_and_settings_labels_line_up(
     browser, demo_server, carol
 ):
-    context = open_context(browser, demo_server, carol)
-    try:
-        page = context.new_page()
-        page.goto("/")
-        wait_chat_ready(page)
-        page.locator("#input").fill("A question to edit")
-        page.locator("#input").press("Enter")
-        expect(page.locator(".msg-assistant").last).to_have_attribute(
-            "data-status", "completed", timeout=30_000
-        )
+    with open_page(browser, demo_server, carol, "/") as page:
+        ask(page, "A question to edit")
         edit = page.locator(".msg-user").last.locator(".action-edit")
         edit.click()
         expect(page.locator(".edit-form")).to_be_visible()
@@ -290,5 +265,3 @@ def test_the_edit_link_hides_while_its_form_is_open_and_settings_labels_line_up(
         model = page.locator("label[for=model]").bounding_box()
         prompt = page.locator("label[for=system-prompt]").bounding_box()
         assert abs(model["y"] - prompt["y"]) < 1, (model, prompt)
-    finally:
-        context.close()

@@ -109,6 +109,17 @@ async def test_the_right_bearer_token_gets_every_chat_metric_in_prometheus_forma
 
 
 # --- they follow what happens -----------------------------------------------------------
+async def stopped_mid_answer(ws, upstream) -> None:
+    """Ask for ANSWER on ``ws`` and stop it after a few deltas; it ends cancelled."""
+    upstream.answer = ANSWER
+    upstream.tokens_per_second = 40
+    await ws.send({"type": "message", "content": "Count"})
+    await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 3)
+    await ws.send({"type": "stop"})
+    end = await ws.receive_until(lambda f: f["type"] == "generation.end")
+    assert end["status"] == "cancelled"
+
+
 async def record_sums(**filters) -> dict:
     return await UsageRecord.objects.filter(**filters).aaggregate(
         completion=Sum("completion_tokens"), prompt=Sum("prompt_tokens"))
@@ -126,13 +137,7 @@ async def test_a_completed_and_a_stopped_answer_move_the_counters_as_their_usage
     await ws.send({"type": "message", "content": "Hi"})
     assert (await ws.receive_type("generation.end"))["status"] == "completed"
 
-    upstream.answer = ANSWER
-    upstream.tokens_per_second = 40
-    await ws.send({"type": "message", "content": "Count"})
-    await ws.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 3)
-    await ws.send({"type": "stop"})
-    end = await ws.receive_type("generation.end")
-    assert end["status"] == "cancelled"
+    await stopped_mid_answer(ws, upstream)
     await ws.close()
 
     after = await metrics_now()
@@ -339,13 +344,7 @@ async def test_prometheus_scraping_two_workers_sees_the_totals_the_database_reco
         assert (await on_a.answer("Hi"))["status"] == "completed"
         assert (await on_b.answer("Hi"))["status"] == "completed"
 
-        upstream.answer = ANSWER
-        upstream.tokens_per_second = 40
-        await on_b.send({"type": "message", "content": "Count"})
-        await on_b.receive_until(lambda f: f["type"] == "delta" and f["seq"] >= 3)
-        await on_b.send({"type": "stop"})
-        stopped = await on_b.receive_until(lambda f: f["type"] == "generation.end")
-        assert stopped["status"] == "cancelled"
+        await stopped_mid_answer(on_b, upstream)
 
         upstream.tokens_per_second = 200
         capped = await open_tab(a, alice)  # the first message sets the conversation's cap

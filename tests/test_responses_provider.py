@@ -6,6 +6,8 @@ response is cancelled at the provider, whose billed usage is recorded), and a cu
 background stream resumed with no lost or repeated text and no second POST.
 """
 
+import asyncio
+import json
 import uuid
 
 import pytest
@@ -13,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from chat import generation as gen
 from chat.demo_responses import ERROR_EVENT, FAILED_ERROR
-from chat.generation import providers
+from chat.generation import leases, providers
 from chat.models import Message, UsageRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -299,3 +301,37 @@ async def test_a_hang_up_for_a_handover_is_not_counted_as_a_provider_error(
     assert ANSWER.startswith("".join(received)) and len(received) >= 4
     assert responses.responses.posts == 1 and responses.responses.gets == 0
     assert (REGISTRY.get_sample_value("chat_provider_errors_total", labels) or 0) == before
+
+
+def text_through(response, sequence: int) -> str:
+    """The answer text of ``response``'s events up to ``sequence`` (demo_responses)."""
+    deltas = [json.loads(sse.split("data: ", 1)[1])["delta"]
+              for kind, sse in response.events[:sequence + 1]
+              if kind == "response.output_text.delta"]
+    return "".join(deltas)
+
+
+async def test_a_checkpoint_saves_the_text_its_resume_point_covers_while_masking_holds_some(
+        alice, responses, settings):
+    """Key masking holds back a token that ends like the key's start ("s" of "sk-...")
+    until the next one: a checkpoint taken then must save a resume point whose events
+    include that token, with the text they make, so that a worker resuming after a
+    crash neither loses the held text nor repeats any."""
+    settings.OPENAI_BACKGROUND = True
+    settings.OPENAI_API_KEY = "sk-test-not-a-real-key-0123"
+    responses.answer = " ".join(["yes", "no"] * 12)
+    responses.tokens_per_second = 30
+    generation = await gen.start_generation(alice, uuid.uuid4(), QUESTION)
+    checked, while_held = 0, 0
+    while generation.is_streaming():
+        await asyncio.sleep(0.01)
+        held = generation._meta.held
+        await leases.checkpoint_running()
+        row = await Message.objects.aget(id=generation.message_id)
+        if row.status != "streaming" or row.response_sequence is None:
+            continue
+        assert row.content == text_through(responses.responses.last, row.response_sequence)
+        checked += 1
+        while_held += held
+    assert (await generation.wait())["status"] == "completed"
+    assert checked >= 10 and while_held >= 1, (checked, while_held)

@@ -54,7 +54,8 @@ from .prompt import prompt_for_estimate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HANDOVER", "Claim", "claim_expired", "claim_handovers", "crash_seq", "force",
+__all__ = ["HANDOVER", "Claim", "checkpoint_of", "claim_expired", "claim_handovers",
+           "crash_seq", "force",
            "hand_over", "leave", "notify", "resume_point", "save_handover", "waiting"]
 
 
@@ -65,6 +66,21 @@ def resume_point(generation) -> tuple[str, int] | None:
     if not meta.generation_id or meta.sequence < 0:
         return None
     return meta.generation_id, meta.sequence
+
+
+def checkpoint_of(generation) -> tuple[str, str, tuple[str, int] | None]:
+    """``(text, reasoning, resume point or None)`` for a checkpoint of ``generation``
+    (task.Generation): with a resume point, the text is the text of the events up to
+    it (``Generation.resume_mark``), so a worker resuming from a crash's last checkpoint
+    neither loses text that key masking held back nor repeats any; without one, all the
+    text so far."""
+    point = resume_point(generation)
+    mark = generation.resume_mark
+    if point is None or mark is None or mark[0] > point[1]:
+        return "".join(generation.text), "".join(generation.reasoning), None
+    sequence, text_chunks, reasoning_chunks = mark
+    return ("".join(generation.text[:text_chunks]),
+            "".join(generation.reasoning[:reasoning_chunks]), (point[0], sequence))
 
 
 # --- the worker going away -----------------------------------------------------------------

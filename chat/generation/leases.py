@@ -74,10 +74,15 @@ async def checkpoint_running() -> set[str]:
     # checkpointer sees only its own runs' marks.
     marks = {g.message_id: (len(g.text), len(g.reasoning)) for g in running}
     changed = [g for g in running if g.checkpoint_mark != marks[g.message_id]]
-    contents = {g.message_id: "".join(g.text) for g in changed}
-    reasonings = {g.message_id: "".join(g.reasoning) for g in changed if g.reasoning}
-    # Where each answer goes on after the text saved, read in the same step as the text.
-    points = {g.message_id: point for g in changed if (point := handover.resume_point(g))}
+    # The text and where each answer goes on after it, read in the same step.
+    contents, reasonings, points = {}, {}, {}
+    for g in changed:
+        text, reasoning, point = handover.checkpoint_of(g)
+        contents[g.message_id] = text
+        if reasoning:
+            reasonings[g.message_id] = reasoning
+        if point is not None:
+            points[g.message_id] = point
     if points and not (await Runtime.current().provider()).can_resume:
         points = {}
     try:

@@ -65,6 +65,10 @@ class Generation:
     # (len(text), len(reasoning)) at the last saved checkpoint (chat.generation.leases).
     checkpoint_mark: tuple[int, int] | None = None
     resume_at: tuple[str, int] | None = None  # (response id, seq no.): Provider.resume it
+    # (sequence number, len(text), len(reasoning)) after the last event whose text came
+    # out whole (none held back by key masking): what a checkpoint saves as the point
+    # another worker resumes from, with the text it goes with (handover.checkpoint_of).
+    resume_mark: tuple[int, int, int] | None = None
     _pending: list[tuple[str, str]] = field(default_factory=list)
     _pending_chars: int = 0
     _flush_handle: asyncio.TimerHandle | None = None
@@ -318,6 +322,9 @@ class Generation:
                             await asyncio.sleep(0)
                     if event.finish_reason:
                         finish_reason = event.finish_reason
+                    if meta.sequence >= 0 and not meta.held:
+                        self.resume_mark = (meta.sequence, len(self.text),
+                                            len(self.reasoning))
                     if self._outbox.qsize() >= settings.CHAT_TUNING.outbox_limit:
                         # Back-pressure: a slow channel layer slows our reading (and so
                         # the provider, through TCP) instead of growing memory.

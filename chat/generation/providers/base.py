@@ -79,7 +79,10 @@ class StreamMeta:
       stream, so a stopped run's estimate undercounts them;
     - ``hang_up``: while the response is open, closes its connection at once, so a stop
       reaches the provider before the reading task's next step; None before the
-      response is open and once it is closed.
+      response is open and once it is closed;
+    - ``held``: True while key masking (:class:`StreamMasks`) holds back text of the
+      events yielded so far: their ``sequence`` is then no resume point for the text
+      yielded (a worker resuming after it would never get the held text).
     """
 
     provider: str = ""
@@ -89,6 +92,7 @@ class StreamMeta:
     usage_requested: bool = True
     hidden_reasoning: bool = False
     hang_up: Callable[[], None] | None = None
+    held: bool = False
 
 
 class StreamMasks:
@@ -120,6 +124,11 @@ class StreamMasks:
         if content is event.content and reasoning is event.reasoning:
             return event
         return replace(event, content=content, reasoning=reasoning)
+
+    @property
+    def holding(self) -> bool:
+        """True when text of either kind is held back."""
+        return self.content.holding or self.reasoning.holding
 
     def flush(self) -> StreamEvent | None:
         """An event of the text still held (the stream ended), or None."""
@@ -199,6 +208,7 @@ def uses_demo_model() -> bool:
 async def guarded(
     events: AsyncIterator[StreamEvent], *, model: str, key: str | None,
     classify: Callable[[Exception], tuple[str | None, UpstreamFailure | None]],
+    meta: StreamMeta | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """``events`` with the API ``key`` masked in their text (a proxy may echo it, and a
     chunk may split it: :class:`StreamMasks`) and every
@@ -209,11 +219,18 @@ async def guarded(
     ``error_event``; ``(None, None)`` for an exception that is not the provider's (a
     bug: it passes through). An UpstreamFailure raised by the reader passes through as
     is; a HungUp (this process closed the connection) is not counted. The text
-    received before a failure is yielded whole first."""
+    received before a failure is yielded whole first. ``meta.held`` says after each
+    event whether text is held back."""
     masks = StreamMasks.for_key(key)
     try:
         async for event in events:
-            yield event if masks is None else masks.event(event)
+            if masks is None:
+                yield event
+                continue
+            event = masks.event(event)
+            if meta is not None:
+                meta.held = masks.holding
+            yield event
     except Exception as exc:
         if isinstance(exc, UpstreamFailure):
             kind = "timeout" if isinstance(exc, UpstreamTimeout) else "error_event"

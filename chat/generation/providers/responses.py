@@ -142,7 +142,7 @@ class Responses(Provider):
     def _guarded(self, request, meta, cursor, resuming=False):
         meta.provider = self.name
         return guarded(self._events(request, meta, cursor, resuming), model=request.model,
-                       key=settings.OPENAI_API_KEY,
+                       key=settings.OPENAI_API_KEY, meta=meta,
                        classify=functools.partial(_classify, label=request.label))
 
     async def _events(self, request: StreamRequest, meta: StreamMeta,

@@ -1,18 +1,17 @@
 """A small OpenAI-compatible Chat Completions server: the built-in demo model.
 
 It speaks enough HTTP/1.1 for the ``openai`` SDK (keep-alive, chunked transfer) and
-streams server-sent events in the Chat Completions chunk format, including the final
-usage chunk when the request asks for ``stream_options.include_usage`` (OpenAI API
-reference, "Create chat completion", streaming). The app reaches it through the same
-SDK path as a real provider, so the demo exercises the real streaming and cancel code.
+streams server-sent events in the Chat Completions chunk format, with the final usage
+chunk when the request asks for ``stream_options.include_usage`` (OpenAI API reference,
+"Create chat completion", streaming). The app reaches it through the same SDK path as a
+real provider, so the demo exercises the real streaming and cancel code.
 
-It stops generating as soon as the client closes the connection, and it records every
-request (chunks written, when the client closed), which makes it the loopback upstream
-of the tests and of ``bench.load`` as well. Failure modes for those: ``fail_status``
-(answer an HTTP error), ``drop_after`` (cut the connection after N content chunks) and
-``fault`` (one of :data:`FAULTS`: what real providers and proxies were seen to send),
-and ``dialect`` (one of :data:`DIALECTS`: a real provider's wire format, reasoning and
-usage included; chat.demo_dialects; the Responses API too: chat.demo_responses).
+It stops generating as soon as the client closes the connection and records every
+request (chunks written, when the client closed): the loopback upstream of the tests and
+of ``bench.load``. Failure modes: ``fail_status`` (an HTTP error), ``drop_after`` (cut
+after N content chunks), ``fault`` (:data:`FAULTS`, seen from real providers and
+proxies), ``dialect`` (:data:`DIALECTS`, a real provider's wire format: chat.demo_dialects
+and, for the Responses API, chat.demo_responses).
 """
 
 from __future__ import annotations
@@ -73,11 +72,8 @@ def split_tokens(text: str) -> list[str]:
 
 def demo_answer(messages: list[dict]) -> str:
     """A markdown answer of a few hundred tokens that reflects the last user message."""
-    question = ""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            question = str(message.get("content") or "")
-            break
+    question = next((str(m.get("content") or "") for m in reversed(messages)
+                     if m.get("role") == "user"), "")
     words = re.findall(r"[A-Za-z][A-Za-z'-]{3,}", question)
     keywords = sorted(dict.fromkeys(w.lower() for w in words), key=len, reverse=True)[:4]
     while len(keywords) < 3:

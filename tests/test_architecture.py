@@ -123,7 +123,7 @@ def test_chat_has_no_import_cycle():
 
 def test_dependencies_go_one_way_consumers_and_api_then_runtime_then_store_then_models():
     graph = import_graph()
-    below_runtime = ["chat.generation.store", "chat.generation.prompt",
+    below_runtime = ["chat.generation.store", "chat.generation.state", "chat.generation.prompt",
                      "chat.generation.errors", "chat.generation.frames", "chat.models"]
     for module in below_runtime:
         for dependency in graph[module]:

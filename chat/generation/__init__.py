@@ -10,7 +10,8 @@ Modules, each depending only on those listed before it::
     budgets   per-user quotas and concurrency, checked inside the start transaction
     autostop  automatic stops of a run (repetition guard, cost ceiling) and their policy
     outcome   Outcome: how a run ended (status, finish_reason, error, usage, timings)
-    store     the transactions: prepare_*, finalize, finish_stale, checkpoints, load_state
+    store     the transactions: prepare_*, finalize, finish_stale, checkpoints
+    state     load_state: what a newly connected socket loads
     providers the provider interface and registry, and each provider's module (the
               only modules that import a provider SDK or an HTTP client)
     fanout    Fanout, Inbox: frames to this process's sockets, the relay to the others
@@ -58,13 +59,13 @@ from .service import (
     unwatch,
     watch,
 )
+from .state import load_state
 from .store import (
     WORKER_ID,
     PreparedRun,
     RunRef,
     finalize,
     finish_stale,
-    load_state,
     prepare_edit,
     prepare_message,
     prepare_regenerate,

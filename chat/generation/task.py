@@ -65,9 +65,8 @@ class Generation:
     # (len(text), len(reasoning)) at the last saved checkpoint (chat.generation.leases).
     checkpoint_mark: tuple[int, int] | None = None
     resume_at: tuple[str, int] | None = None  # (response id, seq no.): Provider.resume it
-    # (sequence number, len(text), len(reasoning)) after the last event whose text came
-    # out whole (none held back by key masking): what a checkpoint saves as the point
-    # another worker resumes from, with the text it goes with (handover.checkpoint_of).
+    # (seq no., len(text), len(reasoning)) after the last event none of whose text key
+    # masking held back: where another worker resumes from (handover.checkpoint_of).
     resume_mark: tuple[int, int, int] | None = None
     _pending: list[tuple[str, str]] = field(default_factory=list)
     _pending_chars: int = 0
@@ -117,10 +116,9 @@ class Generation:
     def cancel(self, reason: str = "stop") -> bool:
         """Cancel the task (idempotent). Returns False when it was already ending.
 
-        A run still being launched is cancelled as soon as its task exists, and a task
-        that has not taken its first step yet just after that step: a task cancelled
-        before its first step never runs its body, so it would end without its
-        ``generation.end``, its usage record, or releasing its channels."""
+        A run still being launched is cancelled once its task exists, and a task not yet
+        past its first step just after it: one cancelled before never runs its body (no
+        ``generation.end``, no usage record, its channels never released)."""
         if self._finishing or self.cancel_reason or (self.task is not None and self.task.done()):
             return False
         self.cancel_reason = reason
@@ -225,8 +223,7 @@ class Generation:
 
         The delta's content and seq are taken when the publisher reaches it, not now: if
         the channel layer is slower than the stream, text piling up meanwhile goes out
-        as one larger delta instead of a growing queue of small ones (coalescing that
-        adapts to load; docs/scale.md has the figures)."""
+        as one larger delta instead of a growing queue of small ones (docs/scale.md)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -289,7 +286,7 @@ class Generation:
     # -- the task -----------------------------------------------------------------
     async def _run(self) -> None:
         usage, finish_reason, ttft_ms, ended_by = None, "", None, None
-        running_usage, provider, meta = None, None, self._meta
+        running_usage, provider, meta, stops = None, None, self._meta, self.run.autostop
         try:
             provider = await self.runtime.provider()
             request = StreamRequest(self.run.model, self.run.prompt, self.run.max_tokens,
@@ -307,9 +304,7 @@ class Generation:
                     if event.reasoning:
                         self._append(event.reasoning, _REASONING)
                         # Reasoning is billed as completion: the cost ceiling counts it.
-                        stops = self.run.autostop
-                        if stops.check("", reasoning=event.reasoning) and self.cancel(
-                                stops.reason):
+                        if stops.check("", reasoning=event.reasoning) and self.cancel(stops.reason):
                             await asyncio.sleep(0)
                     if event.content:
                         if ttft_ms is None:
@@ -317,7 +312,6 @@ class Generation:
                         self._append(event.content)
                         # autostop hook: a rule that fires stops the run as a stop frame
                         # does; the cancellation lands at this await, before any read.
-                        stops = self.run.autostop
                         if stops.check(event.content) and self.cancel(stops.reason):
                             await asyncio.sleep(0)
                     if event.finish_reason:
@@ -428,9 +422,8 @@ class Generation:
     async def launch(self) -> None:
         """Start the publisher, the control listener and the run task. Raises what
         the channel layer raises (then nothing is left running)."""
-        # Fresh contexts: these tasks outlive the caller, and a caller inside a request
-        # (an async view under a sync middleware) carries asgiref's per-request
-        # executor in its context, which quits when the request ends.
+        # Fresh contexts: these tasks outlive the caller, whose context may hold asgiref's
+        # per-request executor (an async view under a sync middleware), which quits with it.
         self._publisher_task = asyncio.create_task(self._publisher(), context=Context())
         try:
             # The default prefix on purpose: channels-redis polls one Redis list per

@@ -98,8 +98,8 @@ DURATION = Histogram(
     "chat_generation_duration_seconds", "From the start to the end of a run (s).",
     ["model", "status"], buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
 STOP_TO_CLOSE = Histogram(
-    "chat_stop_to_upstream_close_seconds", "From a stop reaching the run to the "
-    "provider's connection being closed (s).",
+    "chat_stop_to_upstream_close_seconds", "From a stop request (in this worker or, "
+    "through the channel layer, another) to the provider's connection being closed (s).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 DELTA_LAG = Histogram(
     "chat_delta_lag_seconds", "From provider text arriving to its frame being published "
@@ -205,6 +205,18 @@ def usage_corrected(before: dict, record) -> None:
             TOKENS_WITHDRAWN.labels(model, kind).inc(-change)
     change = after["cost_usd"] - before["cost_usd"]
     (COST if change > 0 else COST_WITHDRAWN).labels(model).inc(abs(change))
+
+
+def stop_began(requested_at: float | None = None) -> float:
+    """The ``time.monotonic()`` a stop began: now, or ``requested_at`` (``time.time()``
+    in the process that asked, s; a stop from another worker) when that is earlier, so
+    ``chat_stop_to_upstream_close_seconds`` counts the channel layer's hop too. Across
+    hosts it relies on their clocks agreeing (NTP): a clock ahead counts as now, one
+    more than 60 s behind as 60 s."""
+    now = time.monotonic()
+    if isinstance(requested_at, (int, float)) and not isinstance(requested_at, bool):
+        return now - min(max(time.time() - requested_at, 0.0), 60.0)
+    return now
 
 
 def stop_reached_upstream(stop_at: float | None) -> None:

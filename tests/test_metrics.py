@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -24,6 +25,8 @@ from django.db.models import Sum
 from django.test import AsyncClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import chat.generation as gen
+from chat.generation import frames
 from chat.generation.runtime import Runtime
 from chat.models import UsageRecord
 from tests.conftest import session_cookie
@@ -413,3 +416,24 @@ async def test_prometheus_scraping_two_workers_sees_the_totals_the_database_reco
     finally:
         prometheus.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_a_stop_from_another_worker_is_timed_from_its_request_not_its_arrival(
+    alice, upstream, metrics_token
+):
+    # What another worker sends: the control message, with when the stop was asked for
+    # (here 0.4 s ago: the time it spent reaching the run counts as the user waits it).
+    before = await metrics_now()
+    generation = await gen.start_generation(alice, uuid.uuid4(), "hi")
+    await upstream.until(lambda: upstream.requests and upstream.requests[-1].chunks_written >= 2)
+    await generation.layer.group_send(
+        gen.control_group_name(generation.conversation_id),
+        frames.stop_request(alice.id, "stop", at=time.time() - 0.4))
+    assert (await asyncio.wait_for(generation.wait(), 5))["status"] == "cancelled"
+    after = await metrics_now()
+
+    def moved(name):
+        return total(after, name) - total(before, name)
+
+    assert moved("chat_stop_to_upstream_close_seconds_count") == 1
+    assert 0.4 <= moved("chat_stop_to_upstream_close_seconds_sum") < 2

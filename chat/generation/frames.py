@@ -213,10 +213,11 @@ def envelope(frame: dict, *, group: str, origin: str) -> dict:
     return {"type": "chat.frame", "frame": frame, "group": group, "origin": origin}
 
 
-def stop_request(user_id: int, reason: str, tab: str | None = None) -> dict:
+def stop_request(user_id: int, reason: str, tab: str | None = None, at: float = 0.0) -> dict:
     """Asks a run's control channel to stop (honoured for its owner only; with ``tab``,
-    only by a run that tab started)."""
-    frame = {"type": "generation.stop", "reason": reason, "user_id": user_id}
+    only by a run that tab started); ``at``: when it was asked for (``time.time()``, s),
+    so the run's stop-to-close time includes the way through the channel layer."""
+    frame = {"type": "generation.stop", "reason": reason, "user_id": user_id, "at": at}
     if tab is not None:
         frame["tab"] = tab
     return frame

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 import uuid
 
 from asgiref.sync import ThreadSensitiveContext
@@ -183,9 +184,8 @@ async def request_stop(
         generation.cancel(reason)
         return True
     layer = layer or get_channel_layer()
-    await layer.group_send(
-        frames.control_group_name(conversation_id), frames.stop_request(user_id, reason, tab)
-    )
+    await layer.group_send(frames.control_group_name(conversation_id),
+                           frames.stop_request(user_id, reason, tab, at=time.time()))
     return False
 
 

@@ -113,8 +113,9 @@ class Generation:
         return self.task is not None and not self.task.done() and not self._finishing
 
     # -- public API ---------------------------------------------------------------
-    def cancel(self, reason: str = "stop") -> bool:
-        """Cancel the task (idempotent). Returns False when it was already ending.
+    def cancel(self, reason: str = "stop", requested_at: float | None = None) -> bool:
+        """Cancel the task (idempotent; ``requested_at``: metrics.stop_began). Returns
+        False when it was already ending.
 
         A run still being launched is cancelled once its task exists, and a task not yet
         past its first step just after it: one cancelled before never runs its body (no
@@ -122,7 +123,7 @@ class Generation:
         if self._finishing or self.cancel_reason or (self.task is not None and self.task.done()):
             return False
         self.cancel_reason = reason
-        self._stop_at = time.monotonic()
+        self._stop_at = metrics.stop_began(requested_at)
         self._hang_up()
         if self.task is not None:
             self._cancel_task()
@@ -142,8 +143,7 @@ class Generation:
         return True
 
     def _hang_up(self) -> None:
-        # The provider hears of the stop now; the task, cancelled next, may still read
-        # what had already arrived (netstream) before it ends.
+        # The provider hears of the stop now; the task, cancelled next, reads what arrived.
         hang_up = self._meta.hang_up
         if hang_up is not None:
             hang_up()
@@ -274,7 +274,7 @@ class Generation:
                 if kind == "generation.stop":
                     if message.get("message_id") in (None, self.message_id) and \
                             message.get("tab") in (None, self.tab):
-                        self.cancel(message.get("reason") or "stop")
+                        self.cancel(message.get("reason") or "stop", message.get("at"))
                 elif kind == "generation.sync" and message.get("reply_channel"):
                     await self.layer.send(
                         message["reply_channel"], frames.snapshot_reply(self.snapshot())

@@ -201,6 +201,22 @@ async def test_a_provider_error_and_a_refused_start_are_counted(
         before, "chat_admission_refusals_total", reason="streams") + 1
 
 
+async def test_an_answer_the_provider_cuts_short_counts_as_a_dropped_stream(
+    alice, upstream, connect, metrics_token
+):
+    # The body ends cleanly mid-answer: no finish_reason, no [DONE].
+    before = await metrics_now()
+    upstream.answer = ANSWER
+    upstream.fault = "end_mid_stream"
+    _, _, ws = await connect(alice)
+    await ws.send({"type": "message", "content": "Hi"})
+    end = await ws.receive_type("generation.end")
+    assert end["status"] == "failed" and "before it was complete" in end["error"]
+    after = await metrics_now()
+    assert total(after, "chat_provider_errors_total", kind="dropped") == total(
+        before, "chat_provider_errors_total", kind="dropped") + 1
+
+
 async def test_an_automatic_stop_counts_the_tokens_it_saved(alice, upstream, connect,
                                                              metrics_token):
     before = await metrics_now()

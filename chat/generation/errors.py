@@ -100,6 +100,16 @@ class HungUp(UpstreamFailure):
     is not counted as a provider error."""
 
 
+class UpstreamIncomplete(UpstreamFailure):
+    """The provider's body ended cleanly before the answer did: no ``finish_reason``
+    (Chat Completions) or terminal event (Responses API) came, so a provider or a proxy
+    cut it short. Counted as a ``dropped`` stream (chat_provider_errors_total)."""
+
+    def __init__(self, message: str = "The model provider ended the answer before it "
+                                      "was complete."):
+        super().__init__(message)
+
+
 class UpstreamTimeout(UpstreamFailure):
     """The provider did not start answering, or went silent, for too long (the
     message says which; settings OPENAI_FIRST_BYTE_TIMEOUT_S, CHAT_STREAM_IDLE_TIMEOUT_S)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from django.conf import settings
 
 from ... import metrics
-from ..errors import HungUp, UpstreamFailure, UpstreamTimeout
+from ..errors import HungUp, UpstreamFailure, UpstreamIncomplete, UpstreamTimeout
 from .text import MIN_KEY_CHARS, KeyMask
 
 
@@ -233,7 +233,8 @@ async def guarded(
             yield event
     except Exception as exc:
         if isinstance(exc, UpstreamFailure):
-            kind = "timeout" if isinstance(exc, UpstreamTimeout) else "error_event"
+            kind = ("timeout" if isinstance(exc, UpstreamTimeout) else
+                    "dropped" if isinstance(exc, UpstreamIncomplete) else "error_event")
             failure = exc
         else:
             kind, failure = classify(exc)

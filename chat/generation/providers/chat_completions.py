@@ -25,7 +25,7 @@ import httpx2
 import openai
 from django.conf import settings
 
-from ..errors import UpstreamFailure, UpstreamTimeout
+from ..errors import UpstreamFailure, UpstreamIncomplete, UpstreamTimeout
 from . import profiles, sse_reader, transport
 from .base import Provider, StreamEvent, StreamMeta, StreamRequest, guarded
 from .text import clean_provider_text, count, provider_message
@@ -316,7 +316,9 @@ async def _events(client, model, messages, max_tokens, label, meta: StreamMeta
                 async with asyncio.timeout(min(_DONE_GRACE_S, idle_s) if whole else idle_s):
                     data = await anext(lines)
             except StopAsyncIteration:
-                return
+                if finish_reason:
+                    return
+                raise UpstreamIncomplete from None
             except TimeoutError:
                 if whole:
                     logger.info("generation %s: no [DONE] after its usage; "

@@ -35,7 +35,7 @@ import openai
 from django.conf import settings
 
 from .. import responses_events as rev
-from ..errors import HungUp, UpstreamFailure, UpstreamTimeout
+from ..errors import HungUp, UpstreamFailure, UpstreamIncomplete, UpstreamTimeout
 from . import profiles, sse_reader, transport
 from .base import Provider, StreamEvent, StreamMeta, StreamRequest, guarded
 from .chat_completions import _classify, new_client
@@ -215,8 +215,7 @@ class Responses(Provider):
                         data = await anext(lines)
                 except StopAsyncIteration:
                     # The body ended before the terminal event.
-                    raise _Cut(UpstreamFailure("The model provider ended the answer "
-                                               "before it was complete.")) from None
+                    raise _Cut(UpstreamIncomplete()) from None
                 except TimeoutError:
                     raise _Cut(UpstreamTimeout(
                         f"The model provider sent nothing for {idle_s:g} s.")) from None

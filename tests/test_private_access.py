@@ -29,7 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("chat", "chatproject")
-DAPHNE_PENDING = "daphne queue adapter, pending"
 CHANNELS_REDIS = ("channels-redis==4.3.0 internals, all in chat/channels_redis_adapter.py "
                   "(tests/test_channels_redis_adapter.py checks them)")
 

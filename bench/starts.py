@@ -9,8 +9,11 @@
 3. Bursts: ``N`` whole starts submitted in the same instant (service.start_generation:
    admission, the user message saved, the budget checked, the assistant row created,
    the run launched), until the upstream (at 1 token/s) has received every request;
-   the runs are then stopped. Done twice (the first also warms up). Prints starts per
-   second (wall) and ms of CPU per start (this process, all threads), and the refusals.
+   the runs are then stopped. Done twice (the first also warms up), then a third time
+   by the second burst's users, each with a second message to the conversation its
+   first one created (a start on an existing conversation: its lock, history and
+   update). Prints starts per second (wall) and ms of CPU per start (this process, all
+   threads), and the refusals.
    The upstream is ``bench.upstream`` in a process of its own, as a provider is (and as
    in bench.throughput); ``UPSTREAM=inprocess`` uses the demo model server on this
    process's event loop instead, whose CPU (accepting, parsing, answering each
@@ -140,13 +143,24 @@ async def bursts(users_per_burst: list[list], upstream_port: int | None) -> None
                                           create={})
     warm.cancel("stop")
     await warm.wait()
-    for n, users in enumerate(users_per_burst, 1):
-        users = users[1:] if n == 1 else users
+    # (user, conversation id or None for a new one) per start of each burst; the last
+    # burst's users then write again to the conversations they created.
+    plan = [[(user, None) for user in users] for users in users_per_burst]
+    plan.append(None)
+    started: list = []
+    for n, starts in enumerate(plan, 1):
+        if starts is None:
+            starts = [(g.run.user_id, g.conversation_id) for g in started]
+            owners = {u.id: u for u in users_per_burst[-1]}
+            starts = [(owners[user_id], conversation) for user_id, conversation in starts]
+        starts = starts[1:] if n == 1 else starts
         estimate = runtime.start_service_ms
         tag = f"burst-{n}-{uuid.uuid4().hex[:8]} hello there, a question"
         wall, cpu = time.perf_counter(), time.process_time()
         outcomes = await asyncio.gather(
-            *(service.start_generation(user, uuid.uuid4(), tag, create={}) for user in users),
+            *(service.start_generation(user, conversation or uuid.uuid4(), tag,
+                                       create=None if conversation else {})
+              for user, conversation in starts),
             return_exceptions=True)
         started = [o for o in outcomes if not isinstance(o, BaseException)]
         while await received(tag) < len(started):
@@ -159,7 +173,9 @@ async def bursts(users_per_burst: list[list], upstream_port: int | None) -> None
                 refused[key.strip()] = refused.get(key.strip(), 0) + 1
             elif isinstance(outcome, BaseException):
                 raise outcome
-        print(f"burst {n}: {len(users)} starts at once, {len(started)} started: "
+        kind = "existing" if starts[0][1] else "new"
+        print(f"burst {n}: {len(starts)} starts at once on {kind} conversations, "
+              f"{len(started)} started: "
               f"{len(started) / wall:.0f} starts/s (wall {wall * 1000:.0f} ms), "
               f"{cpu / max(1, len(started)) * 1000:.2f} ms CPU per start; "
               f"refused: {refused or 'none'} (the queue's estimate before: "

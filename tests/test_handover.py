@@ -72,6 +72,8 @@ async def assert_completed_once_with_the_billed_usage(tab: Tab, upstream) -> Non
     records = [r async for r in UsageRecord.objects.filter(message_id=tab.message_id)]
     assert len(records) == 1
     assert records[0].source == "reported" and billed(records[0]) == upstream.responses.last.billed
+    # Its first token came on the worker that went away: not the resumed text's.
+    assert records[0].ttft_ms is None
     assert upstream.responses.posts == 1, "the answer was asked for once"
     assert upstream.responses.gets >= 1, "and streamed again from where it was left"
 

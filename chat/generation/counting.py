@@ -30,6 +30,17 @@ CANCEL_USAGE_WAIT_S = 1.5
 HANDOVER = "handover"
 
 
+async def tokenized_run(provider: Provider, meta: StreamMeta, generation) -> dict | None:
+    """:func:`tokenized_usage` of the text a run (task.Generation) has so far; None if
+    cancelled meanwhile."""
+    try:
+        return await tokenized_usage(
+            provider, meta, model=generation.run.model, prompt=generation.run.prompt,
+            content="".join(generation.text), reasoning="".join(generation.reasoning))
+    except asyncio.CancelledError:
+        return None
+
+
 async def tokenized_usage(
     provider: Provider, meta: StreamMeta, *, model: str, prompt: list[dict], content: str,
     reasoning: str,

@@ -25,7 +25,7 @@ from ..models import Message
 from . import counting, frames, handover, store
 from .autostop import describe_end
 from .outcome import Outcome, outcome_of
-from .providers import Provider, StreamMeta, StreamRequest
+from .providers import StreamMeta, StreamRequest
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ class Generation:
     # -- the task -----------------------------------------------------------------
     async def _run(self) -> None:
         usage, finish_reason, ttft_ms, ended_by = None, "", None, None
+        first_text = not self.text  # taken over with text: its first token was elsewhere
         running_usage, provider, meta, stops = None, None, self._meta, self.run.autostop
         try:
             provider = await self.runtime.provider()
@@ -307,7 +308,8 @@ class Generation:
                         if stops.check("", reasoning=event.reasoning) and self.cancel(stops.reason):
                             await asyncio.sleep(0)
                     if event.content:
-                        if ttft_ms is None:
+                        if first_text:
+                            first_text = False
                             ttft_ms = int((time.monotonic() - self.started_at) * 1000)
                         self._append(event.content)
                         # autostop hook: a rule that fires stops the run as a stop frame
@@ -338,7 +340,7 @@ class Generation:
         self._flush()
         tokenized = None
         if outcome.usage is None and running_usage is None and provider is not None:
-            tokenized = await self._tokenize(provider, meta)
+            tokenized = await counting.tokenized_run(provider, meta, self)
         outcome = outcome.with_counts(running_usage=running_usage, tokenized=tokenized,
                                       reasoning_hidden=meta.hidden_reasoning)
         await self._finish(outcome)
@@ -347,15 +349,6 @@ class Generation:
                                name=f"lookup-{self.message_id}")
         if isinstance(ended_by, asyncio.CancelledError) and self._failure is None:
             raise asyncio.CancelledError
-
-    async def _tokenize(self, provider: Provider, meta: StreamMeta) -> dict | None:
-        """The server's count of the text so far; None if cancelled meanwhile."""
-        try:
-            return await counting.tokenized_usage(
-                provider, meta, model=self.run.model, prompt=self.run.prompt,
-                content="".join(self.text), reasoning="".join(self.reasoning))
-        except asyncio.CancelledError:
-            return None
 
     async def _finish(self, outcome: Outcome) -> None:
         self._finishing = True

@@ -6,8 +6,8 @@ Signals, checked by :func:`admit` before anything is saved (docs/scale.md, "Admi
 control", has the measurements behind each choice; the limits but the first are tuning
 constants, ``settings.CHAT_TUNING``, chat.tuning):
 
-- **streams**: generations registered on this event loop (starting, streaming or
-  ending) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit, the default). The
+- **streams**: generations registered on this event loop whose end is not out yet
+  (``Runtime.streams``) against ``CHAT_MAX_STREAMS_PER_WORKER`` (0 = no limit, the default). The
   operator's capacity plan: deterministic, cheap, but it cannot follow the machine.
 - **start wait**: how long a start admitted now would wait for its transaction (the
   start queue, chat.generation.startqueue, commits the starts waiting together a batch
@@ -108,7 +108,7 @@ def refusal_reason(runtime: Runtime) -> str | None:
     if runtime.draining:
         return "shutting_down"
     limit = settings.CHAT_MAX_STREAMS_PER_WORKER
-    if limit and runtime.count() + runtime.starting >= limit:
+    if limit and runtime.streams() + runtime.starting >= limit:
         return "streams"
     pending = settings.CHAT_TUNING.max_pending_starts
     if pending and runtime.starting >= pending:

@@ -119,6 +119,13 @@ class Runtime:
         """Generations registered on this loop (starting, streaming or ending)."""
         return len(self._generations)
 
+    def streams(self) -> int:
+        """Generations registered on this loop whose ``generation.end`` is not out yet
+        (starting or streaming): what ``CHAT_MAX_STREAMS_PER_WORKER`` caps. A run that
+        told its tabs it ended no longer counts, though its task is still tidying up:
+        a tab may send its next message as soon as it reads the end."""
+        return sum(1 for g in self._generations.values() if g.end_frame is None)
+
     # -- starts waiting for their transaction (admission's "starts") ---------------
     def start_began(self) -> object:
         """Count a start admitted now until :meth:`start_ended` with the token returned."""

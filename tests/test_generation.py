@@ -166,8 +166,11 @@ def test_prompt_keeps_the_newest_messages_that_fit_the_context(alice, settings):
     assert kept == [content for _, content in pairs[-len(kept):]]
     assert 1 <= len(kept) < 10
     from chat.accounting import count_prompt_tokens
+    from chat.generation.prompt import counted_prompt
 
     assert count_prompt_tokens(prompt) <= 400 - 100
+    # What a start bills as its prompt: counted while building, the same count.
+    assert counted_prompt(conversation) == (prompt, count_prompt_tokens(prompt))
 
 
 def test_prompt_refuses_a_message_larger_than_the_context(alice, settings):
@@ -205,7 +208,7 @@ async def test_start_finishes_a_stale_run_instead_of_answering_busy(alice, upstr
     conversation = await sync_to_async(make_conversation)(alice, [("user", "q")])
     stale = await Message.objects.acreate(
         conversation=conversation, role="assistant", status="streaming", model="m",
-        heartbeat_at=timezone.now() - timedelta(minutes=5),
+        content="a partial answer", heartbeat_at=timezone.now() - timedelta(minutes=5),
     )
     layer = InMemoryChannelLayer()
     tab = gen.Inbox()
@@ -219,6 +222,10 @@ async def test_start_finishes_a_stale_run_instead_of_answering_busy(alice, upstr
     assert end["status"] == "completed"
     assert await Message.objects.filter(status="interrupted").acount() == 1
     assert await UsageRecord.objects.acount() == 2
+    # The interrupted answer's text, which the user saw, is part of the new prompt.
+    assert generation.run.prompt[1:] == [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a partial answer"},
+        {"role": "user", "content": "again"}]
     await gen.unwatch(conversation.id, tab)
 
 

@@ -92,15 +92,15 @@ def test_a_start_takes_a_fixed_small_number_of_statements(alice):
     assert again.assistant_message["usage"] is None
 
 
-def test_a_batch_of_starts_on_new_conversations_takes_five_statements_in_all(
+def test_a_batch_of_starts_takes_the_same_few_statements_whatever_its_size(
     django_user_model,
 ):
     """startqueue.prepare_batch: starts committed together share their users' lock, the
     count of their running answers, their conversations' lock and the inserts of their
     conversations and messages: five statements for the batch, none per start on a new
-    conversation (a start alone takes nine). On existing conversations each start adds
-    its savepoint, its conversation's running-answer check, its history, the
-    conversation's update and the release."""
+    conversation (a start alone takes nine). On existing conversations the batch reads
+    their running answers and histories and updates them, one statement each instead
+    of one per start, and no start needs a savepoint."""
     from chat.generation import store
     from chat.generation.startqueue import StartRequest, prepare_batch
 
@@ -119,4 +119,9 @@ def test_a_batch_of_starts_on_new_conversations_takes_five_statements_in_all(
     with CaptureQueriesContext(connection) as captured:
         runs = prepare_batch(again)
     assert all(isinstance(run, store.PreparedRun) for run in runs), runs
-    assert len(captured) == 2 + 4 + 5 * len(again), [q["sql"][:60] for q in captured]
+    assert len(captured) == 2 + 7, [q["sql"][:60] for q in captured]
+    assert [run.prompt[1:] for run in runs] == [
+        [{"role": "user", "content": f"question {n}"}, {"role": "user", "content": "and again"}]
+        for n in range(len(again))]
+    assert Conversation.objects.filter(updated_at__gte=min(
+        m.created_at for m in Message.objects.filter(content="and again"))).count() == 10

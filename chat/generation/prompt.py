@@ -15,9 +15,27 @@ from ..models import Conversation, Message
 from .errors import InvalidRequest
 
 
+def history_of(messages):
+    """The messages of ``messages`` (a Message queryset) a prompt may carry, newest
+    first: visible, not streaming, with text, from the user or the assistant (partial
+    answers of stopped runs included: the user saw them)."""
+    return (messages.visible().exclude(status=Message.Status.STREAMING).exclude(content="")
+            .filter(role__in=[Message.Role.USER, Message.Role.ASSISTANT])
+            .order_by("-created_at"))
+
+
 def build_prompt(conversation: Conversation, *, pending: str | None = None,
                  history: list[tuple[str, str]] | None = None) -> list[dict]:
-    """System prompt plus the visible history, trimmed from the oldest message so the
+    """The prompt of :func:`counted_prompt`."""
+    return counted_prompt(conversation, pending=pending, history=history)[0]
+
+
+def counted_prompt(conversation: Conversation, *, pending: str | None = None,
+                   history: list[tuple[str, str]] | None = None) -> tuple[list[dict], int]:
+    """``(prompt, prompt_tokens)``: the prompt, with its ``accounting.count_prompt_tokens``
+    counted as it is built (each text tokenized once).
+
+    The prompt: system prompt plus the visible history, trimmed from the oldest message so the
     prompt fits ``CHAT_CONTEXT_TOKENS - CHAT_MAX_TOKENS`` tokens:
     ``[{"role", "content"}, ...]``.
 
@@ -31,17 +49,10 @@ def build_prompt(conversation: Conversation, *, pending: str | None = None,
     of the query.
     """
     system = conversation.system_prompt or settings.CHAT_SYSTEM_PROMPT
-    budget = settings.CHAT_CONTEXT_TOKENS - settings.CHAT_MAX_TOKENS
-    budget -= accounting.count_prompt_tokens([{"role": "system", "content": system}])
+    counted = accounting.count_prompt_tokens([{"role": "system", "content": system}])
+    budget = settings.CHAT_CONTEXT_TOKENS - settings.CHAT_MAX_TOKENS - counted
     if history is None:
-        history = (
-            conversation.messages.visible()
-            .exclude(status=Message.Status.STREAMING)
-            .exclude(content="")
-            .filter(role__in=[Message.Role.USER, Message.Role.ASSISTANT])
-            .order_by("-created_at")
-            .values_list("role", "content")
-        )
+        history = history_of(conversation.messages.all()).values_list("role", "content")
     if pending:
         history = itertools.chain([(Message.Role.USER.value, pending)], history)
     kept: list[dict] = []
@@ -50,10 +61,11 @@ def build_prompt(conversation: Conversation, *, pending: str | None = None,
         if cost > budget:
             break
         budget -= cost
+        counted += cost
         kept.append({"role": role, "content": content})
     if not kept:
         raise InvalidRequest("The message is too long for the model's context window.")
-    return [{"role": "system", "content": system}, *reversed(kept)]
+    return [{"role": "system", "content": system}, *reversed(kept)], counted
 
 
 def prompt_for_estimate(conversation: Conversation, before) -> list[dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Callable
 from contextvars import Context
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from django.utils import timezone
 
 from ..models import Conversation, Message
 from . import budgets, store
+from .prompt import history_of
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +104,11 @@ class StartQueue:
 class StartBatch:
     """What the starts of one batch (:func:`prepare_batch`) share: their users locked
     and their budgets read in one query, their users' running generations counted in
-    another, their existing conversations locked in a third, and their new
-    conversations and messages inserted together at the end.
+    another, their existing conversations locked in a third, then those conversations'
+    streaming messages (``streaming``: heartbeats by conversation id) and histories
+    (``histories``: ``[(role, content), ...]`` newest first, as prompt.build_prompt
+    reads them) in one query each; at the end their new conversations and messages
+    inserted and the existing conversations updated together.
 
     ``held`` grows with each start of the batch, so a later start of the same user
     counts the earlier ones as running, as it would if their rows were saved already;
@@ -117,7 +122,18 @@ class StartBatch:
         self.existing: dict[str, Conversation] = {
             str(c.id): c for c in Conversation.objects.select_for_update()
             .filter(id__in=conversation_ids).order_by("id")}
+        self.streaming: dict[str, list] = defaultdict(list)
+        self.histories: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        if self.existing:
+            of_existing = Message.objects.filter(conversation_id__in=list(self.existing))
+            for conversation_id, beat in of_existing.streaming().values_list(
+                    "conversation_id", "heartbeat_at"):
+                self.streaming[str(conversation_id)].append(beat)
+            for conversation_id, role, content in history_of(of_existing).values_list(
+                    "conversation_id", "role", "content"):
+                self.histories[str(conversation_id)].append((role, content))
         self.created: dict[str, Conversation] = {}
+        self.touched: list[Conversation] = []
         self.conversations: set[str] = set()
         self.rows: list[Message] = []
 
@@ -140,6 +156,8 @@ class StartBatch:
         self.conversations.add(str(conversation.id))
         if created:
             self.created[str(conversation.id)] = conversation
+        else:
+            self.touched.append(conversation)  # its title and updated_at, set in memory
         self.rows.extend(rows)
 
     def insert(self) -> None:
@@ -150,6 +168,8 @@ class StartBatch:
             Conversation.objects.bulk_create(self.created.values())
         if self.rows:
             Message.objects.bulk_create(self.rows)
+        if self.touched:
+            Conversation.objects.bulk_update(self.touched, ["title", "updated_at"])
 
 
 

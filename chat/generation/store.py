@@ -22,13 +22,12 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from .. import accounting
 from ..models import Conversation, Message, UsageRecord
 from . import budgets, checkpoints, frames, metering
 from .autostop import AutoStop, conversation_fields
 from .errors import Busy, Forbidden, InvalidRequest
 from .outcome import Outcome
-from .prompt import build_prompt, prompt_for_estimate
+from .prompt import counted_prompt, prompt_for_estimate
 
 if TYPE_CHECKING:
     from .startqueue import StartBatch
@@ -174,11 +173,15 @@ def _supersede_answers_of_last_user_message(conversation: Conversation, *,
     return last_user
 
 
-def _finish_stale_or_refuse(conversation: Conversation) -> list[dict]:
+def _finish_stale_or_refuse(conversation: Conversation, streaming: list | None = None
+                            ) -> list[dict]:
     """Finish the conversation's stale runs (finish_stale) and raise Busy when one of
     its runs is still streaming. One query when none streams (the usual case) instead
-    of one for the stale runs and one for the busy check."""
-    streaming = list(conversation.messages.streaming().values_list("heartbeat_at", flat=True))
+    of one for the stale runs and one for the busy check; none when ``streaming`` (the
+    heartbeats of its streaming messages) was read with a batch's."""
+    if streaming is None:
+        streaming = list(conversation.messages.streaming()
+                         .values_list("heartbeat_at", flat=True))
     if not streaming:
         return []
     cutoff = timezone.now() - timezone.timedelta(seconds=settings.CHAT_TUNING.lease_s)
@@ -197,12 +200,13 @@ def _no_usage_yet(message: Message) -> Message:
     return message
 
 
-def _prepare(user, conversation_id, *, create: dict | None, ask,
+def _prepare(user, conversation_id, *, create: dict | None, ask, ask_writes: bool = True,
              batch: StartBatch | None = None) -> PreparedRun:
     """The transaction every mode shares: lock the user and read their budget, lock (or
     create) the conversation, finish its stale runs, refuse a busy one, let
     ``ask(conversation, now)`` do what the user asked (returns ``(user_message or
-    None, text the title comes from)``: the user message *unsaved*), check the budget
+    None, text the title comes from)``: the user message *unsaved*; ``ask_writes``:
+    whether it writes, superseding messages), check the budget
     and insert it with the streaming assistant row. Nothing is saved if it raises. In a
     ``batch`` (a savepoint of startqueue.prepare_batch) the user's lock, budget and
     running answers come from the batch, which inserts the rows of all its starts.
@@ -212,16 +216,19 @@ def _prepare(user, conversation_id, *, create: dict | None, ask,
     Statements on a new conversation: lock the user with their budget, count their
     running answers, lock the conversation, savepoint + insert + release, insert both
     messages; on an existing one, the streaming check, the history and the
-    conversation's update too. In a batch, the batch locks users and conversations and
-    inserts rows for all its starts, so a start on a new conversation sends no
-    statement of its own, and one on an existing conversation only its savepoint and
-    what follows the lock. Each statement lengthens the queue of starts (SQLite runs
-    one writing transaction at a time; docs/performance.md, "Bursts of starts").
+    conversation's update too. In a batch, the batch locks users and conversations,
+    reads their running answers and histories, and inserts and updates rows for all its
+    starts, so a message sends no statement of its own; a regenerate, an edit, or a
+    start that finds stale runs to finish writes in a savepoint of its own. Each
+    statement lengthens the queue of starts (SQLite runs one writing transaction at a
+    time; docs/performance.md, "Bursts of starts").
     """
     now = timezone.now()
-    # In a batch, a start on a new conversation writes nothing before batch.add (the
-    # batch inserts its rows): it needs no savepoint of its own to be refused.
-    writes = batch is None or str(conversation_id) in batch.existing
+    key = str(conversation_id)
+    # In a batch, a start that writes nothing before batch.add (the batch inserts and
+    # updates its rows) needs no savepoint of its own to be refused.
+    writes = batch is None or (key in batch.existing and (ask_writes or bool(
+        batch.streaming.get(key))))
     with transaction.atomic() if writes else contextlib.nullcontext():
         # One query locks the user (budgets.check's serialisation) and reads the budget.
         budget = batch.budget_of(user) if batch else budgets.lock_user(user)
@@ -234,18 +241,23 @@ def _prepare(user, conversation_id, *, create: dict | None, ask,
         if batch is not None and str(conversation.id) in batch.conversations:
             raise Busy("A generation is already running in this conversation.")
         # Created by this transaction: no messages, no runs, title and updated_at set.
-        stale_ends = [] if created else _finish_stale_or_refuse(conversation)
+        stale_ends = [] if created else _finish_stale_or_refuse(
+            conversation, batch.streaming.get(key, []) if batch else None)
         user_message, title_text = ask(conversation, now)
         if not created:
             if not conversation.title:
                 conversation.title = Conversation.title_from(title_text)
             conversation.updated_at = now
-            conversation.save(update_fields=["title", "updated_at"])
-        # The pending user message is the newest of the history (it is not saved yet).
-        prompt = build_prompt(conversation, pending=user_message.content if user_message else None,
-                              history=[] if created else None)
+            if batch is None:
+                conversation.save(update_fields=["title", "updated_at"])
+        # The pending user message is the newest of the history (it is not saved yet);
+        # a batch read the histories of its conversations as they were before any write.
+        history = [] if created else batch.histories.get(key, []) if batch and not writes \
+            else None
+        prompt, prompt_tokens = counted_prompt(
+            conversation, pending=user_message.content if user_message else None,
+            history=history)
         model = conversation.model or settings.CHAT_MODEL
-        prompt_tokens = accounting.count_prompt_tokens(prompt)
         # autostop hook: the run's automatic stops; with a ceiling the budget reserves
         # only what the answer may cost before it is stopped.
         stops = AutoStop.for_run(user, conversation, model=model, prompt_tokens=prompt_tokens,
@@ -299,7 +311,7 @@ def prepare_message(user, conversation_id, content: str, create: dict | None, *,
         return _new_user_message(conversation, content, now), content
 
     return _prepare(user, conversation_id, create={**(create or {}), "title_text": content},
-                    ask=ask, batch=batch)
+                    ask=ask, ask_writes=False, batch=batch)
 
 
 def prepare_regenerate(user, conversation_id, *, batch: StartBatch | None = None) -> PreparedRun:

@@ -247,3 +247,20 @@ async def test_a_stop_reaches_the_provider_before_the_runs_task_takes_another_st
     saved = await sync_to_async(Message.objects.get)(pk=generation.message_id)
     assert saved.content == "".join(generation.text)
     assert saved.content
+
+
+async def test_a_run_whose_end_is_out_no_longer_counts_against_the_stream_cap(
+    alice, upstream, settings
+):
+    # The tabs have the end; the run's task still publishes it to other processes (a
+    # slow layer) before it forgets the run. A tab's next message is not "overloaded".
+    settings.CHAT_MAX_STREAMS_PER_WORKER = 1
+    upstream.answer = "A short answer."
+    layer = SlowLayer(delay=0.3)
+    generation = await gen.start_generation(alice, uuid.uuid4(), "hi", layer=layer)
+    await collect(generation.subscribe())
+    assert gen.Runtime.current().get(generation.conversation_id) is generation
+    following = await gen.start_generation(alice, uuid.uuid4(), "and then", layer=layer)
+    assert (await following.wait())["status"] == "completed"
+    await generation.wait()
+    await layer.flush()

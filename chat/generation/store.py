@@ -238,7 +238,7 @@ def _prepare(user, conversation_id, *, create: dict | None, ask, ask_writes: boo
             raise InvalidRequest("This conversation has no messages yet.")
         if not created:
             _refuse_other_settings(conversation, create)
-        if batch is not None and str(conversation.id) in batch.conversations:
+        if batch is not None and key in batch.conversations:
             raise Busy("A generation is already running in this conversation.")
         # Created by this transaction: no messages, no runs, title and updated_at set.
         stale_ends = [] if created else _finish_stale_or_refuse(
@@ -250,10 +250,13 @@ def _prepare(user, conversation_id, *, create: dict | None, ask, ask_writes: boo
             conversation.updated_at = now
             if batch is None:
                 conversation.save(update_fields=["title", "updated_at"])
-        # The pending user message is the newest of the history (it is not saved yet);
-        # a batch read the histories of its conversations as they were before any write.
-        history = [] if created else batch.histories.get(key, []) if batch and not writes \
-            else None
+        # The pending user message is the newest of the history (it is not saved yet).
+        if created:
+            history = []
+        elif batch is not None and not writes:
+            history = batch.histories.get(key, [])  # read by the batch, before any write
+        else:
+            history = None  # read now, after this start's own writes
         prompt, prompt_tokens = counted_prompt(
             conversation, pending=user_message.content if user_message else None,
             history=history)
